@@ -1,0 +1,202 @@
+"""MAC as one module: amortizer + aggregator + prefix projection, and its artifact format.
+
+``MAC`` holds no base model: the frozen base LM is passed in where it is used, so one base model
+can serve MAC, adapters and plain generation at once, and the artifact stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from training.artifacts import Manifest, load_artifact, read_manifest, save_artifact
+from training.generation import chat_input_ids
+from training.mac.aggregator import Aggregator, aggregate
+from training.mac.amortizer import Amortizer
+from training.mac.config import MACConfig
+from training.mac.prefix import PrefixKV, PrefixProjection, greedy_generate, prefixed_forward
+from training.models import ModelSettings, load_encoder
+from training.prompts import extract_answer, qa_messages
+
+ARTIFACT_KIND = "mac"
+
+
+class MAC(nn.Module):
+    def __init__(
+        self,
+        config: MACConfig,
+        encoder: PreTrainedModel,
+        encoder_tokenizer: PreTrainedTokenizerBase,
+        base_config: PretrainedConfig,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder_tokenizer = encoder_tokenizer
+        hidden = base_config.get_text_config(decoder=True).hidden_size
+        self.amortizer = Amortizer(encoder, config, out_dim=hidden)
+        self.aggregator = Aggregator(hidden, config.heads, config.aggregator_layers)
+        self.prefix = PrefixProjection(hidden, base_config, config.prefix_bottleneck)
+
+    @property
+    def device(self) -> torch.device:
+        return self.amortizer.device
+
+    def memorize(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Memory entries ``(tokens [n, hidden], key [dim])`` of documents: one forward pass."""
+        return self.amortizer.memorize(self.encoder_tokenizer, texts)
+
+    def encode_questions(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.amortizer.encode_questions(self.encoder_tokenizer, questions)
+
+    def prefix_for(
+        self,
+        question_tokens: torch.Tensor,
+        entries: Iterable[torch.Tensor],
+        group_size: int | None = None,
+    ) -> PrefixKV:
+        """Aggregate the memory for each question and project it to prefix key/values."""
+        return self.prefix(aggregate(self.aggregator, question_tokens, entries, group_size))
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """What an artifact stores: every trainable parameter (not the frozen encoder layers)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def n_parameters(self) -> dict[str, int]:
+        count = lambda m, trainable: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
+        return {
+            "amortizer_trainable": count(self.amortizer, True),
+            "encoder_total": count(self.amortizer.encoder, False),
+            "aggregator": count(self.aggregator, True),
+            "prefix_projection": count(self.prefix, True),
+            "trainable_total": count(self, True),
+        }
+
+
+# --- QA sequences under a prefix -------------------------------------------------------------
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, passages: list[str] | None = None
+) -> list[int]:
+    return chat_input_ids(tokenizer, qa_messages(question, passages))[0].tolist()
+
+
+def qa_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    passages: Sequence[list[str] | None] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the answer
+    and its end-of-turn token) for the shared chat QA format."""
+    passages = passages or [None] * len(questions)
+    rows = []
+    for q, a, p in zip(questions, answers, passages):
+        prompt = prompt_ids(tokenizer, q, p)
+        answer = tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def answer_nll(
+    base: PreTrainedModel,
+    prefix: PrefixKV | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the answer tokens under the prefix (per question ``[B]``)."""
+    logits = prefixed_forward(base, input_ids, attention_mask, prefix).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    counts = (targets != -100).sum(1).clamp(min=1)
+    return nll.sum(1) / counts
+
+
+@torch.no_grad()
+def answer_questions(
+    mac: MAC,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    entries_for: callable,
+    passages: Sequence[list[str] | None] | None = None,
+    group_size: int | None = None,
+    max_new_tokens: int = 24,
+) -> list[str]:
+    """Short answers for a batch of questions. ``entries_for(i, key)`` yields the memory entries
+    question ``i`` may use (all of them, a top-k selection, a stream from a bank, ...)."""
+    tokens, keys = mac.encode_questions(questions)
+    prefixes = [mac.prefix_for(tokens[i : i + 1], entries_for(i, keys[i]), group_size) for i in range(len(questions))]
+    prefix = [
+        (torch.cat([p[layer][0] for p in prefixes]), torch.cat([p[layer][1] for p in prefixes]))
+        for layer in range(len(prefixes[0]))
+    ]
+    passages = passages or [None] * len(questions)
+    prompts = [prompt_ids(tokenizer, q, p) for q, p in zip(questions, passages)]
+    stop = {tokenizer.eos_token_id}
+    if (im_end := tokenizer.convert_tokens_to_ids("<|im_end|>")) is not None and im_end != tokenizer.unk_token_id:
+        stop.add(im_end)
+    outputs = greedy_generate(
+        base, prompts, prefix, pad_id=tokenizer.pad_token_id, stop_ids=stop, max_new_tokens=max_new_tokens
+    )
+    return [extract_answer(tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
+
+
+# --- artifacts ---------------------------------------------------------------------------------
+
+
+def save_mac(
+    path: str | Path,
+    mac: MAC,
+    *,
+    base_model: str,
+    base_config: PretrainedConfig,
+    encoder: str,
+    training_data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    return save_artifact(
+        path, kind=ARTIFACT_KIND, tensors=mac.trainable_tensors(), base_model=base_model,
+        base_config=base_config, config={"mac": mac.config.model_dump(), "encoder": encoder},
+        training_data=training_data, metrics=metrics,
+    )
+
+
+def load_mac(
+    path: str | Path,
+    base_config: PretrainedConfig,
+    encoder: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    settings: ModelSettings | None = None,
+) -> tuple[MAC, Manifest]:
+    """Rebuild a MAC network from an artifact; refuses one trained for another base model.
+    The encoder named in the manifest is loaded unless one is passed (tests, shared instances)."""
+    manifest, tensors = load_artifact(path, kind=ARTIFACT_KIND, base_config=base_config)
+    config = MACConfig.model_validate(manifest.config["mac"])
+    enc_model, enc_tokenizer = encoder or load_encoder(manifest.config["encoder"], settings)
+    mac = MAC(config, enc_model, enc_tokenizer, base_config)
+    expected = set(mac.trainable_tensors())
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{path}: MAC weights do not match the architecture (missing {missing[:5]}, unexpected {extra[:5]})")
+    mac.load_state_dict(tensors, strict=False)
+    return mac.to(enc_model.device).eval(), manifest
+
+
+__all__ = ["MAC", "MACConfig", "answer_nll", "answer_questions", "load_mac", "qa_batch", "read_manifest", "save_mac"]
