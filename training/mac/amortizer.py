@@ -74,6 +74,12 @@ class Amortizer(nn.Module):
     def device(self) -> torch.device:
         return self.queries.device
 
+    def train(self, mode: bool = True) -> "Amortizer":
+        """A frozen encoder stays in eval mode (no dropout noise in the memory it produces)."""
+        super().train(mode)
+        self.encoder.train(mode and self.config.train_encoder_layers > 0)
+        return self
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encoder states; no autograd graph at all when the encoder is frozen (saves memory)."""
         train_encoder = self.config.train_encoder_layers > 0 and torch.is_grad_enabled()

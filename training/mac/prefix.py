@@ -63,11 +63,13 @@ def prefixed_forward(
     attention_mask: torch.Tensor,
     prefix: PrefixKV | None,
     prefix_mask: torch.Tensor | None = None,
+    **kwargs,
 ):
-    """Forward pass of the (frozen) model under a prefix; returns the model output with its cache."""
+    """Forward pass of the (frozen) model under a prefix; returns the model output with its cache.
+    Extra keyword arguments (e.g. ``logits_to_keep``) go to the model."""
     positions = token_positions(attention_mask)
     if prefix is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
     batch, length = prefix[0][0].shape[0], prefix[0][0].shape[2]
     if prefix_mask is None:
         prefix_mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=attention_mask.device)
@@ -77,6 +79,7 @@ def prefixed_forward(
         position_ids=positions,
         past_key_values=prefix_cache(model, prefix),
         use_cache=True,
+        **kwargs,
     )
 
 

@@ -1,0 +1,313 @@
+"""MAC training recipe: end-to-end QA NLL of the frozen base model under the aggregated prefix.
+
+Each step draws ``docs_per_step`` training paragraphs and one question about each. All paragraphs
+are amortized into one memory (so every question must find its document among distractors); with
+backprop dropout only a ``backprop_fraction`` of them carries gradients, the rest are amortized
+under ``no_grad`` (the paper's memory trick). Each question is encoded, aggregates the memory
+(flat, or sometimes hierarchically with a small group so the network also learns to read group
+results), and the frozen base model scores the gold answer under the resulting prefix. Adam with
+linear warmup and cosine decay, gradient clipping, periodic validation (NLL and generated-answer
+F1 with the val paragraphs in memory) picks the best checkpoint, which is exported as an artifact.
+Training state is checkpointed and resumed; ``--max-minutes`` bounds the wall-clock budget.
+
+    python -m training.mac.train --squad ../shared/data/squad/dev-v1.1.json --out var/artifacts/mac \
+        --max-minutes 170
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.data.evalset import EvalSet
+from training.mac.config import MACConfig
+from training.mac.model import MAC, answer_nll, answer_questions, qa_batch, save_mac
+from training.metrics import mean, squad_scores
+from training.types import Question
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings of a MAC run (the architecture is ``MACConfig``)."""
+
+    steps: int = Field(4000, description="optimizer steps (the schedule length; --max-minutes may stop earlier)")
+    docs_per_step: int = Field(4, description="paragraphs amortized per step (one question each)")
+    backprop_fraction: float = Field(0.5, description="share of the step's documents that carry gradients")
+    hierarchical_prob: float = Field(0.25, description="share of steps that aggregate in groups of 2")
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    max_answer_tokens: int = Field(24, description="skip training questions with longer answers")
+    eval_every: int = Field(250, description="steps between validations")
+    val_docs: int = Field(24, description="val paragraphs in memory during validation")
+    val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
+    checkpoint_every: int = 50
+    max_minutes: float | None = None
+    seed: int = 0
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def training_pairs(evalset: EvalSet) -> dict[str, list[Question]]:
+    """Questions grouped by their (single) supporting document."""
+    by_doc: dict[str, list[Question]] = {}
+    for q in evalset.questions:
+        if len(q.doc_ids) == 1 and q.answers:
+            by_doc.setdefault(q.doc_ids[0], []).append(q)
+    return by_doc
+
+
+def validation_set(val: EvalSet, cfg: TrainConfig) -> tuple[list[str], list[Question]]:
+    """A fixed memory of ``val_docs`` paragraphs and ``val_questions`` questions about them."""
+    rng = random.Random(cfg.seed + 1)
+    docs = rng.sample(val.documents, min(cfg.val_docs, len(val.documents)))
+    questions = val.questions_about({d.id for d in docs})
+    questions = rng.sample(questions, min(cfg.val_questions, len(questions)))
+    return [d.text for d in docs], questions
+
+
+# --- one step ------------------------------------------------------------------------------------
+
+
+def mac_loss(
+    mac: MAC,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    questions: list[str],
+    answers: list[str],
+    backprop_mask: list[bool],
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Mean answer NLL over the questions with all ``texts`` in memory; documents whose
+    ``backprop_mask`` is False are amortized without gradients (backprop dropout)."""
+    with_grad = [t for t, keep in zip(texts, backprop_mask) if keep]
+    without = [t for t, keep in zip(texts, backprop_mask) if not keep]
+    entries = [memory for memory, _ in mac.memorize(with_grad)] if with_grad else []
+    if without:
+        with torch.no_grad():
+            entries += [memory for memory, _ in mac.memorize(without)]
+    query, _ = mac.encode_questions(questions)
+    prefix = mac.prefix_for(query, entries, group_size)
+    input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device)
+    return answer_nll(base, prefix, input_ids, mask, labels).mean()
+
+
+def sample_step(
+    rng: random.Random, doc_texts: dict[str, str], pairs: dict[str, list[Question]], cfg: TrainConfig
+) -> tuple[list[str], list[str], list[str], list[bool], int | None]:
+    doc_ids = rng.sample(sorted(pairs), cfg.docs_per_step)
+    questions = [rng.choice(pairs[d]) for d in doc_ids]
+    n_grad = max(1, round(cfg.backprop_fraction * len(doc_ids)))
+    mask = [i < n_grad for i in range(len(doc_ids))]
+    rng.shuffle(mask)
+    group = 2 if len(doc_ids) > 2 and rng.random() < cfg.hierarchical_prob else None
+    return ([doc_texts[d] for d in doc_ids], [q.question for q in questions],
+            [q.answers[0] for q in questions], mask, group)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(
+    mac: MAC,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    questions: list[Question],
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Answer NLL and generated-answer F1/EM (percent) with all ``texts`` in memory."""
+    mac.eval()
+    entries = [m for m, _ in mac.memorize(texts)]
+    losses, scores = [], []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        query, _ = mac.encode_questions([q.question for q in batch])
+        prefix = mac.prefix_for(query, entries)
+        ids, mask, labels = qa_batch(tokenizer, [q.question for q in batch], [q.answers[0] for q in batch],
+                                     device=base.device)
+        losses += answer_nll(base, prefix, ids, mask, labels).tolist()
+        predictions = answer_questions(mac, base, tokenizer, [q.question for q in batch], lambda i, k: entries)
+        scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
+    mac.train()
+    return {"loss": round(mean(losses), 4), "f1": round(100 * mean(s["f1"] for s in scores), 2),
+            "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores)}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    progress = min(1.0, step / max(1, cfg.steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_mac(
+    mac: MAC,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: EvalSet,
+    val: EvalSet,
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    on_best=None,
+    progress: bool = True,
+) -> dict:
+    """Train in place; resumes from ``checkpoint``; calls ``on_best(mac, metrics)`` whenever the
+    validation F1 (ties: lower loss) improves. Returns the history and the best metrics."""
+    base.requires_grad_(False)
+    base.eval()
+    params = [p for p in mac.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    state = {"step": 0, "history": [], "best": None, "seconds": 0.0}
+    if checkpoint and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        mac.load_state_dict(saved["mac"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        log.info("resuming MAC training at step %d", state["step"])
+
+    def save_checkpoint() -> None:
+        if checkpoint is None:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"mac": mac.trainable_tensors(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+        tmp.replace(checkpoint)
+
+    doc_texts = {d.id: d.text for d in train.documents}
+    pairs = {
+        d: [q for q in qs if len(tokenizer(q.answers[0], add_special_tokens=False)["input_ids"]) <= cfg.max_answer_tokens]
+        for d, qs in training_pairs(train).items()
+    }
+    pairs = {d: qs for d, qs in pairs.items() if qs and d in doc_texts}
+    val_texts, val_questions = validation_set(val, cfg)
+
+    def run_validation() -> None:
+        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_texts, val_questions)}
+        state["history"].append(metrics)
+        log.info("validation %s", json.dumps(metrics))
+        best = state["best"]
+        if best is None or (metrics["f1"], -metrics["loss"]) > (best["f1"], -best["loss"]):
+            state["best"] = metrics
+            if on_best is not None:
+                on_best(mac, metrics)
+
+    if state["step"] == 0 and not state["history"]:
+        run_validation()
+    started = time.time() - state["seconds"]
+    mac.train()
+    bar = tqdm(range(state["step"], cfg.steps), desc="mac", initial=state["step"], total=cfg.steps,
+               disable=not progress)
+    running = None
+    for step in bar:
+        texts, questions, answers, mask, group = sample_step(rng, doc_texts, pairs, cfg)
+        loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        state["step"] = step + 1
+        state["seconds"] = time.time() - started
+        bar.set_postfix(loss=f"{running:.3f}", gnorm=f"{float(grad_norm):.2f}")
+        out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps or out_of_time:
+            state["history"].append({"step": state["step"], "train_loss_ema": round(running, 4),
+                                     "minutes": round(state["seconds"] / 60, 2)})
+            run_validation()
+            save_checkpoint()
+        elif state["step"] % cfg.checkpoint_every == 0:
+            save_checkpoint()
+        if out_of_time:
+            log.info("time budget of %.1f minutes reached at step %d", cfg.max_minutes, state["step"])
+            break
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.data.squad import load_squad_seq
+    from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings, load_causal_lm, load_encoder
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--squad", required=True, help="path to SQuAD v1.1 dev JSON (squad-seq train/val)")
+    parser.add_argument("--out", required=True, help="artifact directory to write (best validation F1)")
+    parser.add_argument("--checkpoint", help="training checkpoint (default: <out>.ckpt.pt beside --out)")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER)
+    parser.add_argument("--qa-tuning", help="QA-format LoRA artifact merged into the base model first")
+    parser.add_argument("--config", help="JSON file with TrainConfig / MACConfig overrides: {'train': {...}, 'mac': {...}}")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    train_cfg = TrainConfig(**overrides.get("train", {}))
+    if args.steps is not None:
+        train_cfg.steps = args.steps
+    if args.max_minutes is not None:
+        train_cfg.max_minutes = args.max_minutes
+    mac_cfg = MACConfig(**overrides.get("mac", {}))
+    out = Path(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.parent / f"{out.name}.ckpt.pt"
+
+    settings = ModelSettings(base_model=args.base_model, encoder=args.encoder)
+    base, tokenizer = load_causal_lm(args.base_model, settings)
+    if args.qa_tuning:
+        from training.qa_tuning import apply_qa_tuning
+
+        base = apply_qa_tuning(base, args.qa_tuning)
+    encoder, enc_tokenizer = load_encoder(args.encoder, settings)
+    torch.manual_seed(train_cfg.seed)
+    mac = MAC(mac_cfg, encoder, enc_tokenizer, base.config).to(base.device)
+    log.info("MAC parameters: %s", mac.n_parameters())
+    train = load_squad_seq(args.squad, "train")
+    val = load_squad_seq(args.squad, "val")
+    training_data = {"dataset": "squad-seq", "source": str(args.squad), "train_articles": len(train.meta["articles"]),
+                     "qa_tuning": args.qa_tuning}
+
+    def export(mac_: MAC, metrics: dict) -> None:
+        save_mac(out, mac_, base_model=args.base_model, base_config=base.config, encoder=args.encoder,
+                 training_data=training_data, metrics={"val": metrics, "train": train_cfg.model_dump()})
+        log.info("exported %s (val F1 %.2f)", out, metrics["f1"])
+
+    state = train_mac(mac, base, tokenizer, train, val, train_cfg, checkpoint=checkpoint, on_best=export,
+                      progress=not args.no_progress)
+    history = out.parent / f"{out.name}.history.json"
+    history.write_text(json.dumps({"best": state["best"], "history": state["history"],
+                                   "parameters": mac.n_parameters()}, indent=2))
+    log.info("done: best %s; history in %s", state["best"], history)
+
+
+if __name__ == "__main__":
+    main()
