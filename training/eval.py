@@ -1,0 +1,202 @@
+"""Evaluate methods on a document stream with the stream-then-ask protocol.
+
+    python -m training.eval --dataset squad-seq --data ../shared/data/squad/dev-v1.1.json \
+        --split test --max-documents 64 --qa-tuning ~/.cache/freshlm/artifacts/qa-smollm2-135m \
+        --out docs/results/squad-seq-test.json
+
+Writes the result JSON of DESIGN.md's contract, a PNG plot and the per-question predictions
+(``.predictions.jsonl``) next to it. The fine-tuning methods' learning rate is chosen on a
+validation stream (squad-seq: the val split; RealTimeQA: ``--val-data``, an earlier year) from
+``--lr-grid``. The JSON is rewritten after every method and ``--resume`` skips methods it already
+holds, so an interrupted run continues where it stopped. ``--quick`` runs a tiny random model on a
+few documents: a smoke test of the whole pipeline in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
+from training.harness import ProtocolConfig, run_method
+from training.methods import BASELINES, FINE_TUNING_METHODS, MethodConfig, MethodContext, build_method
+from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
+from training.qa_tuning import apply_qa_tuning
+from training.results_plot import plot_results
+
+log = logging.getLogger("training.eval")
+DATASETS = ("squad-seq", "realtimeqa", "news-stream", "jsonl")
+
+
+def load_dataset(kind: str, path: str, split: str, seed: int, questions: str | None = None) -> EvalSet:
+    if kind == "squad-seq":
+        return load_squad_seq(path, split, seed=seed)
+    if kind == "realtimeqa":
+        return load_realtimeqa(path, split=split)
+    if kind == "news-stream":
+        return load_news_stream(path, questions, split=split)
+    if kind == "jsonl":
+        return load_jsonl_dataset(path, split=split)
+    raise ValueError(f"unknown dataset {kind!r}: use one of {', '.join(DATASETS)}")
+
+
+def validation_set(args) -> EvalSet | None:
+    """The stream the learning rate is chosen on: never the evaluated split."""
+    if args.dataset == "squad-seq" and args.split != "val":
+        evalset = load_squad_seq(args.data, "val", seed=args.seed)
+    elif args.val_data:
+        evalset = load_dataset(args.dataset, args.val_data, "val", args.seed, args.questions)
+    else:
+        return None
+    return evalset.subset(args.val_max_documents, args.val_max_questions, seed=args.seed)
+
+
+def load_base(args) -> tuple:
+    if args.base_model.startswith("tiny-"):
+        model, tokenizer = tiny_causal_lm(args.base_model.removeprefix("tiny-"))
+    else:
+        model, tokenizer = load_causal_lm(args.base_model, ModelSettings(device=args.device))
+    if args.qa_tuning and args.qa_tuning != "none":
+        model = apply_qa_tuning(model, Path(args.qa_tuning).expanduser())
+    return model, tokenizer
+
+
+def choose_lr(name: str, ctx: MethodContext, val: EvalSet, grid: list[float], progress: bool) -> tuple[float, dict]:
+    """The grid learning rate with the best validation F1 (ties: the smaller lr)."""
+    scores = {}
+    protocol = ProtocolConfig(latency_samples=0, score_choices=False)
+    for lr in grid:
+        trial = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={"ft_lr": lr}))
+        run = run_method(build_method(name, trial), val, protocol, progress=progress)
+        scores[lr] = round(run.f1, 2)
+        log.info("%s lr=%g: val F1 %.2f", name, lr, run.f1)
+    best = max(sorted(scores), key=lambda lr: scores[lr])
+    return best, {str(lr): f1 for lr, f1 in scores.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--data", required=True, help="SQuAD JSON, RealTimeQA folder, articles .jsonl.gz or JSONL file")
+    p.add_argument("--questions", help="news-stream: the RealTimeQA folder whose questions the articles link")
+    p.add_argument("--split", default="test")
+    p.add_argument("--val-data", help="validation stream for the lr grid (RealTimeQA: an earlier year)")
+    p.add_argument("--max-documents", type=int)
+    p.add_argument("--max-questions", type=int)
+    p.add_argument("--methods", default=",".join(BASELINES))
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="built-in name, path, HF id, tiny-llama or tiny-gpt2")
+    p.add_argument("--qa-tuning", default="none", help="qa_lora artifact to merge into the base model, or none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lr-grid", default="1e-4,5e-4,2.5e-3", help="comma list; empty: use --ft-lr")
+    p.add_argument("--ft-lr", type=float, default=MethodConfig().ft_lr)
+    p.add_argument("--val-max-documents", type=int, default=20)
+    p.add_argument("--val-max-questions", type=int, default=80)
+    p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
+    p.add_argument("--max-new-tokens", type=int, default=MethodConfig().max_new_tokens)
+    p.add_argument("--retention-methods", default="uniform_ft")
+    p.add_argument("--retention-k", type=int, default=10)
+    p.add_argument("--retention-m", default="0,10,20,40")
+    p.add_argument("--latency-samples", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="result JSON path (PNG and predictions go next to it)")
+    p.add_argument("--resume", action="store_true", help="keep methods already in --out")
+    p.add_argument("--quick", action="store_true", help="tiny model, few documents: a smoke test")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.base_model == DEFAULT_BASE_MODEL:
+            args.base_model = "tiny-llama"
+        args.max_documents = min(args.max_documents or 6, 6)
+        args.max_questions = min(args.max_questions or 12, 12)
+        args.val_max_documents, args.val_max_questions = 3, 6
+        args.lr_grid = "1e-4,1e-3"
+        args.latency_samples = min(args.latency_samples, 2)
+        args.max_new_tokens = min(args.max_new_tokens, 6)
+        args.retention_k = min(args.retention_k, 2)
+        args.retention_m = "0,2"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    retention_methods = {m.strip() for m in args.retention_methods.split(",") if m.strip()}
+    grid = [float(x) for x in args.lr_grid.split(",") if x.strip()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    evalset = load_dataset(args.dataset, args.data, args.split, args.seed, args.questions)
+    evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
+    model, tokenizer = load_base(args)
+    method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr)
+    protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
+                              retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()])
+    config = {
+        "command": "python -m training.eval " + " ".join(sys.argv[1:] if argv is None else argv),
+        "data": args.data, "seed": args.seed, "max_documents": args.max_documents,
+        "max_questions": args.max_questions, "qa_tuning": args.qa_tuning,
+        "methods": method_config.model_dump(), "protocol": protocol.model_dump(),
+        "lr_grid": grid, "lr_selection": {},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": str(model.device)},
+    }
+    result = {"dataset": evalset.name, "split": evalset.split, "base_model": args.base_model
+              + (" + QA-format tuning" if args.qa_tuning not in (None, "none") else ""),
+              "n_documents": len(evalset.documents), "n_questions": len(evalset.questions),
+              "config": config, "methods": {}}
+    if args.resume and out.exists():
+        previous = json.loads(out.read_text())
+        result["methods"] = previous.get("methods", {})
+        if previous.get("retention"):
+            result["retention"] = previous["retention"]
+        config["lr_selection"] = previous.get("config", {}).get("lr_selection", {})
+    predictions_path = out.with_suffix(".predictions.jsonl")
+    val = None
+    for name in methods:
+        if name in result["methods"]:
+            log.info("%s: already in %s, skipped (--resume)", name, out)
+            continue
+        ctx = MethodContext(model, tokenizer, method_config)
+        if name in FINE_TUNING_METHODS and len(grid) == 1:
+            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={"ft_lr": grid[0]}))
+        elif name in FINE_TUNING_METHODS and grid:
+            val = val if val is not None else validation_set(args)
+            if val is None:
+                raise SystemExit(f"{name}: --lr-grid needs a validation stream (--val-data)")
+            lr, scores = choose_lr(name, ctx, val, grid, progress)
+            config["lr_selection"][name] = {"chosen": lr, "val_f1": scores,
+                                            "val_documents": len(val.documents),
+                                            "val_questions": len(val.questions)}
+            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={"ft_lr": lr}))
+        started = time.time()
+        run = run_method(build_method(name, ctx), evalset, protocol,
+                         retention=name in retention_methods, progress=progress)
+        result["methods"][name] = run.summary() | {"wall_seconds": round(time.time() - started, 1)}
+        if run.retention:
+            result.setdefault("retention", {})[name] = run.retention
+        with predictions_path.open("a") as handle:
+            for record in run.predictions:
+                handle.write(json.dumps({"method": name} | record) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("%s: %s", name, json.dumps(result["methods"][name]))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot_results(result, out.with_suffix(".png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The one interface every evaluated method implements, and what a method is built from.
+
+A method sees the stream one document at a time (``ingest``), then answers questions
+(``answer``, batched; ``choice_scores`` for multiple choice). ``stored_bytes`` is what it keeps
+beyond the frozen base model (texts, adapters, memory entries); ``close`` gives the base model back
+unchanged, so the next method starts from the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.types import Document, Question
+
+
+class MethodConfig(BaseModel):
+    """Settings shared by the built-in methods (later methods add their own fields freely)."""
+
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    max_passage_words: int = 400  # gold documents in the oracle prompt are cut to this
+    rag_k: int = 3
+    rag_passage_words: int = 120
+    ft_lr: float = 5e-4
+    ft_steps_per_doc: int = 1
+    ft_lora_r: int = 16
+    ft_lora_alpha: int = 32
+    ft_lora_top_layers: int | None = None  # None: every layer
+    ft_max_tokens: int = 512
+    ner_backend: str = "auto"  # auto | spacy | heuristic
+
+
+@dataclass
+class MethodContext:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    config: MethodConfig
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+
+    def ingest(self, document: Document) -> None: ...
+
+    def answer(self, questions: list[Question]) -> list[str]: ...
+
+    def choice_scores(self, question: Question) -> list[float]: ...
+
+    def stored_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
