@@ -282,3 +282,22 @@ def tiny_causal_lm(
         raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama' or 'gpt2'")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def main() -> None:
+    """``python -m training.models``: convert the built-in models into the cache now (setup step)."""
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    settings = ModelSettings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    for name in BUILTIN_CAUSAL_LMS:
+        print(f"{name}: {converted_builtin_path(name, settings.cache_dir)}")
+    for name, packaged in BUILTIN_ENCODERS.items():
+        print(f"{name}: {packaged.location()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ def qa_messages(question: str, passages: list[str] | None = None) -> list[dict[s
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_PREFIXES = re.compile(r"^(short answer|answer|a)\s*[:\-]\s*", re.IGNORECASE)
+_PREFIXES = re.compile(r"^((the )?(short )?answer( is)?\s*[:\-]|the answer is\b|a\s*[:\-])\s*", re.IGNORECASE)
 
 
 def extract_answer(generated: str) -> str:

@@ -46,8 +46,12 @@ class BM25Index:
     def __len__(self) -> int:
         return len(self.passages)
 
-    def search(self, query: str, k: int = 3) -> list[Passage]:
-        """Top-k passages with a positive score, best first."""
+    def search(self, query: str, k: int = 3, min_score_ratio: float = 0.0) -> list[Passage]:
+        """Top-k passages with a positive score, best first.
+
+        ``min_score_ratio`` drops passages scoring below that fraction of the best one: a small
+        model answers better from one clearly relevant passage than from it plus distractors.
+        """
         if self._retriever is None or k <= 0:
             return []
         query_tokens = _tokenize([query])
@@ -60,4 +64,4 @@ class BM25Index:
             if score > 0:
                 p = self.passages[int(idx)]
                 hits.append(Passage(p.doc_id, p.text, float(score)))
-        return hits
+        return [h for h in hits if h.score >= min_score_ratio * hits[0].score] if hits else hits

@@ -1,0 +1,112 @@
+"""Shared fixtures: a real redis-server process, tiny saved models, a live HTTP server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from service.core.config import Settings
+from service.main import create_app
+from service.redis_server import start_embedded_redis
+from training.models import tiny_causal_lm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis: FRESHLM_TEST_REDIS_URL if set, else a private redis-server for this run."""
+    url = os.environ.get("FRESHLM_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = start_embedded_redis(tmp_path_factory.mktemp("redis"), persist=False)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama-style model saved like any local checkpoint, usable as base_model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = tiny_causal_lm("llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """Runs the app under uvicorn on a loopback port in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = _free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the FreshLM server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def make_client(tmp_path, redis_url, redis_client) -> Iterator:
+    """Start a live server with the given settings overrides and return an httpx client to it."""
+    stack: list = []
+
+    def factory(**overrides) -> httpx.Client:
+        settings = Settings(
+            _env_file=None,
+            **{"data_dir": tmp_path / "var", "redis_url": redis_url, **overrides},
+        )
+        server = LiveServer(settings).__enter__()
+        client = httpx.Client(base_url=server.url, timeout=300)
+        stack.append((server, client))
+        return client
+
+    yield factory
+    for server, client in stack:
+        client.close()
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client, tiny_model_dir) -> httpx.Client:
+    return make_client(base_model=str(tiny_model_dir))
