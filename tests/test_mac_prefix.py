@@ -102,3 +102,32 @@ def test_prefix_changes_smollm2_logits():
         active = prefixed_forward(model, ids, mask, prefix).logits
     torch.testing.assert_close(masked, base, atol=1e-4, rtol=1e-4)
     assert (active - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_prompt_head_reproduces_the_full_prompt(kind):
+    """Cache = [masked prefix, shared head]; running only the tails must equal running the whole
+    prompts, for the forward pass and for greedy generation."""
+    from training.mac.model import prompt_head, prompt_ids, strip_head
+
+    model, tok = tiny_causal_lm(kind)
+    head = prompt_head(model, tok)
+    questions = ["Who approved the bridge?", "How many libraries did Norvale open in 2031?"]
+    full = [prompt_ids(tok, q) for q in questions]
+    tails = [strip_head(p, head) for p in full]
+    assert len(head) > 10 and all(len(t) < len(p) for t, p in zip(tails, full))
+
+    ref = greedy_generate(model, full, None, pad_id=tok.pad_token_id, stop_ids={-1}, max_new_tokens=5)
+    ours = greedy_generate(model, tails, None, pad_id=tok.pad_token_id, stop_ids={-1}, max_new_tokens=5, head=head)
+    assert ours == ref
+
+    prefix = _random_prefix(model, 2, 3)
+    off = torch.zeros(2, 3, dtype=torch.long)
+    for prompt, tail in zip(full, tails):
+        base = model(input_ids=torch.tensor([prompt])).logits[0, len(head):]
+        one = [(k[:1], v[:1]) for k, v in prefix]
+        got = prefixed_forward(model, torch.tensor([tail]), torch.ones(1, len(tail), dtype=torch.long), one,
+                               prefix_mask=off[:1], head=head).logits[0]
+        torch.testing.assert_close(got, base, atol=1e-5, rtol=1e-4)
+    masked = greedy_generate(model, tails, prefix, pad_id=tok.pad_token_id, stop_ids={-1}, max_new_tokens=5, head=head)
+    assert len(masked) == 2

@@ -85,9 +85,11 @@ def select_top_k(query_key: torch.Tensor, ids: Sequence[str], keys: torch.Tensor
     return [ids[i] for i in torch.topk(scores, k).indices.tolist()]
 
 
-def iter_bank_entries(bank, ids: Sequence[str], chunk: int = 64) -> Iterator[torch.Tensor]:
+def iter_bank_entries(
+    bank, ids: Sequence[str], chunk: int = 64, device: torch.device | str | None = None
+) -> Iterator[torch.Tensor]:
     """Stream entries out of a ``MemoryBank`` ``chunk`` ids at a time (bounded peak memory)."""
     for start in range(0, len(ids), chunk):
         for memory in bank.get(list(ids[start : start + chunk])):
             if memory is not None:
-                yield memory
+                yield memory if device is None else memory.to(device)

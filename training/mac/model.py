@@ -19,7 +19,7 @@ from training.generation import chat_input_ids
 from training.mac.aggregator import Aggregator, aggregate
 from training.mac.amortizer import Amortizer
 from training.mac.config import MACConfig
-from training.mac.prefix import PrefixKV, PrefixProjection, greedy_generate, prefixed_forward
+from training.mac.prefix import PrefixKV, PrefixProjection, PromptHead, encode_head, greedy_generate, prefixed_forward
 from training.models import ModelSettings, load_encoder
 from training.prompts import extract_answer, qa_messages
 
@@ -86,19 +86,44 @@ def prompt_ids(
     return chat_input_ids(tokenizer, qa_messages(question, passages))[0].tolist()
 
 
+def shared_head_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every QA prompt starts with (template + system prompt), found as the common
+    token prefix of very different prompts, with and without passages."""
+    prompts = [prompt_ids(tokenizer, "Who?"), prompt_ids(tokenizer, "1990 zebra, 7"),
+               prompt_ids(tokenizer, "Who?", ["Some context."])]
+    length = 0
+    while all(len(p) > length for p in prompts) and len({p[length] for p in prompts}) == 1:
+        length += 1
+    return prompts[0][:length]
+
+
+def prompt_head(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PromptHead | None:
+    """The shared prompt head's key/values for this base model (compute once, reuse)."""
+    return encode_head(base, shared_head_ids(tokenizer))
+
+
+def strip_head(ids: list[int], head: PromptHead | None) -> list[int]:
+    if head is None:
+        return ids
+    if tuple(ids[: len(head)]) != head.ids:
+        raise ValueError("prompt does not start with the cached prompt head (another chat template?)")
+    return ids[len(head) :]
+
+
 def qa_batch(
     tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[str],
     answers: Sequence[str],
     passages: Sequence[list[str] | None] | None = None,
     device: torch.device | str = "cpu",
+    head: PromptHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the answer
-    and its end-of-turn token) for the shared chat QA format."""
+    and its end-of-turn token) for the shared chat QA format, without the cached ``head``."""
     passages = passages or [None] * len(questions)
     rows = []
     for q, a, p in zip(questions, answers, passages):
-        prompt = prompt_ids(tokenizer, q, p)
+        prompt = strip_head(prompt_ids(tokenizer, q, p), head)
         answer = tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
     length = max(len(ids) for ids, _ in rows)
@@ -118,6 +143,7 @@ def answer_nll(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
+    head: PromptHead | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood of the answer tokens under the prefix (per question ``[B]``).
 
@@ -125,13 +151,28 @@ def answer_nll(
     a 49k vocabulary the head would otherwise cost ~15% of the step for logits nobody reads."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero().flatten()
-    logits = prefixed_forward(base, input_ids, attention_mask, prefix, logits_to_keep=keep).logits.float()
+    logits = prefixed_forward(base, input_ids, attention_mask, prefix, head=head, logits_to_keep=keep).logits.float()
     targets = targets[:, keep]
     nll = nn.functional.cross_entropy(
         logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
     )
     counts = (targets != -100).sum(1).clamp(min=1)
     return nll.sum(1) / counts
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    stop = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        stop.add(im_end)
+    return stop
+
+
+def stack_prefixes(prefixes: list[PrefixKV]) -> PrefixKV:
+    return [
+        (torch.cat([p[layer][0] for p in prefixes]), torch.cat([p[layer][1] for p in prefixes]))
+        for layer in range(len(prefixes[0]))
+    ]
 
 
 @torch.no_grad()
@@ -144,23 +185,17 @@ def answer_questions(
     passages: Sequence[list[str] | None] | None = None,
     group_size: int | None = None,
     max_new_tokens: int = 24,
+    head: PromptHead | None = None,
 ) -> list[str]:
     """Short answers for a batch of questions. ``entries_for(i, key)`` yields the memory entries
     question ``i`` may use (all of them, a top-k selection, a stream from a bank, ...)."""
     tokens, keys = mac.encode_questions(questions)
-    prefixes = [mac.prefix_for(tokens[i : i + 1], entries_for(i, keys[i]), group_size) for i in range(len(questions))]
-    prefix = [
-        (torch.cat([p[layer][0] for p in prefixes]), torch.cat([p[layer][1] for p in prefixes]))
-        for layer in range(len(prefixes[0]))
-    ]
+    prefix = stack_prefixes([mac.prefix_for(tokens[i : i + 1], entries_for(i, keys[i]), group_size)
+                             for i in range(len(questions))])
     passages = passages or [None] * len(questions)
-    prompts = [prompt_ids(tokenizer, q, p) for q, p in zip(questions, passages)]
-    stop = {tokenizer.eos_token_id}
-    if (im_end := tokenizer.convert_tokens_to_ids("<|im_end|>")) is not None and im_end != tokenizer.unk_token_id:
-        stop.add(im_end)
-    outputs = greedy_generate(
-        base, prompts, prefix, pad_id=tokenizer.pad_token_id, stop_ids=stop, max_new_tokens=max_new_tokens
-    )
+    prompts = [strip_head(prompt_ids(tokenizer, q, p), head) for q, p in zip(questions, passages)]
+    outputs = greedy_generate(base, prompts, prefix, pad_id=tokenizer.pad_token_id,
+                              stop_ids=stop_token_ids(tokenizer), max_new_tokens=max_new_tokens, head=head)
     return [extract_answer(tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
 
 
@@ -204,4 +239,4 @@ def load_mac(
     return mac.to(enc_model.device).eval(), manifest
 
 
-__all__ = ["MAC", "MACConfig", "answer_nll", "answer_questions", "load_mac", "qa_batch", "read_manifest", "save_mac"]
+__all__ = ["MAC", "MACConfig", "answer_nll", "answer_questions", "load_mac", "prompt_head", "qa_batch", "read_manifest", "save_mac"]

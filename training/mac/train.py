@@ -31,7 +31,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data.evalset import EvalSet
 from training.mac.config import MACConfig
-from training.mac.model import MAC, answer_nll, answer_questions, qa_batch, save_mac
+from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
+from training.mac.prefix import PromptHead
 from training.metrics import mean, squad_scores
 from training.types import Question
 
@@ -91,6 +92,7 @@ def mac_loss(
     answers: list[str],
     backprop_mask: list[bool],
     group_size: int | None = None,
+    head: PromptHead | None = None,
 ) -> torch.Tensor:
     """Mean answer NLL over the questions with all ``texts`` in memory; documents whose
     ``backprop_mask`` is False are amortized without gradients (backprop dropout)."""
@@ -102,8 +104,8 @@ def mac_loss(
             entries += [memory for memory, _ in mac.memorize(without)]
     query, _ = mac.encode_questions(questions)
     prefix = mac.prefix_for(query, entries, group_size)
-    input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device)
-    return answer_nll(base, prefix, input_ids, mask, labels).mean()
+    input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
+    return answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
 
 
 def sample_step(
@@ -130,6 +132,7 @@ def validate(
     texts: list[str],
     questions: list[Question],
     batch_size: int = 8,
+    head: PromptHead | None = None,
 ) -> dict[str, float]:
     """Answer NLL and generated-answer F1/EM (percent) with all ``texts`` in memory."""
     mac.eval()
@@ -140,9 +143,10 @@ def validate(
         query, _ = mac.encode_questions([q.question for q in batch])
         prefix = mac.prefix_for(query, entries)
         ids, mask, labels = qa_batch(tokenizer, [q.question for q in batch], [q.answers[0] for q in batch],
-                                     device=base.device)
-        losses += answer_nll(base, prefix, ids, mask, labels).tolist()
-        predictions = answer_questions(mac, base, tokenizer, [q.question for q in batch], lambda i, k: entries)
+                                     device=base.device, head=head)
+        losses += answer_nll(base, prefix, ids, mask, labels, head=head).tolist()
+        predictions = answer_questions(mac, base, tokenizer, [q.question for q in batch], lambda i, k: entries,
+                                       head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
     mac.train()
     return {"loss": round(mean(losses), 4), "f1": round(100 * mean(s["f1"] for s in scores), 2),
@@ -168,9 +172,11 @@ def train_mac(
     checkpoint: Path | None = None,
     on_best=None,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> dict:
     """Train in place; resumes from ``checkpoint``; calls ``on_best(mac, metrics)`` whenever the
-    validation F1 (ties: lower loss) improves. Returns the history and the best metrics."""
+    validation F1 (ties: lower loss) improves; ``stop_at`` pauses (checkpointed) before the end of
+    the schedule. Returns the state: step, history, best validation metrics."""
     base.requires_grad_(False)
     base.eval()
     params = [p for p in mac.parameters() if p.requires_grad]
@@ -206,9 +212,10 @@ def train_mac(
     }
     pairs = {d: qs for d, qs in pairs.items() if qs and d in doc_texts}
     val_texts, val_questions = validation_set(val, cfg)
+    head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
-        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_texts, val_questions)}
+        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_texts, val_questions, head=head)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -226,7 +233,7 @@ def train_mac(
     running = None
     for step in bar:
         texts, questions, answers, mask, group = sample_step(rng, doc_texts, pairs, cfg)
-        loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group)
+        loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group, head=head)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
@@ -242,10 +249,12 @@ def train_mac(
                                      "minutes": round(state["seconds"] / 60, 2)})
             run_validation()
             save_checkpoint()
-        elif state["step"] % cfg.checkpoint_every == 0:
+        elif state["step"] % cfg.checkpoint_every == 0 or state["step"] == stop_at:
             save_checkpoint()
         if out_of_time:
             log.info("time budget of %.1f minutes reached at step %d", cfg.max_minutes, state["step"])
+            break
+        if state["step"] == stop_at:
             break
     return state
 

@@ -1,0 +1,61 @@
+"""The MAC training loop on tiny models: it runs, validates, exports the best and resumes exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.mac_helpers import tiny_encoder, tiny_mac
+from training.data.evalset import EvalSet
+from training.mac.model import load_mac, save_mac
+from training.mac.train import TrainConfig, train_mac
+from training.types import Document, Question
+
+FACTS = [
+    ("The council approved the harbour bridge.", "Who approved the bridge?", "the council"),
+    ("Norvale opened 12 libraries in 2031.", "How many libraries opened?", "12"),
+    ("The Aurora Institute harvested kelp.", "What did the institute harvest?", "kelp"),
+    ("The museum opened on Tuesday.", "When did the museum open?", "Tuesday"),
+    ("Scientists counted 4,500 tonnes.", "How many tonnes?", "4,500"),
+]
+
+
+def _evalset(split: str) -> EvalSet:
+    docs = [Document(f"{split}{i}", text) for i, (text, _, _) in enumerate(FACTS)]
+    questions = [Question(f"q{split}{i}", q, (a,), (f"{split}{i}",)) for i, (_, q, a) in enumerate(FACTS)]
+    return EvalSet("tiny", split, docs, questions)
+
+
+CFG = TrainConfig(steps=6, docs_per_step=3, eval_every=3, checkpoint_every=2, val_docs=3,
+                  val_questions=2, warmup_steps=2, lr=1e-3, hierarchical_prob=0.5)
+
+
+def test_training_validates_exports_best_and_resumes_exactly(tmp_path):
+    mac, base, tok = tiny_mac()
+    best = []
+    state = train_mac(mac, base, tok, _evalset("train"), _evalset("val"), CFG, progress=False,
+                      on_best=lambda m, metrics: best.append(metrics))
+    assert state["step"] == 6 and best and best[0]["step"] == 0
+    vals = [h for h in state["history"] if "f1" in h]
+    assert [h["step"] for h in vals] == [0, 3, 6] and all(h["loss"] > 0 for h in vals)
+    assert state["best"] == best[-1]
+
+    # interrupted after 4 steps (checkpoint at step 4), then resumed to 6: same weights as above
+    ckpt = tmp_path / "mac.ckpt.pt"
+    interrupted, base2, _ = tiny_mac()
+    train_mac(interrupted, base2, tok, _evalset("train"), _evalset("val"),
+              CFG, checkpoint=ckpt, progress=False, stop_at=4)
+    resumed, _, _ = tiny_mac()  # same frozen encoder; trainable weights scrambled: they must come from the checkpoint
+    with torch.no_grad():
+        for p in resumed.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    state2 = train_mac(resumed, base, tok, _evalset("train"), _evalset("val"), CFG, checkpoint=ckpt,
+                       progress=False)
+    assert state2["step"] == 6
+    for name, tensor in mac.trainable_tensors().items():
+        torch.testing.assert_close(resumed.trainable_tensors()[name], tensor, msg=name)
+
+    save_mac(tmp_path / "art", resumed, base_model="tiny-llama", base_config=base.config, encoder="tiny",
+             metrics={"val": state2["best"]})
+    loaded, manifest = load_mac(tmp_path / "art", base.config, encoder=tiny_encoder())
+    assert manifest.metrics["val"]["step"] == state2["best"]["step"]

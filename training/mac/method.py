@@ -1,0 +1,174 @@
+"""``mac`` and ``mac_rag`` as evaluation-harness methods.
+
+Ingesting a document is one forward pass of the amortization network; its memory entry (and
+retrieval key) goes into a ``MemoryBank`` (the in-process one here; the service writes the same
+entries to Redis). Answering encodes the question, optionally pre-selects the top-k entries by key
+similarity, aggregates the chosen entries hierarchically (streamed out of the bank ``group_size``
+at a time, so peak memory does not grow with the bank), and generates under the prefix.
+``mac_rag`` also puts the top BM25 passages in the prompt. Deleting a document is ``bank.delete``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.artifacts import config_hash
+from training.mac.aggregator import iter_bank_entries, select_top_k
+from training.mac.model import (
+    MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stack_prefixes, stop_token_ids, strip_head,
+)
+from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
+from training.memory_bank import InMemoryMemoryBank, MemoryBank
+from training.methods import MethodContext, register_method
+from training.prompts import extract_answer
+from training.retrieval import BM25Index
+from training.types import Document, Question
+
+
+class MACMethodSettings(BaseModel):
+    """Where the MAC artifact is and how the memory is read. Taken from ``MethodConfig`` fields
+    ``mac_artifact`` / ``mac_top_k`` / ``mac_group_size`` when it has them, else from the
+    ``FRESHLM_MAC_ARTIFACT`` / ``FRESHLM_MAC_TOP_K`` / ``FRESHLM_MAC_GROUP_SIZE`` environment."""
+
+    artifact: Path = Field(Path("var/artifacts/mac"), description="MAC artifact directory")
+    top_k: int | None = Field(None, description="entries pre-selected by key similarity (None: all)")
+    group_size: int | None = Field(64, description="hierarchical aggregation group (None: flat)")
+
+    @classmethod
+    def from_context(cls, ctx: MethodContext) -> "MACMethodSettings":
+        def pick(name: str, env: str):
+            value = getattr(ctx.config, name, None)
+            return value if value is not None else os.environ.get(env) or None
+
+        values = {"artifact": pick("mac_artifact", "FRESHLM_MAC_ARTIFACT"),
+                  "top_k": pick("mac_top_k", "FRESHLM_MAC_TOP_K"),
+                  "group_size": pick("mac_group_size", "FRESHLM_MAC_GROUP_SIZE")}
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+_LOADED: dict[tuple[str, str, str], MAC] = {}
+
+
+def cached_mac(path: Path, base: PreTrainedModel) -> MAC:
+    """Load an artifact once per process and base model (the harness builds a method per run)."""
+    key = (str(Path(path).expanduser().resolve()), config_hash(base.config), str(base.device))
+    if key not in _LOADED:
+        mac, _ = load_mac(key[0], base.config)
+        _LOADED[key] = mac.to(base.device).eval()
+    return _LOADED[key]
+
+
+class MACMethod:
+    name = "mac"
+
+    def __init__(
+        self,
+        ctx: MethodContext,
+        mac: MAC,
+        settings: MACMethodSettings,
+        bank: MemoryBank | None = None,
+        rag: bool = False,
+    ) -> None:
+        self.ctx, self.mac, self.settings = ctx, mac, settings
+        self.bank = bank if bank is not None else InMemoryMemoryBank()
+        self.rag = rag
+        self.documents: dict[str, Document] = {}
+        self._index: BM25Index | None = None
+        self.head: PromptHead | None = prompt_head(ctx.model, ctx.tokenizer)
+        if rag:
+            self.name = "mac_rag"
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.ctx.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.ctx.tokenizer
+
+    @torch.no_grad()
+    def ingest(self, document: Document) -> None:
+        (memory, key), = self.mac.memorize([document.text])
+        self.bank.put(document.id, memory, key)
+        if self.rag:
+            self.documents[document.id] = document
+            self._index = None
+
+    def delete(self, doc_id: str) -> bool:
+        """Forget a document exactly: its entry (and passages) are gone."""
+        self.documents.pop(doc_id, None)
+        self._index = None
+        return self.bank.delete(doc_id)
+
+    def _passages(self, question: Question) -> list[str] | None:
+        if not self.rag or not self.documents:
+            return None
+        if self._index is None:
+            self._index = BM25Index(list(self.documents.values()), self.ctx.config.rag_passage_words)
+        return [p.text for p in self._index.search(question.question, self.ctx.config.rag_k)] or None
+
+    @torch.no_grad()
+    def prefixes(self, questions: list[Question]) -> PrefixKV:
+        """One prefix per question, stacked into a batch."""
+        tokens, keys = self.mac.encode_questions([q.question for q in questions])
+        key_ids, bank_keys = self.bank.keys() if self.settings.top_k else ([], None)
+        all_ids = self.bank.ids()
+        group = self.settings.group_size
+        per_question = []
+        for i in range(len(questions)):
+            ids = all_ids
+            if self.settings.top_k and bank_keys is not None:
+                ids = select_top_k(keys[i].cpu(), key_ids, bank_keys, self.settings.top_k)
+            entries = iter_bank_entries(self.bank, ids, chunk=group or 64, device=self.mac.device)
+            per_question.append(self.mac.prefix_for(tokens[i : i + 1], entries, group))
+        return stack_prefixes(per_question)
+
+    @torch.no_grad()
+    def answer(self, questions: list[Question]) -> list[str]:
+        answers: list[str] = []
+        size = self.ctx.config.batch_size
+        for start in range(0, len(questions), size):
+            batch = questions[start : start + size]
+            prompts = [strip_head(prompt_ids(self.tokenizer, q.question, self._passages(q)), self.head)
+                       for q in batch]
+            outputs = greedy_generate(self.model, prompts, self.prefixes(batch), pad_id=self.tokenizer.pad_token_id,
+                                      stop_ids=stop_token_ids(self.tokenizer),
+                                      max_new_tokens=self.ctx.config.max_new_tokens, head=self.head)
+            answers += [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
+        return answers
+
+    @torch.no_grad()
+    def choice_scores(self, question: Question) -> list[float]:
+        """Mean per-token log-probability of each choice (as ``choice_logprobs``) under the prefix."""
+        choices = list(question.choices or ())
+        prefix = self.prefixes([question])
+        prefix = [(k.expand(len(choices), -1, -1, -1), v.expand(len(choices), -1, -1, -1)) for k, v in prefix]
+        passages = self._passages(question)
+        ids, mask, labels = qa_batch(self.tokenizer, [question.question] * len(choices), choices,
+                                     [passages] * len(choices), device=self.model.device, head=self.head)
+        return (-answer_nll(self.model, prefix, ids, mask, labels, head=self.head)).tolist()
+
+    def stored_bytes(self) -> int:
+        return sum(self.bank.nbytes(i) for i in self.bank.ids())
+
+    def close(self) -> None:
+        self.bank.clear()
+        self.documents.clear()
+        self._index = None
+
+
+@register_method("mac")
+def build_mac(ctx: MethodContext) -> MACMethod:
+    settings = MACMethodSettings.from_context(ctx)
+    return MACMethod(ctx, cached_mac(settings.artifact, ctx.model), settings)
+
+
+@register_method("mac_rag")
+def build_mac_rag(ctx: MethodContext) -> MACMethod:
+    settings = MACMethodSettings.from_context(ctx)
+    return MACMethod(ctx, cached_mac(settings.artifact, ctx.model), settings, rag=True)
