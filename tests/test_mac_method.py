@@ -26,15 +26,16 @@ QUESTIONS = [
 
 
 @pytest.fixture
-def ctx_and_artifact(tmp_path, monkeypatch):
+def ctx_and_artifact(tmp_path):
     mac, base, tok = tiny_mac()
     encoder, enc_tok = tiny_encoder()
     encoder.save_pretrained(tmp_path / "encoder")
     enc_tok.save_pretrained(tmp_path / "encoder")
     save_mac(tmp_path / "mac", mac, base_model="tiny-llama", base_config=base.config,
              encoder=str(tmp_path / "encoder"))
-    monkeypatch.setenv("FRESHLM_MAC_ARTIFACT", str(tmp_path / "mac"))
-    return MethodContext(base, tok, MethodConfig(max_new_tokens=4, batch_size=2, rag_k=1)), mac
+    config = MethodConfig(max_new_tokens=4, batch_size=2, rag_k=1, mac_artifact=str(tmp_path / "mac"),
+                          mac_group_size=2)
+    return MethodContext(base, tok, config), mac
 
 
 @pytest.mark.parametrize("name", ["mac", "mac_rag"])

@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
     p.add_argument("--max-new-tokens", type=int, default=MethodConfig().max_new_tokens)
+    p.add_argument("--mac-artifact", help="MAC artifact directory (methods mac, mac_rag)")
+    p.add_argument("--mac-top-k", type=int, help="MAC: pre-select this many memory entries by key similarity")
+    p.add_argument("--mac-group-size", type=int, default=MethodConfig().mac_group_size,
+                   help="MAC: hierarchical aggregation group size (0: flat)")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)
     p.add_argument("--retention-m", default="0,10,20,40")
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     evalset = load_dataset(args.dataset, args.data, args.split, args.seed, args.questions)
     evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
     model, tokenizer = load_base(args)
-    method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr)
+    method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
+                                 mac_artifact=args.mac_artifact, mac_top_k=args.mac_top_k,
+                                 mac_group_size=args.mac_group_size or None)
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
                               retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()])
     config = {

@@ -31,9 +31,8 @@ from training.types import Document, Question
 
 
 class MACMethodSettings(BaseModel):
-    """Where the MAC artifact is and how the memory is read. Taken from ``MethodConfig`` fields
-    ``mac_artifact`` / ``mac_top_k`` / ``mac_group_size`` when it has them, else from the
-    ``FRESHLM_MAC_ARTIFACT`` / ``FRESHLM_MAC_TOP_K`` / ``FRESHLM_MAC_GROUP_SIZE`` environment."""
+    """Where the MAC artifact is and how the memory is read (from ``MethodConfig``'s ``mac_*``
+    fields; the artifact path falls back to ``$FRESHLM_MAC_ARTIFACT``, then ``var/artifacts/mac``)."""
 
     artifact: Path = Field(Path("var/artifacts/mac"), description="MAC artifact directory")
     top_k: int | None = Field(None, description="entries pre-selected by key similarity (None: all)")
@@ -41,14 +40,9 @@ class MACMethodSettings(BaseModel):
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "MACMethodSettings":
-        def pick(name: str, env: str):
-            value = getattr(ctx.config, name, None)
-            return value if value is not None else os.environ.get(env) or None
-
-        values = {"artifact": pick("mac_artifact", "FRESHLM_MAC_ARTIFACT"),
-                  "top_k": pick("mac_top_k", "FRESHLM_MAC_TOP_K"),
-                  "group_size": pick("mac_group_size", "FRESHLM_MAC_GROUP_SIZE")}
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        artifact = ctx.config.mac_artifact or os.environ.get("FRESHLM_MAC_ARTIFACT")
+        return cls(top_k=ctx.config.mac_top_k, group_size=ctx.config.mac_group_size,
+                   **({"artifact": artifact} if artifact else {}))
 
 
 _LOADED: dict[tuple[str, str, str], MAC] = {}

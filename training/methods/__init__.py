@@ -44,3 +44,6 @@ def build_method(name: str, ctx: MethodContext) -> Method:
 
 __all__ = ["BASELINES", "FINE_TUNING_METHODS", "METHODS", "Method", "MethodConfig", "MethodContext",
            "OnlineFineTuning", "build_method", "register_method"]
+
+# Methods living in their own packages register themselves when imported.
+from training.mac import method as _mac_method  # noqa: E402,F401  (mac, mac_rag)

@@ -32,6 +32,9 @@ class MethodConfig(BaseModel):
     ft_lora_top_layers: int | None = None  # None: every layer
     ft_max_tokens: int = 512
     ner_backend: str = "auto"  # auto | spacy | heuristic
+    mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
+    mac_top_k: int | None = None  # MAC: entries pre-selected by key similarity (None: all)
+    mac_group_size: int | None = 64  # MAC: hierarchical aggregation group size (None: flat)
 
 
 @dataclass
