@@ -1,0 +1,117 @@
+"""The stream-then-ask harness and its CLI in quick mode (tiny random model), end to end."""
+
+import json
+
+import pytest
+
+from training.data.evalset import EvalSet
+from training.eval import main as eval_main
+from training.harness import ProtocolConfig, run_method
+from training.types import Document, Question
+
+from tests.test_data_loaders import squad_fixture
+
+CONTRACT_METHOD_KEYS = {"f1", "em", "ingest_seconds_per_doc", "ask_seconds_p50", "ask_seconds_p95",
+                        "peak_rss_mb", "memory_bytes_per_doc"}
+
+
+class PerfectMemory:
+    """A method that answers from what it ingested (tests the protocol, not a model)."""
+
+    name = "perfect_memory"
+
+    def __init__(self):
+        self.seen: dict[str, str] = {}
+        self.asked = 0
+
+    def ingest(self, document):
+        self.seen[document.id] = document.text
+
+    def answer(self, questions):
+        self.asked += len(questions)
+        return [self.seen.get(q.doc_ids[0], "") for q in questions]
+
+    def choice_scores(self, question):
+        return [float(c == self.seen.get(question.doc_ids[0])) for c in question.choices]
+
+    def stored_bytes(self):
+        return sum(len(t) for t in self.seen.values())
+
+    def close(self):
+        self.seen.clear()
+
+
+def stream(n):
+    docs = [Document(f"d{i}", f"fact{i}") for i in range(n)]
+    questions = [Question(f"q{i}", f"fact {i}?", (f"fact{i}",), (f"d{i}",), choices=("x", f"fact{i}"),
+                          answer_index=1) for i in range(n)]
+    return EvalSet("toy", "test", docs, questions)
+
+
+def test_protocol_scores_counts_and_retention():
+    method = PerfectMemory()
+    cfg = ProtocolConfig(retention_k=2, retention_m=[0, 3, 100], latency_samples=3)
+    run = run_method(method, stream(8), cfg, retention=True, progress=False)
+    assert run.f1 == 100.0 and run.em == 100.0 and run.accuracy == 100.0
+    assert run.retention == [[0, 100.0], [3, 100.0], [6, 100.0]]  # M=100 is past the stream
+    assert run.memory_bytes_per_doc == pytest.approx(len("fact0"))
+    assert run.peak_rss_mb > 0 and run.ask_seconds_p95 >= run.ask_seconds_p50 >= 0
+    assert method.asked == 3 + 8 + 2 * 2  # latency asks + final asks + two mid-stream retention asks
+    assert not method.seen  # closed
+    assert set(run.summary()) >= CONTRACT_METHOD_KEYS | {"accuracy"}
+
+
+def test_protocol_asks_after_the_whole_stream():
+    class ForgetsAllButLast(PerfectMemory):
+        def ingest(self, document):
+            self.seen = {document.id: document.text}
+
+    run = run_method(ForgetsAllButLast(), stream(4), ProtocolConfig(latency_samples=0), progress=False)
+    assert run.f1 == 25.0 and run.retention == []
+
+
+def test_cli_quick_mode_writes_contract_json_plot_and_predictions(tmp_path):
+    data = squad_fixture(tmp_path / "squad.json", n_articles=10, paragraphs=1)
+    out = tmp_path / "results" / "squad.json"
+    result = eval_main(["--quick", "--dataset", "squad-seq", "--data", str(data), "--out", str(out),
+                        "--no-progress"])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert {"dataset", "split", "base_model", "n_documents", "n_questions", "config", "methods"} <= set(saved)
+    assert saved["dataset"] == "squad-seq" and saved["split"] == "test"
+    assert set(saved["methods"]) == {"no_context", "oracle_prompt", "rag_bm25", "uniform_ft", "salient_spans_ft"}
+    for figures in saved["methods"].values():
+        assert CONTRACT_METHOD_KEYS <= set(figures)
+        assert 0 <= figures["f1"] <= 100
+    assert "accuracy" not in saved["methods"]["no_context"]  # SQuAD has no choices
+    selection = saved["config"]["lr_selection"]["uniform_ft"]
+    assert selection["chosen"] in (1e-4, 1e-3) and set(selection["val_f1"]) == {"0.0001", "0.001"}
+    curve = saved["retention"]["uniform_ft"]
+    assert [m for m, _ in curve][:2] == [0, 2]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    lines = out.with_suffix(".predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 5 * saved["n_questions"]
+
+    # --resume keeps finished methods and runs only the missing ones
+    saved["methods"].pop("rag_bm25")
+    out.write_text(json.dumps(saved))
+    resumed = eval_main(["--quick", "--dataset", "squad-seq", "--data", str(data), "--out", str(out),
+                         "--no-progress", "--resume", "--methods", "no_context,rag_bm25"])
+    assert resumed["methods"]["no_context"] == saved["methods"]["no_context"]
+    assert "rag_bm25" in resumed["methods"]
+
+
+def test_cli_quick_mode_on_own_jsonl_with_choices(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    records = [{"type": "document", "id": f"d{i}", "text": f"Town {i} opened {i + 2} libraries."}
+               for i in range(4)]
+    records += [{"type": "question", "id": f"q{i}", "question": f"How many libraries in town {i}?",
+                 "answers": [str(i + 2)], "doc_ids": [f"d{i}"], "choices": [str(i + 2), "none"],
+                 "answer_index": 0} for i in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "mine.json"
+    result = eval_main(["--quick", "--dataset", "jsonl", "--data", str(data), "--out", str(out),
+                        "--methods", "no_context,oracle_prompt", "--no-progress", "--base-model", "tiny-gpt2"])
+    assert result["n_questions"] == 4
+    for figures in result["methods"].values():
+        assert 0 <= figures["accuracy"] <= 100
