@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from training.data.evalset import EvalSet
 from training.eval import main as eval_main
@@ -13,6 +14,15 @@ from tests.test_data_loaders import squad_fixture
 
 CONTRACT_METHOD_KEYS = {"f1", "em", "ingest_seconds_per_doc", "ask_seconds_p50", "ask_seconds_p95",
                         "peak_rss_mb", "memory_bytes_per_doc"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class PerfectMemory:
@@ -71,7 +81,7 @@ def test_protocol_asks_after_the_whole_stream():
 
 
 def test_cli_quick_mode_writes_contract_json_plot_and_predictions(tmp_path):
-    data = squad_fixture(tmp_path / "squad.json", n_articles=10, paragraphs=1)
+    data = squad_fixture(tmp_path / "squad.json", n_articles=10, paragraphs=2)
     out = tmp_path / "results" / "squad.json"
     result = eval_main(["--quick", "--dataset", "squad-seq", "--data", str(data), "--out", str(out),
                         "--no-progress"])

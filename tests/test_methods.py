@@ -13,6 +13,15 @@ from training.prompts import qa_messages
 from training.salient_spans import salient_char_spans, salient_token_mask
 from training.types import Document, Question
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 DOCS = [
     Document("d1", "The council approved the new harbour bridge on Tuesday."),
     Document("d2", "In 2031 the city of Norvale opened 12 libraries and 3 museums."),

@@ -13,6 +13,15 @@ from training.qa_tuning import (
 from training.types import Document, Question
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy_train_set():
     docs = [Document(f"d{i}", f"In 20{i}0 the city opened {i} libraries.") for i in range(4)]
     questions = [Question(f"q{i}", f"How many libraries opened in 20{i}0?", (f"{i}", f"{i} libraries"), (f"d{i}",))

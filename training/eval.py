@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
+        # Tiny models are thousands of small ops: one thread avoids synchronisation stalls.
+        args.threads = args.threads or 1
         if args.base_model == DEFAULT_BASE_MODEL:
             args.base_model = "tiny-llama"
         args.max_documents = min(args.max_documents or 6, 6)
