@@ -47,23 +47,20 @@ def pad_rows(rows: list[list[int]], label_rows: list[list[int]], pad_id: int) ->
 
 
 def document_batch(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int = 256
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int = 256, add_bos: bool = False
 ) -> TokenBatch:
-    """Documents for a next-token loss: BOS (when the tokenizer has one) + text, all tokens count.
+    """Documents for a next-token loss: every token after the first is a target.
 
-    The BOS gives the first real token a context, so every word of the document can be learned.
+    No BOS by default, exactly like online fine-tuning in the harness (``training.methods.online_ft``),
+    so meta-training sees documents tokenised the way they are learned online.
     """
     rows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
-        if tokenizer.bos_token_id is not None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - int(add_bos)]
+        if add_bos and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids
         rows.append(ids)
-    labels = [list(r) for r in rows]
-    for lab in labels:  # the BOS itself is never a target
-        if tokenizer.bos_token_id is not None:
-            lab[0] = IGNORE_INDEX
-    return pad_rows(rows, labels, tokenizer.pad_token_id)
+    return pad_rows(rows, [list(r) for r in rows], tokenizer.pad_token_id)
 
 
 def prompt_ids(

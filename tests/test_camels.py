@@ -1,0 +1,97 @@
+"""CaMeLS on tiny random models: the weighting model, its artifact, and the meta-training recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from training.artifacts import ArtifactError
+from training.camels.train import CamelsTrainConfig, build_proxy, camels_objective, main, train
+from training.camels.weighting_model import (
+    WeightingModelConfig,
+    build_weighting_model,
+    load_weighting_model,
+    save_weighting_model,
+)
+from training.inner_loop import InnerLoopConfig
+from training.models import ModelSettings, load_causal_lm, tiny_causal_lm
+from training.token_batches import document_batch, qa_batch
+
+from tests.meta_fixtures import write_tiny_base_model, write_tiny_squad
+
+DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
+
+
+def test_weights_start_uniform_nonnegative_one_per_token():
+    base, tok = tiny_causal_lm("llama", num_layers=3)
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=2))
+    batch = document_batch(tok, [DOC, "short text"])
+    weights = model(batch.input_ids, batch.attention_mask)
+    assert weights.shape == batch.input_ids.shape
+    real = weights[batch.attention_mask.bool()]
+    torch.testing.assert_close(real, torch.full_like(real, math.log(2) / 3))  # zero-init last layer
+    assert (weights[~batch.attention_mask.bool()] == 0).all()  # padding gets no weight
+    assert not model.backbone.get_input_embeddings().weight.requires_grad
+    assert len(model.backbone.layers) == 2
+
+
+def test_one_outer_step_makes_the_weights_token_dependent():
+    base, tok = tiny_causal_lm("llama")
+    config = CamelsTrainConfig(squad="unused", lora_rank=4, lora_targets=["q_proj", "v_proj", "down_proj"],
+                               lora_top_layers=None, inner_lr=0.5)
+    proxy, params0 = build_proxy(base, config)
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    doc = document_batch(tok, [DOC])
+    qa = qa_batch(tok, ["How many libraries?"], ["12"])
+    probe = document_batch(tok, ["The council approved the bridge."])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss, stats = camels_objective(proxy, params0, model, doc, qa, probe, InnerLoopConfig(lr=0.5), 0.1)
+    loss.backward(inputs=trainable)
+    assert model.head[2].weight.grad.abs().max() > 0  # the meta-gradient reaches the zero-init layer
+    assert stats["kl"] > 0
+    torch.optim.Adam(trainable, lr=1e-2).step()
+    with torch.no_grad():
+        weights = model(doc.input_ids, doc.attention_mask)[0, 1:]
+    assert weights.std() > 1e-4
+
+
+def test_artifact_round_trip_and_refuses_another_base_model(tmp_path):
+    base, tok = tiny_causal_lm("llama")
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    torch.nn.init.normal_(model.head[2].weight)
+    save_weighting_model(tmp_path / "w", model, base_model_id="tiny-llama", base_config=base.config)
+    loaded = load_weighting_model(tmp_path / "w", base)
+    batch = document_batch(tok, [DOC])
+    torch.testing.assert_close(loaded(batch.input_ids), model(batch.input_ids))
+    other, _ = tiny_causal_lm("llama", hidden_size=32)
+    with pytest.raises(ArtifactError, match="trained for base model"):
+        load_weighting_model(tmp_path / "w", other)
+
+
+def test_recipe_trains_saves_and_resumes(tmp_path):
+    squad = write_tiny_squad(tmp_path / "squad.json")
+    base_dir = write_tiny_base_model(tmp_path / "base")
+    out = tmp_path / "camels"
+    args = ["--squad", str(squad), "--out", str(out), "--base-model", str(base_dir), "--device", "cpu",
+            "--lora-rank", "2", "--lora-targets", '["q_proj","v_proj"]', "--lora-top-layers", "1",
+            "--inner-lr", "0.1", "--outer-lr", "1e-2", "--docs-per-update", "2", "--questions-per-doc", "2",
+            "--max-updates", "3", "--eval-every", "2", "--val-docs", "2", "--checkpoint-every", "1",
+            "--weighting", '{"num_layers": 1}']
+    main(args)
+    records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records if "train" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["train"]["qa_nll"]) for r in records if "train" in r)
+    assert "qa_nll_learned" in records[-1]["final_val"]
+    base, _ = load_causal_lm(str(base_dir), ModelSettings(device="cpu"))
+    model = load_weighting_model(out, base)
+    assert model.head[2].weight.abs().max() > 0  # trained: no longer the zero init
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "camels_weighting_model" and manifest["metrics"]["updates"] == 3
+    # resume: a larger budget continues from update 3 instead of starting over
+    main(args[:-10] + ["--max-updates", "5", "--eval-every", "100", "--val-docs", "2",
+                       "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}'])
+    records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records if "train" in r] == [1, 2, 3, 4, 5]

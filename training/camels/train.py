@@ -1,0 +1,299 @@
+"""Meta-train the CaMeLS weighting model on squad-seq train articles.
+
+    python -m training.camels.train --squad ../shared/data/squad/dev-v1.1.json \
+        --out var/artifacts/camels --max-minutes 170 --threads 1
+
+Per outer example: the weighting model reads a training paragraph and gives each token a weight;
+a proxy LM (the base model's first ``proxy_layers`` blocks + head) takes ``inner_steps``
+differentiable SGD steps on the weighted LM loss of the paragraph; the outer loss is the QA NLL of
+the updated proxy on questions about the paragraph + ``c_kl`` x KL(base || updated) on an
+unrelated paragraph. Its gradient reaches the weighting model through the inner step. Progress
+bar, metrics in ``<run_dir>/metrics.jsonl``, checkpoints in ``<run_dir>/checkpoint.pt`` (the run
+resumes from it), the artifact in ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.camels.weighting_model import (
+    TokenWeightingModel,
+    WeightingModelConfig,
+    build_weighting_model,
+    save_weighting_model,
+    saved_tensors,
+)
+from training.data import load_squad_seq
+from training.data.evalset import EvalSet
+from training.inner_loop import (
+    InnerLoopConfig,
+    Params,
+    enable_double_backward,
+    inner_update,
+    kl_from_base,
+    select_params,
+    weighted_nll,
+)
+from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
+from training.proxy import truncated_causal_lm
+from training.qa_tuning import apply_qa_tuning
+from training.recipe_args import parse_config
+from training.token_batches import TokenBatch, document_batch, qa_batch
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class CamelsTrainConfig(BaseModel):
+    """Meta-train a CaMeLS token-weighting model."""
+
+    squad: Path = Field(description="SQuAD v1.1 JSON; the train split (by article) is used")
+    out: Path = Field(Path("var/artifacts/camels"), description="artifact directory")
+    run_dir: Path | None = Field(None, description="checkpoints + metrics (default: <out>-run)")
+    base_model: str = DEFAULT_BASE_MODEL
+    qa_tuning: Path | None = Field(
+        None, description="qa_lora artifact merged into the base first (evaluate on the same base)")
+    device: str = "auto"
+    dtype: str = "float32"
+    split_seed: int = 0
+    proxy_layers: int | None = Field(
+        None, description="first blocks of the base model kept in the proxy (none = all 30; truncated "
+                          "SmolLM2 proxies are poor LMs: QA NLL 12-27 nats vs 5, see docs)")
+    inner_params: Literal["lora", "full"] = Field("lora", description="what the inner step updates")
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
+    lora_top_layers: int | None = Field(
+        8, description="LoRA only in the last N blocks (none = all): second-order backprop then "
+                       "stops there, which is most of the saving on CPU")
+    inner_lr: float = Field(5e-4, description="inner SGD lr (official CaMeLS: 5e-4, full params)")
+    inner_steps: int = 1
+    c_kl: float = 0.1
+    outer_lr: float = Field(1e-4, description="Adam lr of the weighting model")
+    weighting: WeightingModelConfig = Field(default_factory=WeightingModelConfig)
+    questions_per_doc: int = 4
+    docs_per_update: int = Field(4, description="paragraphs per outer Adam step (accumulated)")
+    max_doc_tokens: int = 256
+    max_updates: int = 100_000
+    max_minutes: float = Field(170.0, description="wall-clock budget; saves and stops when spent")
+    eval_every: int = Field(50, description="outer updates between validation passes")
+    val_docs: int = 16
+    checkpoint_every: int = 10
+    seed: int = 0
+    threads: int | None = Field(None, description="torch threads (1 on a shared CPU)")
+
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir or self.out.with_name(self.out.name + "-run")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def qa_examples(evalset: EvalSet) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(paragraph, [(question, first gold answer)]) for every paragraph with questions."""
+    by_doc: dict[str, list[tuple[str, str]]] = {}
+    for q in evalset.questions:
+        for doc_id in q.doc_ids:
+            by_doc.setdefault(doc_id, []).append((q.question, q.answers[0]))
+    return [(d.text, by_doc[d.id]) for d in evalset.documents if d.id in by_doc]
+
+
+def example_batches(
+    tokenizer: PreTrainedTokenizerBase, doc: str, qas: list[tuple[str, str]], probe: str,
+    max_doc_tokens: int,
+) -> tuple[TokenBatch, TokenBatch, TokenBatch]:
+    return (
+        document_batch(tokenizer, [doc], max_doc_tokens),
+        qa_batch(tokenizer, [q for q, _ in qas], [a for _, a in qas]),
+        document_batch(tokenizer, [probe], max_doc_tokens),
+    )
+
+
+# --- the meta-objective -----------------------------------------------------------------------
+
+def build_proxy(base: PreTrainedModel, config: CamelsTrainConfig) -> tuple[PreTrainedModel, Params]:
+    """The proxy LM (eager attention, for second derivatives) and the parameters the inner step updates."""
+    proxy = enable_double_backward(truncated_causal_lm(base, config.proxy_layers))
+    proxy.requires_grad_(False)
+    if config.inner_params == "lora":
+        proxy = get_peft_model(proxy, LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
+            lora_dropout=0.0, layers_to_transform=top_layers(proxy, config.lora_top_layers),
+        )).eval()
+        return proxy, select_params(proxy, "lora")
+    params = select_params(proxy, "all")
+    for p in params.values():
+        p.requires_grad_(True)
+    return proxy, params
+
+
+def top_layers(model: PreTrainedModel, count: int | None) -> list[int] | None:
+    depth = model.config.num_hidden_layers
+    return None if count is None or count >= depth else list(range(depth - count, depth))
+
+
+def camels_objective(
+    proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
+    doc: TokenBatch, qa: TokenBatch, probe: TokenBatch, inner: InnerLoopConfig, c_kl: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Outer loss = QA NLL after the weighted inner update + c_kl * KL(base || updated) on ``probe``."""
+    weights = weighting_model(doc.input_ids, doc.attention_mask)
+    updated = inner_update(proxy, params0, doc, weights, inner, create_graph=True)
+    qa_nll = weighted_nll(proxy, updated, qa)
+    kl = kl_from_base(proxy, params0, updated, probe) if c_kl > 0 else qa_nll.new_zeros(())
+    real = weights[:, 1:][doc.labels[:, 1:] != -100]
+    return qa_nll + c_kl * kl, {"qa_nll": qa_nll.item(), "kl": kl.item(),
+                                "weight_mean": real.mean().item(), "weight_max": real.max().item()}
+
+
+def evaluate(
+    proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
+    batches: list[tuple[TokenBatch, TokenBatch, TokenBatch]], inner: InnerLoopConfig,
+) -> dict[str, float]:
+    """Mean QA NLL on held-out paragraphs: before any update, after a uniform (weight 1) step,
+    after the learned-weight step; and the learned step's KL on the probe."""
+    sums = {"qa_nll_before": 0.0, "qa_nll_uniform": 0.0, "qa_nll_learned": 0.0, "kl_learned": 0.0}
+    for doc, qa, probe in batches:
+        with torch.no_grad():
+            weights = weighting_model(doc.input_ids, doc.attention_mask)
+            sums["qa_nll_before"] += weighted_nll(proxy, params0, qa).item()
+        uniform = inner_update(proxy, params0, doc, None, inner, create_graph=False)
+        learned = inner_update(proxy, params0, doc, weights, inner, create_graph=False)
+        with torch.no_grad():
+            sums["qa_nll_uniform"] += weighted_nll(proxy, uniform, qa).item()
+            sums["qa_nll_learned"] += weighted_nll(proxy, learned, qa).item()
+            sums["kl_learned"] += kl_from_base(proxy, params0, learned, probe).item()
+    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+
+
+# --- the recipe -------------------------------------------------------------------------------
+
+def train(config: CamelsTrainConfig) -> dict[str, float]:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = config.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    settings = ModelSettings(base_model=config.base_model, device=config.device, dtype=config.dtype)
+    base, tokenizer = load_causal_lm(config.base_model, settings)
+    if config.qa_tuning is not None:
+        base = apply_qa_tuning(base, config.qa_tuning.expanduser())
+    base_config = base.config
+    proxy, params0 = build_proxy(base, config)
+    weighting_model = build_weighting_model(base, config.weighting).train()
+    del base
+    trainable = [p for p in weighting_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.outer_lr)
+    inner = InnerLoopConfig(lr=config.inner_lr, steps=config.inner_steps)
+    device = proxy.device
+
+    train_set = load_squad_seq(config.squad, "train", seed=config.split_seed)
+    val_set = load_squad_seq(config.squad, "val", seed=config.split_seed)
+    train_examples = qa_examples(train_set)
+    val_examples = qa_examples(val_set)[: config.val_docs]
+    rng = random.Random(config.seed)
+    val_batches = [
+        tuple(b.to(device) for b in example_batches(
+            tokenizer, doc, qas[: config.questions_per_doc], val_examples[(i + 1) % len(val_examples)][0],
+            config.max_doc_tokens))
+        for i, (doc, qas) in enumerate(val_examples)
+    ]
+
+    state = {"update": 0, "example": 0, "elapsed_minutes": 0.0}
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        weighting_model.load_state_dict(ckpt["weighting_model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        rng.setstate(ckpt["rng"])
+        log.info("resumed from %s at update %d", ckpt_path, state["update"])
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"weighting_model": saved_tensors(weighting_model), "optimizer": optimizer.state_dict(),
+                    "state": state, "rng": rng.getstate()}, tmp)
+        tmp.replace(ckpt_path)
+
+    def log_metrics(record: dict) -> None:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    start = time.monotonic() - state["elapsed_minutes"] * 60
+    bar = tqdm(total=config.max_updates, initial=state["update"], desc="camels meta-train", dynamic_ncols=True)
+    val_metrics: dict[str, float] = {}
+    if state["update"] == 0:
+        weighting_model.eval()
+        val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+        weighting_model.train()
+        log_metrics({"update": 0, "val": val_metrics})
+    while state["update"] < config.max_updates:
+        if (time.monotonic() - start) / 60 > config.max_minutes:
+            log.info("time budget of %.0f minutes spent", config.max_minutes)
+            break
+        optimizer.zero_grad(set_to_none=True)
+        stats_sum: dict[str, float] = {}
+        for _ in range(config.docs_per_update):
+            doc, qas = train_examples[rng.randrange(len(train_examples))]
+            probe = train_examples[rng.randrange(len(train_examples))][0]
+            qas = rng.sample(qas, min(config.questions_per_doc, len(qas)))
+            batches = [b.to(device) for b in example_batches(tokenizer, doc, qas, probe, config.max_doc_tokens)]
+            loss, stats = camels_objective(proxy, params0, weighting_model, *batches, inner, config.c_kl)
+            (loss / config.docs_per_update).backward(inputs=trainable)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / config.docs_per_update
+            state["example"] += 1
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        state["update"] += 1
+        state["elapsed_minutes"] = (time.monotonic() - start) / 60
+        bar.update(1)
+        bar.set_postfix(qa=f"{stats_sum['qa_nll']:.3f}", kl=f"{stats_sum['kl']:.4f}", w=f"{stats_sum['weight_mean']:.3f}")
+        record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
+        if state["update"] % config.eval_every == 0:
+            weighting_model.eval()
+            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+            weighting_model.train()
+            record["val"] = val_metrics
+            log.info("update %d val %s", state["update"], val_metrics)
+        log_metrics(record)
+        if state["update"] % config.checkpoint_every == 0:
+            save_checkpoint()
+    bar.close()
+    save_checkpoint()
+    weighting_model.eval()
+    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+    log_metrics({"update": state["update"], "final_val": val_metrics})
+    save_weighting_model(
+        config.out, weighting_model, base_model_id=config.base_model, base_config=base_config,
+        config={"training": json.loads(config.model_dump_json())},
+        training_data={"dataset": "squad-seq", "split": "train", "path": str(config.squad),
+                       "split_seed": config.split_seed, "paragraphs": len(train_examples),
+                       "examples_seen": state["example"]},
+        metrics={"val": val_metrics, "updates": state["update"], "minutes": round(state["elapsed_minutes"], 1)},
+    )
+    log.info("saved %s after %d updates (%.1f min): %s", config.out, state["update"], state["elapsed_minutes"], val_metrics)
+    return val_metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(parse_config(CamelsTrainConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
