@@ -1,12 +1,20 @@
-"""SQL persistence of documents (SQLAlchemy 2). A document is durable once its row is committed."""
+"""SQL persistence (SQLAlchemy 2): documents, adapter versions, and small service state.
+
+The schema is owned by the Alembic migrations in ``service/migrations``; these classes are the
+Python view of it. A document is durable once its row is committed, which happens before the
+API answers 202.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Index, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+DOCUMENT_STATUSES = ("pending", "ingested", "failed", "deleted")
 
 
 class Base(DeclarativeBase):
@@ -24,6 +32,12 @@ def content_hash(text: str, title: str | None, source: str | None, published_at:
 
 
 class DocumentRecord(Base):
+    """One posted document and where it is in the ingest pipeline.
+
+    ``claimed_by`` / ``claim_token`` / ``lease_until`` are the worker's crash-safe claim: a row
+    stays ``pending`` until its work is committed, so a killed worker leaves it to be claimed again.
+    """
+
     __tablename__ = "documents"
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -32,8 +46,44 @@ class DocumentRecord(Base):
     source: Mapped[str | None] = mapped_column(String(500))
     published_at: Mapped[str | None] = mapped_column(String(40))
     content_hash: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="ingested")
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    memory_written: Mapped[bool] = mapped_column(Boolean, default=False)
+    adapter_version: Mapped[str | None] = mapped_column(String(64), doc="version whose update absorbed it")
+    adapter_note: Mapped[str | None] = mapped_column(Text, doc="why no adapter update was kept")
+    ingest_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_documents_status_created", "status", "created_at"),)
+
+
+class AdapterVersionRecord(Base):
+    """An immutable, content-addressed adapter version; its weights live in ``adapters/<version>/``."""
+
+    __tablename__ = "adapter_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), doc="initial | update | rebuild")
+    documents: Mapped[list[str]] = mapped_column(JSON, default=list, doc="ids absorbed by this step")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ServiceState(Base):
+    """Small key/value facts shared by the API and the worker (the active adapter pointer...)."""
+
+    __tablename__ = "service_state"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 def make_engine(url: str) -> Engine:
@@ -44,19 +94,40 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            # take the write lock at BEGIN: a read-then-write transaction (claims, idempotent
+            # inserts) never fails with SQLITE_BUSY_SNAPSHOT when another process wrote meanwhile
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
     return engine
 
 
-def init_db(engine: Engine) -> sessionmaker[Session]:
-    Base.metadata.create_all(engine)
+def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def corpus_version(session: Session) -> tuple[int, datetime | None]:
-    """(count, newest created_at): changes whenever documents are added or removed."""
-    count, newest = session.execute(
-        select(func.count(DocumentRecord.id), func.max(DocumentRecord.created_at))
+def get_state(session: Session, key: str) -> str | None:
+    row = session.get(ServiceState, key)
+    return row.value if row is not None else None
+
+
+def set_state(session: Session, key: str, value: str | None) -> None:
+    row = session.get(ServiceState, key)
+    if row is None:
+        session.add(ServiceState(key=key, value=value, updated_at=utcnow()))
+    else:
+        row.value = value
+        row.updated_at = utcnow()
+
+
+def corpus_version(session: Session) -> tuple:
+    """Changes whenever a document becomes answerable or is deleted (rebuild the BM25 index)."""
+    count, newest, deleted = session.execute(
+        select(func.count(DocumentRecord.id), func.max(DocumentRecord.ingested_at), func.max(DocumentRecord.deleted_at))
+        .where(DocumentRecord.status.in_(("ingested", "deleted")))
     ).one()
-    return int(count), newest
+    return int(count), newest, deleted

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server process, tiny saved models, a live HTTP server."""
+"""Shared fixtures: real redis-server and PostgreSQL processes, tiny saved models and artifacts,
+a live HTTP server."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import uvicorn
 from service.core.config import Settings
 from service.main import create_app
 from service.redis_server import start_embedded_redis
+from tests.postgres_server import start_postgres
 from training.models import tiny_causal_lm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +43,27 @@ def redis_client(redis_url) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL server for this run (FRESHLM_TEST_POSTGRES_URL: use that server instead)."""
+    url = os.environ.get("FRESHLM_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A new, empty database on the test server."""
+    if isinstance(postgres_server, str):
+        return postgres_server
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40] + f"_{time.monotonic_ns() % 10**9}"
+    return postgres_server.create_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +117,7 @@ def make_client(tmp_path, redis_url, redis_client) -> Iterator:
     def factory(**overrides) -> httpx.Client:
         settings = Settings(
             _env_file=None,
-            **{"data_dir": tmp_path / "var", "redis_url": redis_url, **overrides},
+            **{"data_dir": tmp_path / "var", "redis_url": redis_url, "log_json": False, **overrides},
         )
         server = LiveServer(settings).__enter__()
         client = httpx.Client(base_url=server.url, timeout=300)
@@ -110,3 +133,23 @@ def make_client(tmp_path, redis_url, redis_client) -> Iterator:
 @pytest.fixture
 def client(make_client, tiny_model_dir) -> httpx.Client:
     return make_client(base_model=str(tiny_model_dir))
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (a deadline, not a timing assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_ingested(client: httpx.Client, ids: list[str], timeout: float = 120.0) -> list[dict]:
+    """Wait until every document left 'pending'; returns their records."""
+    def done():
+        records = [client.get(f"/documents/{i}").json() for i in ids]
+        return records if all(r["status"] != "pending" for r in records) else None
+    return wait_for(done, timeout, f"documents {ids[:3]}... to be ingested")

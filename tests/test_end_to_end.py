@@ -6,7 +6,7 @@ import string
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, wait_ingested
 
 
 def normalize(text: str) -> str:
@@ -20,6 +20,7 @@ def test_demo_news_questions_are_answered_by_the_real_model(make_client):
     questions = json.loads((REPO_ROOT / "examples" / "demo_questions.json").read_text())
     client = make_client()  # the embedded defaults: SmolLM2-135M-Instruct
     assert client.post("/documents", json={"documents": documents}).status_code == 202
+    assert {r["status"] for r in wait_ingested(client, [d["id"] for d in documents])} == {"ingested"}
     readme_questions = {q["question"]: q for q in questions[:3]}
     for question, item in readme_questions.items():
         body = client.post("/ask", json={"question": question}).json()

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"
+Strategy = Literal["auto", "none", "rag", "mac", "adapter", "mac+rag", "adapter+rag", "mac+adapter", "mac+adapter+rag"]
+Status = Literal["pending", "ingested", "failed", "deleted"]
+
+
+def _valid_text(value: str | None, what: str) -> str | None:
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 (lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    return value
 
 
 class DocumentIn(BaseModel):
@@ -26,7 +41,7 @@ class DocumentIn(BaseModel):
     )
 
     id: str = Field(pattern=DOC_ID_PATTERN, description="client-chosen, unique id")
-    text: str = Field(min_length=1)
+    text: str = Field(min_length=1, description="the document text (limit: FRESHLM_MAX_DOCUMENT_CHARS)")
     title: str | None = Field(None, max_length=500)
     source: str | None = Field(None, max_length=500)
     published_at: str | None = Field(None, max_length=40, description="ISO-8601 date or datetime")
@@ -36,19 +51,23 @@ class DocumentIn(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("text must not be empty or whitespace only")
-        if "\x00" in value:
-            raise ValueError("text must not contain NUL characters")
-        return value
+        return _valid_text(value, "text")
+
+    @field_validator("title", "source", "published_at")
+    @classmethod
+    def _utf8(cls, value: str | None) -> str | None:
+        return _valid_text(value, "field")
 
 
 class DocumentsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    documents: list[DocumentIn] = Field(min_length=1)
+    documents: list[DocumentIn] = Field(min_length=1, description="a batch (limit: FRESHLM_MAX_BATCH_DOCUMENTS)")
 
 
 class DocumentStatus(BaseModel):
     id: str
-    status: Literal["ingested", "unchanged", "pending", "failed"]
+    status: Status
+    created: bool = Field(description="false: the same document was already stored (a no-op)")
     status_url: str
 
 
@@ -58,20 +77,46 @@ class DocumentsAccepted(BaseModel):
 
 class DocumentOut(BaseModel):
     id: str
+    status: Status
+    failure_reason: str | None = Field(None, description="why the last ingest attempt failed")
+    attempts: int
     title: str | None
     source: str | None
     published_at: str | None
-    status: str
-    text: str
+    memory_written: bool = Field(description="a MAC memory entry was written for it")
+    adapter_version: str | None = Field(None, description="the adapter version its update created")
+    adapter_note: str | None = None
+    created_at: datetime
+    ingested_at: datetime | None
+    deleted_at: datetime | None
+    text: str | None = Field(None, description="omitted in listings; erased on delete")
+
+
+class DocumentPage(BaseModel):
+    items: list[DocumentOut]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class DocumentDeleted(BaseModel):
+    id: str
+    status: Literal["deleted"]
+    memory_entry_removed: bool
+    absorbed_by_live_adapter: bool = Field(description="the live adapter carries an update made from this document")
+    live_adapter_version: str | None
+    rebuild_adapter_url: str | None = Field(None, description="POST here (admin) to rebuild the adapter without it")
 
 
 class AskIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"question": "Who approved the harbour bridge?"}]},
+        json_schema_extra={"examples": [{"question": "Who approved the harbour bridge?", "strategy": "auto"}]},
     )
 
-    question: str = Field(min_length=1)
+    question: str = Field(min_length=1, description="limit: FRESHLM_MAX_QUESTION_CHARS")
+    strategy: Strategy = Field("auto", description="auto: every available component; see /readyz")
     top_k: int | None = Field(None, ge=1, le=20, description="passages to retrieve")
     max_new_tokens: int | None = Field(None, ge=1, le=512)
 
@@ -80,7 +125,7 @@ class AskIn(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("question must not be empty or whitespace only")
-        return value
+        return _valid_text(value, "question")
 
 
 class SupportingDocument(BaseModel):
@@ -91,10 +136,33 @@ class SupportingDocument(BaseModel):
 
 class AskOut(BaseModel):
     answer: str
-    strategy: Literal["rag", "none"]
-    documents: list[SupportingDocument]
+    strategy: str = Field(description="the components actually used, e.g. 'mac+rag' or 'none'")
+    documents: list[SupportingDocument] = Field(description="retrieved passages with BM25 scores")
+    memory_documents: list[str] = Field(description="MAC memory entries the answer read")
+    adapter_version: str | None = Field(description="the adapter version the whole answer ran on")
     timings: dict[str, float]
+
+
+class AdapterOut(BaseModel):
+    version: str
+    parent: str | None
+    kind: str
+    documents: list[str]
+    metrics: dict[str, Any]
+    created_at: datetime
+    active: bool
+
+
+class AdaptersOut(BaseModel):
+    active: str | None
+    versions: list[AdapterOut]
+
+
+class Accepted(BaseModel):
+    detail: str
 
 
 class ErrorOut(BaseModel):
     detail: str | list
+    type: str
+    request_id: str | None

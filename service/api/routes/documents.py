@@ -1,88 +1,139 @@
-"""Ingest and read documents."""
+"""Document lifecycle: post a batch (durable before the 202), read status, list, delete."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, status
-from sqlalchemy import select
+from fastapi import APIRouter, Query, Request, status
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from service.api.deps import SessionDep, SettingsDep
-from service.api.schemas import DocumentOut, DocumentsAccepted, DocumentsIn, DocumentStatus, ErrorOut
-from service.db import DocumentRecord, content_hash
+from service import adapter_store
+from service.api.deps import AdminDep, MetricsDep, SessionDep, SettingsDep
+from service.api.schemas import (
+    DocumentDeleted, DocumentOut, DocumentPage, DocumentsAccepted, DocumentsIn, DocumentStatus, ErrorOut, Status,
+)
+from service.core.errors import Conflict, NotFound, TooLarge
+from service.db import DocumentRecord, content_hash, utcnow
 
 router = APIRouter(prefix="/documents", tags=["documents"])
+ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}}
+
+
+def _out(record: DocumentRecord, with_text: bool = True) -> DocumentOut:
+    return DocumentOut(
+        id=record.id, status=record.status, failure_reason=record.failure_reason, attempts=record.attempts,
+        title=record.title, source=record.source, published_at=record.published_at,
+        memory_written=record.memory_written, adapter_version=record.adapter_version,
+        adapter_note=record.adapter_note, created_at=record.created_at, ingested_at=record.ingested_at,
+        deleted_at=record.deleted_at, text=record.text if with_text else None,
+    )
 
 
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DocumentsAccepted,
-    responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}, **ERRORS},
 )
-def ingest_documents(body: DocumentsIn, session: SessionDep, settings: SettingsDep, request: Request):
-    """Store a batch of documents. The batch is all-or-nothing and durable before the response.
+def post_documents(body: DocumentsIn, session: SessionDep, settings: SettingsDep, metrics: MetricsDep, request: Request):
+    """Store a batch of documents for ingestion. All-or-nothing, committed before the 202.
 
-    Re-posting a document with the same id and content is a no-op (`unchanged`); the same id
-    with different content is a 409 conflict.
+    Each document gets a status URL to poll (pending -> ingested / failed). Re-posting a document
+    with the same id and content is a no-op returning the existing record (`created: false`);
+    the same id with different content is a 409 conflict.
     """
     docs = body.documents
     if len(docs) > settings.max_batch_documents:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"batch of {len(docs)} documents exceeds the limit of {settings.max_batch_documents}; "
-            "split it into smaller batches",
-        )
+        raise TooLarge(f"batch of {len(docs)} documents exceeds the limit of {settings.max_batch_documents}; "
+                       "split it into smaller batches")
     too_long = [d.id for d in docs if len(d.text) > settings.max_document_chars]
     if too_long:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"documents {too_long} exceed {settings.max_document_chars} characters of text",
-        )
-    hashes = {}
+        raise TooLarge(f"documents {too_long} exceed {settings.max_document_chars} characters of text")
+    hashes: dict[str, str] = {}
     for d in docs:
         h = content_hash(d.text, d.title, d.source, d.published_at)
         if hashes.setdefault(d.id, h) != h:
-            raise HTTPException(status.HTTP_409_CONFLICT, f"document {d.id!r} appears twice in the batch with different content")
+            raise Conflict(f"document {d.id!r} appears twice in the batch with different content")
 
-    existing = {
-        r.id: r for r in session.scalars(select(DocumentRecord).where(DocumentRecord.id.in_(list(hashes))))
-    }
-    conflicts = sorted(i for i, r in existing.items() if r.content_hash != hashes[i])
+    existing = {r.id: r for r in session.scalars(select(DocumentRecord).where(DocumentRecord.id.in_(list(hashes))))}
+    conflicts = sorted(i for i, r in existing.items() if r.status != "deleted" and r.content_hash != hashes[i])
     if conflicts:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"documents {conflicts} already exist with different content; use new ids or delete them first",
-        )
-    statuses, seen = [], set()
+        raise Conflict(f"documents {conflicts} already exist with different content; use new ids or delete them first")
+    statuses, seen, created = [], set(), 0
+    now = utcnow()
     for d in docs:
         if d.id in seen:
             continue
         seen.add(d.id)
-        if d.id in existing:
-            state = "unchanged"
-        else:
-            state = "ingested"
-            session.add(
-                DocumentRecord(
-                    id=d.id, text=d.text, title=d.title, source=d.source,
-                    published_at=d.published_at, content_hash=hashes[d.id], status="ingested",
-                )
-            )
-        statuses.append(DocumentStatus(id=d.id, status=state, status_url=str(request.url_for("get_document", doc_id=d.id))))
+        record = existing.get(d.id)
+        is_new = record is None or record.status == "deleted"
+        if record is None:
+            record = DocumentRecord(id=d.id, created_at=now)
+            session.add(record)
+        if is_new:  # new, or a deleted id posted again: back into the queue
+            record.text, record.title, record.source, record.published_at = d.text, d.title, d.source, d.published_at
+            record.content_hash, record.status, record.attempts = hashes[d.id], "pending", 0
+            record.failure_reason = record.adapter_version = record.adapter_note = record.deleted_at = None
+            record.memory_written, record.ingested_at, record.created_at = False, None, now
+            record.claimed_by = record.claim_token = record.lease_until = None
+            created += 1
+        statuses.append(DocumentStatus(id=d.id, status=record.status, created=is_new,
+                                       status_url=str(request.url_for("get_document", doc_id=d.id))))
     try:
         session.commit()
     except IntegrityError:  # a concurrent request inserted one of these ids first
         session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, "a document with one of these ids was stored concurrently; retry") from None
+        raise Conflict("a document with one of these ids was stored concurrently; retry") from None
+    metrics.documents_posted.inc(created)
     return DocumentsAccepted(documents=statuses)
 
 
-@router.get("/{doc_id}", response_model=DocumentOut, responses={404: {"model": ErrorOut}})
+@router.get("", response_model=DocumentPage, responses=ERRORS)
+def list_documents(
+    session: SessionDep,
+    status_: Status | None = Query(None, alias="status", description="only documents in this state"),
+    offset: int = Query(0, ge=0, le=10**9),
+    limit: int = Query(50, ge=1, le=500),
+):
+    """Documents, oldest first, without their text (read one document for it)."""
+    query = select(DocumentRecord)
+    count = select(func.count()).select_from(DocumentRecord)
+    if status_ is not None:
+        query, count = query.where(DocumentRecord.status == status_), count.where(DocumentRecord.status == status_)
+    total = int(session.scalar(count))
+    rows = session.scalars(query.order_by(DocumentRecord.created_at, DocumentRecord.id).offset(offset).limit(limit))
+    items = [_out(r, with_text=False) for r in rows]
+    next_offset = offset + len(items) if offset + len(items) < total else None
+    return DocumentPage(items=items, total=total, offset=offset, limit=limit, next_offset=next_offset)
+
+
+@router.get("/{doc_id}", response_model=DocumentOut, responses={404: {"model": ErrorOut}, **ERRORS})
 def get_document(doc_id: str, session: SessionDep):
+    """One document with its ingest status (pending / ingested / failed with the reason / deleted)."""
     record = session.get(DocumentRecord, doc_id)
     if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no document with id {doc_id!r}")
-    return DocumentOut(
-        id=record.id, title=record.title, source=record.source,
-        published_at=record.published_at, status=record.status, text=record.text,
-    )
+        raise NotFound(f"no document with id {doc_id!r}")
+    return _out(record)
+
+
+@router.delete("/{doc_id}", response_model=DocumentDeleted, responses={404: {"model": ErrorOut}, **ERRORS},
+               dependencies=[AdminDep])
+def delete_document(doc_id: str, session: SessionDep, request: Request):
+    """Delete a document (admin): its text is erased, its memory entry removed at once, and it
+    leaves retrieval. An adapter update cannot be subtracted: the response says whether the live
+    adapter absorbed it, and ``POST /adapters/rebuild`` replays the adapter without it."""
+    record = session.get(DocumentRecord, doc_id)
+    if record is None:
+        raise NotFound(f"no document with id {doc_id!r}")
+    record.status, record.deleted_at = "deleted", utcnow()
+    record.text, record.title, record.source = "", None, None
+    record.claimed_by = record.claim_token = record.lease_until = None
+    live = adapter_store.active_version(session)
+    absorbed = adapter_store.absorbed_by(session, doc_id, live)
+    session.commit()
+    removed = False
+    mac = getattr(request.app.state, "mac", None)
+    if mac is not None:
+        removed = mac.bank.delete(doc_id)
+    return DocumentDeleted(id=doc_id, status="deleted", memory_entry_removed=removed,
+                           absorbed_by_live_adapter=absorbed, live_adapter_version=live,
+                           rebuild_adapter_url=str(request.url_for("rebuild_adapter")) if absorbed else None)

@@ -1,0 +1,116 @@
+"""Immutable, content-addressed adapter versions: weights on disk, lineage and pointer in SQL.
+
+A version's name is the hash of its LoRA tensors and config, so the same weights always get the
+same name and a version directory never changes once written. The active version is one row in
+``service_state``; activating (a swap or a rollback) is a compare-and-set of that pointer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db import AdapterVersionRecord, get_state, set_state, utcnow
+
+ACTIVE_KEY = "active_adapter"
+WEIGHTS = "adapter.safetensors"
+CONFIG = "lora_config.json"
+
+
+class UnknownAdapterVersion(LookupError):
+    pass
+
+
+def version_of(tensors: dict[str, torch.Tensor], lora_config: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(lora_config, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def save_weights(root: Path, tensors: dict[str, torch.Tensor], lora_config: dict[str, Any]) -> str:
+    """Write a version directory (atomically; a no-op if that content already exists)."""
+    version = version_of(tensors, lora_config)
+    path = root / version
+    if (path / WEIGHTS).is_file():
+        return version
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
+    (tmp / CONFIG).write_text(json.dumps(lora_config, sort_keys=True, default=str))
+    for f in (tmp / WEIGHTS, tmp / CONFIG):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    try:
+        tmp.rename(path)
+    except OSError:  # written concurrently by another process: same content by construction
+        shutil.rmtree(tmp, ignore_errors=True)
+    return version
+
+
+def load_weights(root: Path, version: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = root / version
+    if not (path / WEIGHTS).is_file():
+        raise UnknownAdapterVersion(f"adapter version {version!r} has no weights in {root}")
+    return load_file(path / WEIGHTS), json.loads((path / CONFIG).read_text())
+
+
+def record_version(
+    session: Session, version: str, *, parent: str | None, kind: str, documents: list[str], metrics: dict[str, Any]
+) -> AdapterVersionRecord:
+    row = session.get(AdapterVersionRecord, version)
+    if row is None:
+        row = AdapterVersionRecord(version=version, parent=parent, kind=kind, documents=documents,
+                                   metrics=metrics, created_at=utcnow())
+        session.add(row)
+    return row
+
+
+def active_version(session: Session) -> str | None:
+    return get_state(session, ACTIVE_KEY)
+
+
+def activate(session: Session, version: str, expected: str | None | object = ...) -> bool:
+    """Point the live adapter at ``version`` (inside the caller's transaction). With ``expected``,
+    only if the pointer still holds that value (a worker's swap loses to a concurrent rollback)."""
+    if session.get(AdapterVersionRecord, version) is None:
+        raise UnknownAdapterVersion(f"no adapter version {version!r}")
+    if expected is not ... and active_version(session) != expected:
+        return False
+    set_state(session, ACTIVE_KEY, version)
+    return True
+
+
+def list_versions(session: Session) -> list[AdapterVersionRecord]:
+    return list(session.scalars(select(AdapterVersionRecord).order_by(AdapterVersionRecord.created_at)))
+
+
+def lineage(session: Session, version: str | None) -> list[AdapterVersionRecord]:
+    """The version and its ancestors, newest first."""
+    out, seen = [], set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        row = session.get(AdapterVersionRecord, version)
+        if row is None:
+            break
+        out.append(row)
+        version = row.parent
+    return out
+
+
+def absorbed_by(session: Session, doc_id: str, version: str | None) -> bool:
+    """Whether ``version`` (e.g. the live one) carries an update made from this document."""
+    return any(doc_id in (row.documents or []) for row in lineage(session, version))

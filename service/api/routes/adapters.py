@@ -1,0 +1,51 @@
+"""Adapter versions: list them, roll back (activate an older one), ask for a rebuild."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, status
+
+from service import adapter_store
+from service.api.deps import AdminDep, SessionDep
+from service.api.schemas import Accepted, AdapterOut, AdaptersOut, ErrorOut
+from service.core.errors import NotFound
+from service.db import set_state
+from service.ingest_worker import REBUILD_ADAPTER_KEY
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}}
+
+
+def _out(row, active: str | None) -> AdapterOut:
+    return AdapterOut(version=row.version, parent=row.parent, kind=row.kind, documents=row.documents or [],
+                      metrics=row.metrics or {}, created_at=row.created_at, active=row.version == active)
+
+
+@router.get("", response_model=AdaptersOut, responses=ERRORS)
+def list_adapters(session: SessionDep):
+    """Every adapter version (immutable, content-addressed), oldest first, and the active one."""
+    active = adapter_store.active_version(session)
+    return AdaptersOut(active=active, versions=[_out(r, active) for r in adapter_store.list_versions(session)])
+
+
+@router.post("/rebuild", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, responses=ERRORS,
+             dependencies=[AdminDep], name="rebuild_adapter")
+def rebuild_adapter(session: SessionDep):
+    """Ask the worker (admin) to replay every live document into a new version from the initial one:
+    the way to take deleted documents out of the adapter. The new version becomes active."""
+    set_state(session, REBUILD_ADAPTER_KEY, "requested")
+    session.commit()
+    return Accepted(detail="the worker will rebuild the adapter from the live documents; watch GET /adapters")
+
+
+@router.post("/{version}/activate", response_model=AdapterOut,
+             responses={404: {"model": ErrorOut}, **ERRORS}, dependencies=[AdminDep])
+def activate_adapter(session: SessionDep, version: str = Path(max_length=64, pattern=r"^[0-9a-f]+$")):
+    """Make ``version`` the live adapter (admin): a rollback is a pointer flip. Questions already
+    running finish on the version they started with."""
+    try:
+        adapter_store.activate(session, version)
+    except adapter_store.UnknownAdapterVersion as exc:
+        raise NotFound(str(exc)) from None
+    session.commit()
+    row = session.get(adapter_store.AdapterVersionRecord, version)
+    return _out(row, version)

@@ -1,0 +1,71 @@
+"""MAC in the service: the loaded artifact, its Redis memory bank, ingest and answer helpers.
+
+The bank is named after the artifact's manifest, so memory written by one MAC artifact is never
+read with another (a new artifact starts an empty bank, filled by the rebuild).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from service.memory_bank import RedisMemoryBank
+from training.mac.aggregator import iter_bank_entries, select_top_k
+from training.mac.model import MAC, answer_questions, load_mac
+from training.models import ModelSettings
+
+
+@dataclass
+class MacRuntime:
+    mac: MAC
+    bank: RedisMemoryBank
+    artifact: Path
+    top_k: int | None
+    group_size: int
+
+    @torch.no_grad()
+    def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
+        """One amortizer forward pass per batch; each entry replaces any earlier one (idempotent)."""
+        for doc_id, (memory, key) in zip(doc_ids, self.mac.memorize(texts)):
+            self.bank.put(doc_id, memory, key)
+
+    def selected_ids(self, question_key: torch.Tensor) -> list[str]:
+        if self.top_k:
+            ids, keys = self.bank.keys()
+            if keys is not None:
+                return select_top_k(question_key.cpu(), ids, keys, self.top_k)
+        return self.bank.ids()
+
+    @torch.no_grad()
+    def answer(
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str,
+        passages: list[str] | None, max_new_tokens: int, head=None,
+    ) -> tuple[str, list[str]]:
+        """Answer under the aggregated memory; returns the answer and the memory ids read."""
+        used: list[str] = []
+
+        def entries_for(_i: int, key: torch.Tensor):
+            used.extend(self.selected_ids(key))
+            return iter_bank_entries(self.bank, used, chunk=self.group_size, device=self.mac.device)
+
+        (text,) = answer_questions(self.mac, base, tokenizer, [question], entries_for, passages=[passages],
+                                   group_size=self.group_size, max_new_tokens=max_new_tokens, head=head)
+        return text, used
+
+
+def bank_name(artifact: Path) -> str:
+    digest = hashlib.sha256((Path(artifact) / "manifest.json").read_bytes()).hexdigest()[:12]
+    return f"mac-{digest}"
+
+
+def load_mac_runtime(
+    artifact: Path, base_config, client, model_settings: ModelSettings, top_k: int | None, group_size: int,
+    device: torch.device | str = "cpu",
+) -> MacRuntime:
+    mac, _ = load_mac(artifact, base_config, settings=model_settings)
+    bank = RedisMemoryBank(client, bank=bank_name(artifact))
+    return MacRuntime(mac.to(device).eval(), bank, Path(artifact), top_k, group_size)

@@ -1,0 +1,58 @@
+"""Prometheus metrics. Each app (and each worker) has its own registry, so tests can run several.
+
+Gauges that are facts of shared state (queue depth, memory-bank size, adapter version) are read at
+scrape time from SQL and Redis; latencies are histograms observed where the work happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ask_seconds = Histogram("freshlm_ask_seconds", "Time to answer a question", ["strategy"],
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ingest_seconds = Histogram("freshlm_ingest_seconds", "Worker time to ingest one document",
+                                        buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.documents_posted = Counter("freshlm_documents_posted", "New documents accepted", registry=self.registry)
+        self.http_requests = Counter("freshlm_http_requests", "HTTP requests by route and status",
+                                     ["method", "route", "status"], registry=self.registry)
+        self.adapter_swaps = Counter("freshlm_adapter_swaps", "Adapter versions activated by the worker",
+                                     registry=self.registry)
+
+    def add_state_collector(self, read: Callable[[], dict]) -> None:
+        """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries", "adapter_version"}."""
+        self.registry.register(_StateCollector(read))
+
+
+class _StateCollector:
+    def __init__(self, read: Callable[[], dict]) -> None:
+        self.read = read
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            state = self.read()
+        except Exception:  # a scrape must not fail because a dependency is down; /readyz says why
+            return
+        yield GaugeMetricFamily("freshlm_queue_depth", "Documents waiting for the ingest worker",
+                                value=state["queue_depth"])
+        docs = GaugeMetricFamily("freshlm_documents", "Documents by status", labels=["status"])
+        for status, n in sorted(state["documents"].items()):
+            docs.add_metric([status], n)
+        yield docs
+        if state.get("memory_bank_entries") is not None:
+            yield GaugeMetricFamily("freshlm_memory_bank_entries", "Entries in the MAC memory bank",
+                                    value=state["memory_bank_entries"])
+        info = InfoMetricFamily("freshlm_adapter", "The live adapter version")
+        info.add_metric([], {"version": state.get("adapter_version") or "none"})
+        yield info
