@@ -62,11 +62,11 @@ def test_encoder_top_layers_can_train():
 
 def test_a_few_steps_fit_a_fixed_batch():
     mac, base, tok = tiny_mac()
-    opt = torch.optim.Adam([p for p in mac.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.Adam([p for p in mac.parameters() if p.requires_grad], lr=3e-2)
     questions = ["Who approved the bridge?", "How many libraries?", "What was harvested?"]
     answers = ["the council", "12", "kelp"]
     losses = []
-    for _ in range(25):
+    for _ in range(15):
         loss = mac_loss(mac, base, tok, DOCS, questions, answers, [True] * 3)
         loss.backward()
         opt.step()

@@ -137,7 +137,7 @@ def validate(
     """Answer NLL and generated-answer F1/EM (percent) with all ``texts`` in memory."""
     mac.eval()
     entries = [m for m, _ in mac.memorize(texts)]
-    losses, scores = [], []
+    losses, scores, samples = [], [], []
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
         query, _ = mac.encode_questions([q.question for q in batch])
@@ -148,9 +148,11 @@ def validate(
         predictions = answer_questions(mac, base, tokenizer, [q.question for q in batch], lambda i, k: entries,
                                        head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
+        samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
     mac.train()
     return {"loss": round(mean(losses), 4), "f1": round(100 * mean(s["f1"] for s in scores), 2),
-            "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores)}
+            "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores),
+            "samples": samples[:4]}
 
 
 # --- the loop ------------------------------------------------------------------------------------

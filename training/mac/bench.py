@@ -1,0 +1,118 @@
+"""What MAC's memory costs as it grows: ingest time, bytes per entry, ask latency and peak RSS
+with 100 / 1,000 / 8,000 documents in the bank, for flat aggregation, hierarchical aggregation and
+top-k pre-selection.
+
+    python -m training.mac.bench --articles ../shared/data/realtimeqa/2024-articles.jsonl.gz \
+        --artifact var/artifacts/mac --sizes 100,1000,8000 --out docs/results/mac-memory-scaling.json
+
+Documents are the 2024 news stream in publication order. ``--max-ingest`` caps how many are really
+amortized (ingest is ~0.1-1 s per article on a shared CPU); beyond it the bank is filled with
+copies of the real entries under new ids, which costs the same to store and aggregate (cost does
+not depend on content) but makes top-k retrieval quality meaningless, so only costs are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training.data.news_stream import load_news_stream
+from training.mac.method import MACMethod, MACMethodSettings
+from training.mac.model import load_mac
+from training.memory_bank import InMemoryMemoryBank
+from training.methods import MethodConfig, MethodContext
+from training.metrics import percentile
+from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
+from training.resources import peak_rss_mb, reset_peak_rss
+from training.types import Question
+
+log = logging.getLogger(__name__)
+
+MODES = {
+    "flat": MACMethodSettings(group_size=None),
+    "hierarchical_g64": MACMethodSettings(group_size=64),
+    "top_k32_g64": MACMethodSettings(top_k=32, group_size=64),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--articles", required=True, help="2024-articles.jsonl.gz")
+    parser.add_argument("--artifact", required=True)
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--sizes", default="100,1000,8000")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--max-ingest", type=int, default=1000, help="documents really amortized")
+    parser.add_argument("--questions", type=int, default=10, help="asks timed per size and mode")
+    parser.add_argument("--flat-max", type=int, default=8000, help="skip flat aggregation above this size")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    stream = load_news_stream(args.articles)
+    base, tokenizer = load_causal_lm(args.base_model, ModelSettings())
+    mac, manifest = load_mac(args.artifact, base.config)
+    ctx = MethodContext(base, tokenizer, MethodConfig(max_new_tokens=16, batch_size=1))
+    bank = InMemoryMemoryBank()
+    method = MACMethod(ctx, mac, MODES["hierarchical_g64"], bank=bank)
+
+    real = stream.documents[: min(args.max_ingest, max(sizes))]
+    ingest_seconds = []
+    for doc in tqdm(real, desc="ingest"):
+        started = time.perf_counter()
+        method.ingest(doc)
+        ingest_seconds.append(time.perf_counter() - started)
+    entry_bytes = [bank.nbytes(i) for i in bank.ids()]
+    real_ids = bank.ids()
+    questions = [Question(f"bench{i}", f"What happened to {d.title or 'the company'}?", ("",))
+                 for i, d in enumerate(real[: args.questions])]
+    results = {"articles": args.articles, "artifact": args.artifact, "base_model": args.base_model,
+               "machine": f"{platform.machine()} {torch.get_num_threads()} torch threads",
+               "ingested_for_real": len(real),
+               "ingest_seconds_per_doc_p50": round(percentile(ingest_seconds, 50), 4),
+               "ingest_seconds_per_doc_mean": round(sum(ingest_seconds) / len(ingest_seconds), 4),
+               "memory_bytes_per_doc_mean": round(sum(entry_bytes) / len(entry_bytes), 1),
+               "memory_bytes_per_doc_max": max(entry_bytes), "sizes": {}}
+    key_ids, keys = bank.keys()
+    key_of = dict(zip(key_ids, keys)) if keys is not None else {}
+    memories = dict(zip(real_ids, bank.get(real_ids)))
+    for size in sizes:
+        sized = InMemoryMemoryBank()
+        for n in range(size):  # real entries first, then copies of them under new ids (cost only)
+            src = real_ids[n % len(real_ids)]
+            sized.put(src if n < len(real_ids) else f"copy{n}/{src}", memories[src], key_of.get(src))
+        bank_ids = sized.ids()
+        row = {"bank_mb": round(sum(sized.nbytes(i) for i in bank_ids) / 2**20, 1)}
+        for mode in args.modes.split(","):
+            if mode == "flat" and size > args.flat_max:
+                continue
+            runner = MACMethod(ctx, mac, MODES[mode], bank=sized)
+            reset_peak_rss()
+            latencies = []
+            for q in tqdm(questions, desc=f"{size} {mode}", leave=False):
+                started = time.perf_counter()
+                runner.answer([q])
+                latencies.append(time.perf_counter() - started)
+            row[mode] = {"ask_seconds_p50": round(percentile(latencies, 50), 3),
+                         "ask_seconds_p95": round(percentile(latencies, 95), 3),
+                         "peak_rss_mb": round(peak_rss_mb(), 1)}
+            log.info("%d documents, %s: %s", size, mode, row[mode])
+        results["sizes"][str(size)] = row
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    log.info("wrote %s", args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
