@@ -89,7 +89,9 @@ async def lifespan(app: FastAPI):
                                                    daemon=True)
             state.worker_thread.start()
         except Exception as exc:
-            state.worker_error = state.updater_error = f"{exc.__class__.__name__}: {exc}"
+            state.worker_error = f"{exc.__class__.__name__}: {exc}"
+            if settings.updater:
+                state.updater_error = state.worker_error
             log.error("ingest worker not started: %s", state.worker_error)
     log.info("FreshLM ready: database %s, redis %s", state.engine.url.render_as_string(),
              settings.redis_url or "embedded")

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
 import uvicorn
 
 from service.core.config import Settings
@@ -153,3 +154,22 @@ def wait_ingested(client: httpx.Client, ids: list[str], timeout: float = 120.0) 
         records = [client.get(f"/documents/{i}").json() for i in ids]
         return records if all(r["status"] != "pending" for r in records) else None
     return wait_for(done, timeout, f"documents {ids[:3]}... to be ingested")
+
+
+@pytest.fixture(scope="session")
+def mac_artifact_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A MAC artifact for the tiny Llama, written by the MAC code's own ``save_mac``."""
+    from tests.mac_helpers import TINY_MAC, tiny_encoder
+    from training.mac.model import MAC, save_mac
+    from training.models import ModelSettings, load_causal_lm
+
+    root = tmp_path_factory.mktemp("mac")
+    base, _ = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
+    encoder, enc_tok = tiny_encoder()
+    torch.manual_seed(0)
+    mac = MAC(TINY_MAC, encoder, enc_tok, base.config)
+    encoder.save_pretrained(root / "encoder")
+    enc_tok.save_pretrained(root / "encoder")
+    save_mac(root / "artifact", mac, base_model=str(tiny_model_dir), base_config=base.config,
+             encoder=str(root / "encoder"))
+    return root / "artifact"

@@ -1,0 +1,58 @@
+"""MAC in the service: memory written by the worker to Redis, answers read it, deletes remove it,
+and a Redis that comes back empty is refilled from SQL with unchanged answers."""
+
+from service.mac_memory import bank_name
+from service.memory_bank import RedisMemoryBank
+from service.redis_server import start_embedded_redis
+from tests.conftest import wait_for, wait_ingested
+
+DOCS = [
+    {"id": "m-1", "text": "The council approved the new harbour bridge on Tuesday."},
+    {"id": "m-2", "text": "In 2031 the city of Norvale opened 12 libraries and 3 museums."},
+    {"id": "m-3", "text": "Scientists at the Aurora Institute reported a record harvest of kelp."},
+]
+
+
+def test_mac_memory_round_trip_and_delete(make_client, tiny_model_dir, mac_artifact_dir, redis_client):
+    client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), mac_top_k=2)
+    ready = client.get("/readyz").json()
+    assert ready["checks"]["mac_artifact"] == "ok" and "mac" in ready["strategies"]
+    client.post("/documents", json={"documents": DOCS})
+    records = wait_ingested(client, [d["id"] for d in DOCS])
+    assert all(r["status"] == "ingested" and r["memory_written"] for r in records)
+    bank = RedisMemoryBank(redis_client, bank=bank_name(mac_artifact_dir))
+    assert sorted(bank.ids()) == ["m-1", "m-2", "m-3"]
+    body = client.post("/ask", json={"question": "How many libraries opened?", "strategy": "mac",
+                                     "max_new_tokens": 3}).json()
+    assert body["strategy"] == "mac" and len(body["memory_documents"]) == 2  # top-k pre-selection
+    assert body["documents"] == []
+    both = client.post("/ask", json={"question": "How many libraries opened?", "strategy": "mac+rag",
+                                     "max_new_tokens": 3}).json()
+    assert both["strategy"] == "mac+rag" and both["documents"][0]["id"] == "m-2"
+    deleted = client.delete("/documents/m-2").json()
+    assert deleted["memory_entry_removed"] is True and "m-2" not in bank
+    assert len(bank) == 2
+    assert 'freshlm_memory_bank_entries 2.0' in client.get("/metrics").text
+
+
+def test_redis_restart_with_an_empty_store_rebuilds_the_bank(make_client, tiny_model_dir, mac_artifact_dir, tmp_path):
+    server = start_embedded_redis(tmp_path / "redis", persist=False)
+    try:
+        client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir),
+                             redis_url=server.url)
+        client.post("/documents", json={"documents": DOCS})
+        wait_ingested(client, [d["id"] for d in DOCS])
+        question = {"question": "Who approved the harbour bridge?", "strategy": "mac", "max_new_tokens": 5}
+        before = client.post("/ask", json=question).json()
+        server.stop()
+        server = start_embedded_redis(tmp_path / "redis", persist=False)  # same socket, empty store
+        import redis
+
+        fresh = RedisMemoryBank(redis.Redis.from_url(server.url), bank=bank_name(mac_artifact_dir))
+        wait_for(lambda: len(fresh) == 3, what="the worker to rebuild the memory bank")
+        after = client.post("/ask", json=question).json()
+        assert after["answer"] == before["answer"]
+        assert sorted(after["memory_documents"]) == sorted(before["memory_documents"])
+        assert sorted(fresh.ids()) == ["m-1", "m-2", "m-3"]
+    finally:
+        server.stop()
