@@ -35,7 +35,6 @@ from training.camels.weighting_model import (
     saved_tensors,
 )
 from training.data import load_squad_seq
-from training.data.evalset import EvalSet
 from training.inner_loop import (
     InnerLoopConfig,
     Params,
@@ -45,8 +44,9 @@ from training.inner_loop import (
     select_params,
     weighted_nll,
 )
+from training.meta_examples import paragraph_examples
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
-from training.proxy import truncated_causal_lm
+from training.proxy import top_layers, truncated_causal_lm
 from training.qa_tuning import apply_qa_tuning
 from training.recipe_args import parse_config
 from training.token_batches import TokenBatch, document_batch, qa_batch
@@ -100,15 +100,6 @@ class CamelsTrainConfig(BaseModel):
 
 # --- data -------------------------------------------------------------------------------------
 
-def qa_examples(evalset: EvalSet) -> list[tuple[str, list[tuple[str, str]]]]:
-    """(paragraph, [(question, first gold answer)]) for every paragraph with questions."""
-    by_doc: dict[str, list[tuple[str, str]]] = {}
-    for q in evalset.questions:
-        for doc_id in q.doc_ids:
-            by_doc.setdefault(doc_id, []).append((q.question, q.answers[0]))
-    return [(d.text, by_doc[d.id]) for d in evalset.documents if d.id in by_doc]
-
-
 def example_batches(
     tokenizer: PreTrainedTokenizerBase, doc: str, qas: list[tuple[str, str]], probe: str,
     max_doc_tokens: int,
@@ -136,11 +127,6 @@ def build_proxy(base: PreTrainedModel, config: CamelsTrainConfig) -> tuple[PreTr
     for p in params.values():
         p.requires_grad_(True)
     return proxy, params
-
-
-def top_layers(model: PreTrainedModel, count: int | None) -> list[int] | None:
-    depth = model.config.num_hidden_layers
-    return None if count is None or count >= depth else list(range(depth - count, depth))
 
 
 def camels_objective(
@@ -203,8 +189,8 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
 
     train_set = load_squad_seq(config.squad, "train", seed=config.split_seed)
     val_set = load_squad_seq(config.squad, "val", seed=config.split_seed)
-    train_examples = qa_examples(train_set)
-    val_examples = qa_examples(val_set)[: config.val_docs]
+    train_examples = paragraph_examples(train_set)
+    val_examples = paragraph_examples(val_set)[: config.val_docs]
     rng = random.Random(config.seed)
     val_batches = [
         tuple(b.to(device) for b in example_batches(
