@@ -4,7 +4,9 @@ methods really train and then hand the base model back unchanged."""
 import pytest
 import torch
 
-from training.batch_generation import generate_answers
+import training.batch_generation as batch_generation
+import training.generation as generation
+from training.batch_generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import answer_token_ids, choice_logprobs
 from training.generation import chat_input_ids, generate_answer
 from training.methods import BASELINES, METHODS, Method, MethodConfig, MethodContext, build_method, register_method
@@ -101,12 +103,21 @@ def test_salient_ft_skips_documents_without_entities(ctx):
     method.close()
 
 
-def test_batched_generation_matches_single_generation(ctx):
-    prompts = [qa_messages(q.question, [d.text]) for q, d in zip(QUESTIONS, DOCS)]
-    prompts.append(qa_messages("Why?"))
-    single = [generate_answer(ctx.model, ctx.tokenizer, p, max_new_tokens=5) for p in prompts]
-    batched = generate_answers(ctx.model, ctx.tokenizer, prompts, max_new_tokens=5, batch_size=3)
-    assert batched == single
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batched_and_prefix_cached_generation_match_single_generation(kind, monkeypatch):
+    model, tokenizer = tiny_causal_lm(kind)
+    with torch.no_grad():  # sharper logits: a random tiny model otherwise repeats one token
+        for p in model.parameters():
+            p.mul_(8)
+    for module in (batch_generation, generation):  # compare raw text, not extracted answers
+        monkeypatch.setattr(module, "extract_answer", lambda text: text)
+    context = DOCS[0].text * 4
+    prompts = [qa_messages(q, [context]) for q in ("Who approved it?", "When?", "What was approved?")]
+    prompts += [qa_messages("Why?"), qa_messages("How many?", [DOCS[1].text])]
+    single = [generate_answer(model, tokenizer, p, max_new_tokens=5) for p in prompts]
+    assert len(set(single)) > 2  # the comparison below is not trivially true
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == single
+    assert generate_answers_shared_prefix(model, tokenizer, prompts, max_new_tokens=5) == single
 
 
 def test_choice_logprobs_are_length_normalised_token_logprobs(ctx):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from training.batch_generation import generate_answers
+from training.batch_generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
 from training.prompts import qa_messages
@@ -61,6 +61,12 @@ class OraclePrompt(_PromptedMethod):
     """The question's own gold document(s) in the prompt: an upper bound for every method."""
 
     name = "oracle_prompt"
+
+    def answer(self, questions: list[Question]) -> list[str]:
+        # Several questions per document: compute each document's prompt prefix once.
+        prompts = [qa_messages(q.question, self.passages(q)) for q in questions]
+        return generate_answers_shared_prefix(self.ctx.model, self.ctx.tokenizer, prompts,
+                                              self.ctx.config.max_new_tokens)
 
     def passages(self, question: Question) -> list[str] | None:
         docs = [self.documents[d] for d in question.doc_ids if d in self.documents]
