@@ -84,12 +84,14 @@ class AdapterUpdater:
         self.model.eval()
         self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
         self.probe = document_batch(tokenizer, LOCALITY_PROBE, max_tokens=64).to(self.model.device)
+        self._probe_cache: torch.Tensor | None = None  # probe log-probs of the current weights
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=ADAPTER).items()}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         result = set_peft_model_state_dict(self.model, tensors, adapter_name=ADAPTER)
+        self._probe_cache = None
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter weights do not fit the live adapter: {result.unexpected_keys[:3]}")
 
@@ -107,7 +109,7 @@ class AdapterUpdater:
         weights = self.token_weights(ids)[1:].to(self.model.device)
         if float(weights.sum()) <= 0:
             return UpdateResult(None, rejected="no token has a positive weight")
-        before = self._probe_logp()
+        before = self._probe_cache if self._probe_cache is not None else self._probe_logp()
         snapshot = [p.detach().clone() for p in self.params]
         ids = ids.to(self.model.device)
         self.model.train(False)
@@ -132,13 +134,16 @@ class AdapterUpdater:
             reason = f"locality drift {drift:.4g} exceeds the bound {self.max_drift}"
         if reason is not None:
             self.restore(snapshot)
+            self._probe_cache = before
             return UpdateResult(None, metrics, rejected=reason)
+        self._probe_cache = after
         return UpdateResult(self.tensors(), metrics)
 
     @torch.no_grad()
     def restore(self, snapshot: list[torch.Tensor]) -> None:
         for p, saved in zip(self.params, snapshot):
             p.copy_(saved)
+        self._probe_cache = None
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]

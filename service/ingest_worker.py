@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
-import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -316,7 +315,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_json)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     engine = make_engine(settings.sqlalchemy_url)
     if settings.auto_migrate:
         upgrade_database(engine)
