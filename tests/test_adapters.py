@@ -1,0 +1,127 @@
+"""Adapter versions through the API: updates from documents, rollback, delete + rebuild, and
+questions answered continuously while versions are swapped."""
+
+import threading
+
+import torch
+
+from service import adapter_store
+from service.adapter_updater import AdapterUpdater, lora_config_dict
+from service.db import make_engine, session_factory
+from tests.conftest import wait_for, wait_ingested
+from training.models import ModelSettings, load_causal_lm
+
+DOCS = [
+    {"id": "a-1", "text": "The council approved the new harbour bridge on Tuesday."},
+    {"id": "a-2", "text": "In 2031 the city of Norvale opened 12 libraries and 3 museums."},
+]
+
+
+def test_documents_update_the_adapter_and_rollback_is_a_pointer_flip(make_client, tiny_model_dir):
+    client = make_client(base_model=str(tiny_model_dir), updater="uniform", adapter_lr=0.05)
+    client.post("/documents", json={"documents": DOCS})
+    records = wait_ingested(client, ["a-1", "a-2"])
+    listing = client.get("/adapters").json()
+    kinds = [v["kind"] for v in listing["versions"]]
+    assert kinds == ["initial", "update", "update"]
+    initial, first, second = listing["versions"]
+    assert listing["active"] == second["version"] == records[1]["adapter_version"]
+    assert second["parent"] == first["version"] and first["parent"] == initial["version"]
+    assert first["documents"] == ["a-1"] and second["metrics"]["loss"] > 0
+    answer = client.post("/ask", json={"question": "Who approved the bridge?", "strategy": "adapter",
+                                       "max_new_tokens": 3}).json()
+    assert answer["adapter_version"] == second["version"] and answer["strategy"] == "adapter"
+    rolled = client.post(f"/adapters/{first['version']}/activate")
+    assert rolled.status_code == 200 and rolled.json()["active"] is True
+    assert client.get("/adapters").json()["active"] == first["version"]
+    again = client.post("/ask", json={"question": "Who approved the bridge?", "strategy": "adapter",
+                                      "max_new_tokens": 3}).json()
+    assert again["adapter_version"] == first["version"]
+    assert client.post("/adapters/0123abcd/activate").status_code == 404
+    assert client.post("/adapters/NOT-HEX/activate").status_code == 422
+
+
+def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, tiny_model_dir):
+    client = make_client(base_model=str(tiny_model_dir), updater="uniform", adapter_lr=0.05)
+    client.post("/documents", json={"documents": DOCS})
+    wait_ingested(client, ["a-1", "a-2"])
+    deleted = client.delete("/documents/a-1").json()
+    assert deleted["absorbed_by_live_adapter"] is True and deleted["rebuild_adapter_url"].endswith("/adapters/rebuild")
+    assert client.post("/adapters/rebuild").status_code == 202
+
+    def rebuilt():
+        listing = client.get("/adapters").json()
+        active = [v for v in listing["versions"] if v["version"] == listing["active"]]
+        return active[0] if active and active[0]["kind"] == "rebuild" else None
+
+    version = wait_for(rebuilt, what="the adapter rebuild")
+    assert version["documents"] == ["a-2"]
+    assert client.delete("/documents/a-2").json()["absorbed_by_live_adapter"] is True
+    assert client.get("/readyz").json()["checks"]["updater"] == "ok"
+
+
+def _distinct_versions(tiny_model_dir, data_dir, count: int) -> list[str]:
+    """Versions written with the store's own functions: random LoRA weights, far apart."""
+    base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
+    updater = AdapterUpdater(base, tokenizer, lambda ids: torch.ones(ids.shape[-1]), lora_config_dict(base, 4),
+                             lr=1e-3, max_tokens=64, max_drift=1.0)
+    engine = make_engine(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
+    versions = []
+    with session_factory(engine).begin() as session:
+        for seed in range(count):
+            gen = torch.Generator().manual_seed(seed)
+            tensors = {k: torch.randn(v.shape, generator=gen) for k, v in updater.tensors().items()}
+            version = adapter_store.save_weights(data_dir / "adapters", tensors, updater.config)
+            adapter_store.record_version(session, version, parent=None, kind="update", documents=[], metrics={})
+            versions.append(version)
+    engine.dispose()
+    return versions
+
+
+def test_answers_during_swaps_each_run_on_one_version(make_client, tiny_model_dir, tmp_path):
+    data_dir = tmp_path / "var"
+    client = make_client(base_model=str(tiny_model_dir), data_dir=data_dir, adapters_loaded=2)
+    versions = _distinct_versions(tiny_model_dir, data_dir, 4)
+    question = {"question": "What did the harbour board decide?", "strategy": "adapter", "max_new_tokens": 6}
+    expected = {}
+    for version in versions:  # what each version answers when it is alone
+        assert client.post(f"/adapters/{version}/activate").status_code == 200
+        body = client.post("/ask", json=question).json()
+        assert body["adapter_version"] == version
+        expected[version] = body["answer"]
+    assert len(set(expected.values())) == len(versions), "versions must answer differently for this test"
+
+    seen: list[tuple[str, str]] = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def asker():
+        import httpx
+
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as own:
+            while not done.is_set():
+                response = own.post("/ask", json=question)
+                if response.status_code != 200:
+                    errors.append(response.text)
+                    continue
+                body = response.json()
+                seen.append((body["adapter_version"], body["answer"]))
+
+    threads = [threading.Thread(target=asker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(3):
+            for version in versions:  # with adapters_loaded=2, versions are also evicted and reloaded
+                assert client.post(f"/adapters/{version}/activate").status_code == 200
+                count = len(seen)
+                wait_for(lambda v=version, c=count: any(s[0] == v for s in seen[c:]), timeout=120,
+                         what=f"an answer on version {version}")
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert errors == []
+    assert len(seen) >= 12 and {v for v, _ in seen} == set(versions)
+    mixed = [(v, a) for v, a in seen if a != expected[v]]
+    assert mixed == [], f"{len(mixed)} answers differ from their version's own answer"
