@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             runner = MACMethod(ctx, mac, MODES[mode], bank=sized)
             reset_peak_rss()
+            before = peak_rss_mb()  # right after the reset the high-water mark is the current RSS
             latencies = []
             for q in tqdm(questions, desc=f"{size} {mode}", leave=False):
                 started = time.perf_counter()
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                 latencies.append(time.perf_counter() - started)
             row[mode] = {"ask_seconds_p50": round(percentile(latencies, 50), 3),
                          "ask_seconds_p95": round(percentile(latencies, 95), 3),
-                         "peak_rss_mb": round(peak_rss_mb(), 1)}
+                         "peak_rss_mb": round(peak_rss_mb(), 1),
+                         "peak_rss_increase_mb": round(peak_rss_mb() - before, 1)}
             log.info("%d documents, %s: %s", size, mode, row[mode])
         results["sizes"][str(size)] = row
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
