@@ -95,3 +95,28 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
                        "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}'])
     records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3, 4, 5]
+
+
+def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
+    from training.harness import ProtocolConfig, run_method
+    from training.data.evalset import EvalSet
+    from training.methods import MethodConfig, MethodContext, build_method
+    from training.types import Document, Question
+
+    base, tok = tiny_causal_lm("llama")
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    torch.nn.init.normal_(model.head[2].weight)
+    save_weighting_model(tmp_path / "w", model, base_model_id="tiny-llama", base_config=base.config)
+    ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, ft_lr=1e-2, camels_artifact=str(tmp_path / "w")))
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    method = build_method("camels_ft", ctx)
+    doc = Document("d1", DOC)
+    ids, weights = method.token_weights(doc)
+    expected = model(ids[None])[0].detach()
+    torch.testing.assert_close(weights, expected)
+    assert weights.std() > 0  # not uniform: the artifact's weights, not ones
+    evalset = EvalSet("tiny", "test", [doc], [Question("q", "How many libraries?", ("12",), ("d1",))])
+    run = run_method(method, evalset, ProtocolConfig(latency_samples=1, score_choices=False), progress=False)
+    assert method.steps == 1 and 0.0 <= run.f1 <= 100.0
+    for name, p in base.named_parameters():  # closed: the base model is handed back unchanged
+        torch.testing.assert_close(p, before[name])

@@ -104,3 +104,38 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
     base, _ = load_causal_lm(str(base_dir), ModelSettings(device="cpu"))
     loaded, params, _ = load_meta_adapter(out, base)
     assert any(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)  # trained away from B = 0
+
+
+@pytest.mark.parametrize("variant", ["lora", "rank1_full"])
+def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, variant):
+    from training.data.evalset import EvalSet
+    from training.harness import ProtocolConfig, run_method
+    from training.methods import MethodConfig, MethodContext, build_method
+    from training.types import Document, Question
+
+    model, tok, meta, config = _model(variant)
+    with torch.no_grad():
+        for p in meta.values():
+            p.normal_(0, 0.1)
+    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    base, tok = tiny_causal_lm("llama")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, meta_ft_artifact=str(tmp_path / "m")))
+    docs = [Document(f"d{i}", text) for i, (_, text, _) in enumerate(FACTS[:5])]
+    questions = [Question("q", "How many libraries?", ("12",), ("d0",))]
+    method = build_method("meta_ft_4", ctx)
+    start = [p.detach().clone() for p in method.params]
+    for doc in docs[:4]:
+        method.ingest(doc)
+    assert method.steps == 1  # four documents, one pooled SGD step
+    assert any(not torch.equal(a, p) for a, p in zip(start, method.params))
+    method.ingest(docs[4])
+    assert method.steps == 1 and len(method.pending) == 1
+    method.answer(questions)  # a partial group is learned before answering
+    assert method.steps == 2
+    method.close()
+    for name, p in base.named_parameters():
+        torch.testing.assert_close(p, before[name])
+    run = run_method(build_method("meta_ft", ctx), EvalSet("tiny", "test", docs[:2], questions),
+                     ProtocolConfig(latency_samples=1, score_choices=False), progress=False)
+    assert 0.0 <= run.f1 <= 100.0

@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mac-top-k", type=int, help="MAC: pre-select this many memory entries by key similarity")
     p.add_argument("--mac-group-size", type=int, default=MethodConfig().mac_group_size,
                    help="MAC: hierarchical aggregation group size (0: flat)")
+    p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
+    p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
+    p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)
     p.add_argument("--retention-m", default="0,10,20,40")
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_base(args)
     method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
                                  mac_artifact=args.mac_artifact, mac_top_k=args.mac_top_k,
-                                 mac_group_size=args.mac_group_size or None)
+                                 mac_group_size=args.mac_group_size or None,
+                                 camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
+                                 meta_ft_docs_per_step=args.meta_ft_docs_per_step)
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
                               retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()])
     config = {

@@ -118,6 +118,7 @@ def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Modu
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"{path}: adapter tensors do not fit the model: {result.unexpected_keys[:3]}")
         return peft, params, config
+    model.requires_grad_(False)
     named = dict(model.named_parameters())
     params = {}
     with torch.no_grad():
@@ -126,5 +127,5 @@ def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Modu
                 name = key[: -len("::A")]
                 weight = named[name]
                 weight += (tensors[f"{name}::B"] @ a).to(weight.dtype).to(weight.device)
-                params[name] = weight
+                params[name] = weight.requires_grad_(True)
     return model, params, config

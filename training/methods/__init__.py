@@ -24,7 +24,7 @@ METHODS: dict[str, MethodBuilder] = {
     "salient_spans_ft": salient_spans_ft,
 }
 BASELINES = tuple(METHODS)
-FINE_TUNING_METHODS = {"uniform_ft", "salient_spans_ft"}  # methods whose lr is tuned on val
+FINE_TUNING_METHODS = {"uniform_ft", "salient_spans_ft", "camels_ft"}  # methods whose lr is tuned on val
 
 
 def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
@@ -47,3 +47,5 @@ __all__ = ["BASELINES", "FINE_TUNING_METHODS", "METHODS", "Method", "MethodConfi
 
 # Methods living in their own packages register themselves when imported.
 from training.mac import method as _mac_method  # noqa: E402,F401  (mac, mac_rag)
+from training.camels import method as _camels_method  # noqa: E402,F401  (camels_ft)
+from training.meta_ft import method as _meta_ft_method  # noqa: E402,F401  (meta_ft, meta_ft_4, meta_ft_16)

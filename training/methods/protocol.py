@@ -35,6 +35,9 @@ class MethodConfig(BaseModel):
     mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
     mac_top_k: int | None = None  # MAC: entries pre-selected by key similarity (None: all)
     mac_group_size: int | None = 64  # MAC: hierarchical aggregation group size (None: flat)
+    camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
+    meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
+    meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step
 
 
 @dataclass

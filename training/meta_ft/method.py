@@ -1,0 +1,107 @@
+"""``meta_ft`` in the evaluation harness: plain SGD steps from the meta-trained init.
+
+Each document (or each group of ``docs_per_step`` documents, pooled into one loss: the
+multi-document case) is ONE SGD step at the learning rate the init was meta-trained for, on the
+LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-1 init merged
+(variant ``rank1_full``): exactly the inner step of meta-training, taken with a plain optimizer.
+Registered as ``meta_ft`` (``MethodConfig.meta_ft_docs_per_step``, default 1), ``meta_ft_4`` and
+``meta_ft_16``. The artifact comes from ``MethodConfig.meta_ft_artifact``, else
+``$FRESHLM_META_FT_ARTIFACT``, else ``var/artifacts/meta_ft``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from training.artifacts import read_manifest
+from training.batch_generation import generate_answers
+from training.choice_scoring import choice_logprobs
+from training.inner_loop import weighted_nll
+from training.meta_ft.adapter import load_meta_adapter
+from training.methods import MethodContext, register_method
+from training.prompts import qa_messages
+from training.token_batches import document_batch
+from training.types import Document, Question
+
+DEFAULT_ARTIFACT = Path("var/artifacts/meta_ft")
+
+
+def meta_ft_artifact_path(ctx: MethodContext) -> Path:
+    configured = getattr(ctx.config, "meta_ft_artifact", None) or os.environ.get("FRESHLM_META_FT_ARTIFACT")
+    return Path(configured).expanduser() if configured else DEFAULT_ARTIFACT
+
+
+class MetaFineTuning:
+    def __init__(self, ctx: MethodContext, name: str, docs_per_step: int) -> None:
+        self.ctx, self.name, self.docs_per_step = ctx, name, docs_per_step
+        path = meta_ft_artifact_path(ctx)
+        self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
+        in_place = read_manifest(path).config.get("adapter", {}).get("variant") == "rank1_full"
+        # the rank-1 variant merges into and then steps the base weights in place: keep the originals
+        self._original = {n: p.detach().clone() for n, p in ctx.model.named_parameters()} if in_place else {}
+        self.model, params, self.adapter = load_meta_adapter(path, ctx.model)
+        self.model.eval()
+        self.params = list(params.values())
+        self._changed = list(params)  # names of base weights the rank-1 variant edits in place
+        self.optimizer = torch.optim.SGD(self.params, lr=self.adapter.inner_lr)
+        self.pending: list[Document] = []
+        self.steps = 0
+
+    def ingest(self, document: Document) -> None:
+        self.pending.append(document)
+        if len(self.pending) >= self.docs_per_step:
+            self._step()
+
+    def _step(self) -> None:
+        """One SGD step on the pooled LM loss of the pending documents (the meta-trained update)."""
+        if not self.pending:
+            return
+        batch = document_batch(self.ctx.tokenizer, [d.text for d in self.pending],
+                               self.ctx.config.ft_max_tokens).to(self.model.device)
+        self.pending = []
+        loss = weighted_nll(self.model, {}, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def answer(self, questions: list[Question]) -> list[str]:
+        self._step()  # a partial group is learned before answering
+        prompts = [qa_messages(q.question) for q in questions]
+        return generate_answers(self.model, self.ctx.tokenizer, prompts,
+                                self.ctx.config.max_new_tokens, self.ctx.config.batch_size)
+
+    def choice_scores(self, question: Question) -> list[float]:
+        self._step()
+        return choice_logprobs(self.model, self.ctx.tokenizer, qa_messages(question.question),
+                               list(question.choices or ()))
+
+    def stored_bytes(self) -> int:
+        """What differs from the base model: the adapter, or the edited weight matrices."""
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def close(self) -> None:
+        if self.adapter.variant == "lora":
+            self.model.unload()  # removes the LoRA layers
+        with torch.no_grad():  # the rank-1 variant edited weights in place: put them back
+            named = dict(self.ctx.model.named_parameters())
+            for name in self._changed:
+                if name in named and name in self._original:
+                    named[name].copy_(self._original[name])
+            for n, p in self.ctx.model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+
+
+def _builder(name: str, docs_per_step: int | None):
+    def build(ctx: MethodContext) -> MetaFineTuning:
+        n = docs_per_step or getattr(ctx.config, "meta_ft_docs_per_step", 1) or 1
+        return MetaFineTuning(ctx, name, n)
+    return build
+
+
+register_method("meta_ft")(_builder("meta_ft", None))
+register_method("meta_ft_4")(_builder("meta_ft_4", 4))
+register_method("meta_ft_16")(_builder("meta_ft_16", 16))
