@@ -125,3 +125,19 @@ def test_cli_quick_mode_on_own_jsonl_with_choices(tmp_path):
     assert result["n_questions"] == 4
     for figures in result["methods"].values():
         assert 0 <= figures["accuracy"] <= 100
+
+
+def test_results_table_renders_every_method_and_the_retention_curve(tmp_path):
+    from training.results_table import describe
+
+    result = {"dataset": "toy", "split": "test", "base_model": "tiny", "n_documents": 8, "n_questions": 8,
+              "config": {"protocol": {"retention_k": 2}, "lr_selection": {"b": {"chosen": 0.0005}}},
+              "methods": {"a": {"f1": 12.345, "em": 10.0, "accuracy": 50.0, "memory_bytes_per_doc": 123456.0},
+                          "b": {"f1": 40.0, "em": 30.0}},
+              "retention": {"b": [[0, 50.0], [6, 25.0]]}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    text = describe(path)
+    assert "| `a` | 12.3 | 10.0 | 50.0 | 123,456 |" in text
+    assert "| `b` (lr 0.0005) | 40.0 | 30.0 | – | – |" in text
+    assert "| `b` | 50.0 | 25.0 |" in text and "M=6" in text
