@@ -7,7 +7,9 @@ distributions, old || new) bounded. A rejected step is undone; an accepted one b
 immutable version (``service.adapter_store``) that the API swaps in atomically.
 
 Token weights come from the configured updater: a CaMeLS weighting-model artifact (learned weights
-per token), or ``uniform`` (every token 1, the plain online fine-tuning baseline).
+per token), a meta-trained init (``meta_ft_init``, variant ``lora``: uniform weights from the
+meta-learned starting adapter at its inner learning rate), or ``uniform`` (every token 1, the
+plain online fine-tuning baseline).
 """
 
 from __future__ import annotations
@@ -43,22 +45,58 @@ def lora_config(config: dict[str, Any]) -> LoraConfig:
     return LoraConfig(task_type="CAUSAL_LM", **config)
 
 
-def token_weights_for(updater: str, base: PreTrainedModel) -> tuple[TokenWeights, dict[str, Any]]:
-    """The per-token weighting of an updater spec, and what to report about it."""
-    if updater == "uniform":
-        return (lambda ids: torch.ones(ids.shape[-1])), {"updater": "uniform"}
-    from training.artifacts import read_manifest
-    from training.camels.weighting_model import load_weighting_model
+@dataclass
+class UpdaterSpec:
+    """What an updater artifact (or ``uniform``) means for the live adapter."""
 
-    model = load_weighting_model(updater, base)  # refuses another base model (ArtifactError)
-    manifest = read_manifest(updater)
+    token_weights: TokenWeights
+    lora: dict[str, Any]
+    lr: float
+    initial: dict[str, torch.Tensor] | None = None  # first version's weights (None: fresh LoRA, B = 0)
+    info: dict[str, Any] = field(default_factory=dict)
 
-    @torch.no_grad()
-    def weights(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(next(model.parameters()).device))[0].float().cpu()
 
-    return weights, {"updater": "camels", "artifact": str(updater), "kind": manifest.kind,
-                     "created_at": manifest.created_at.isoformat()}
+def uniform_weights(ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones(ids.shape[-1])
+
+
+def load_updater(spec: str, base: PreTrainedModel, rank: int, lr: float) -> UpdaterSpec:
+    """``uniform``; a CaMeLS weighting-model artifact (learned per-token weights on a fresh LoRA);
+    or a meta-trained init artifact (variant ``lora``: its adapter is the first version and its
+    inner learning rate the step size). Artifacts for another base model are refused."""
+    if spec == "uniform":
+        return UpdaterSpec(uniform_weights, lora_config_dict(base, rank), lr, info={"updater": "uniform"})
+    from training.artifacts import ArtifactError, read_manifest
+
+    manifest = read_manifest(spec)
+    info = {"updater": manifest.kind, "artifact": str(spec), "artifact_created_at": manifest.created_at.isoformat()}
+    if manifest.kind == "camels_weighting_model":
+        from training.camels.weighting_model import load_weighting_model
+
+        model = load_weighting_model(spec, base)
+
+        @torch.no_grad()
+        def weights(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids.to(next(model.parameters()).device))[0].float().cpu()
+
+        return UpdaterSpec(weights, lora_config_dict(base, rank), lr, info=info)
+    if manifest.kind == "meta_ft_init":
+        from peft import get_peft_model_state_dict as state_of
+
+        from training.meta_ft.adapter import load_meta_adapter
+        from training.proxy import top_layers
+
+        peft, _params, config = load_meta_adapter(spec, copy.deepcopy(base))
+        if config.variant != "lora":
+            raise ArtifactError(f"{spec}: meta-trained variant {config.variant!r} updates full weight matrices; "
+                                "the service versions LoRA adapters only (use a 'lora' variant artifact)")
+        lora = {"r": config.rank, "lora_alpha": config.alpha, "lora_dropout": 0.0,
+                "target_modules": config.targets or linear_module_names(base),
+                "layers_to_transform": top_layers(base, config.top_layers)}
+        initial = {k: v.detach().cpu().clone() for k, v in state_of(peft).items()}
+        return UpdaterSpec(uniform_weights, lora, config.inner_lr, initial=initial, info=info)
+    raise ArtifactError(f"{spec} holds a {manifest.kind!r} artifact, not an updater "
+                        "(expected camels_weighting_model or meta_ft_init)")
 
 
 @dataclass
@@ -72,19 +110,21 @@ class AdapterUpdater:
     """Owns a private copy of the base model with the live adapter (never shared with answering)."""
 
     def __init__(
-        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token_weights: TokenWeights,
-        config: dict[str, Any], lr: float, max_tokens: int, max_drift: float,
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: UpdaterSpec,
+        max_tokens: int, max_drift: float,
     ) -> None:
         self.tokenizer = tokenizer
-        self.config = config
-        self.lr, self.max_tokens, self.max_drift = lr, max_tokens, max_drift
-        self.token_weights = token_weights
+        self.config = spec.lora
+        self.lr, self.max_tokens, self.max_drift = spec.lr, max_tokens, max_drift
+        self.token_weights = spec.token_weights
         torch.manual_seed(0)  # the LoRA A matrices are random: the initial version is reproducible
-        self.model = get_peft_model(copy.deepcopy(base), lora_config(config), adapter_name=ADAPTER)
+        self.model = get_peft_model(copy.deepcopy(base), lora_config(spec.lora), adapter_name=ADAPTER)
         self.model.eval()
         self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
         self.probe = document_batch(tokenizer, LOCALITY_PROBE, max_tokens=64).to(self.model.device)
         self._probe_cache: torch.Tensor | None = None  # probe log-probs of the current weights
+        if spec.initial is not None:
+            self.load(spec.initial)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=ADAPTER).items()}

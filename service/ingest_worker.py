@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service import adapter_store
-from service.adapter_updater import AdapterUpdater, lora_config_dict, token_weights_for
+from service.adapter_updater import AdapterUpdater, load_updater
 from service.core.config import Settings
 from service.db import DocumentRecord, get_state, make_engine, session_factory, set_state
 from service.ingest_queue import Claim, claim_batch, fail_attempt, finish, release_claims
@@ -74,9 +74,9 @@ def build_worker(
                                settings.mac_top_k, settings.mac_group_size, device=base.device)
     worker = Worker(settings, sessions, mac=mac)
     if settings.updater:
-        weights, worker.info = token_weights_for(settings.updater, base)
-        worker.updater = AdapterUpdater(base, tokenizer, weights, lora_config_dict(base, settings.adapter_rank),
-                                        settings.adapter_lr, settings.adapter_max_tokens, settings.adapter_max_drift)
+        spec = load_updater(settings.updater, base, settings.adapter_rank, settings.adapter_lr)
+        worker.info = spec.info
+        worker.updater = AdapterUpdater(base, tokenizer, spec, settings.adapter_max_tokens, settings.adapter_max_drift)
     return worker
 
 

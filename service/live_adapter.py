@@ -51,6 +51,7 @@ class LiveAdapters:
         self.peft.add_adapter(name, lora_config(config))
         set_peft_model_state_dict(self.peft, tensors, adapter_name=name)
         self.peft.requires_grad_(False)
+        self.peft.eval()  # per-request adapter_names needs eval mode
         self._loaded[name] = version
         while len(self._loaded) > self.capacity:
             old, _ = self._loaded.popitem(last=False)

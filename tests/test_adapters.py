@@ -6,7 +6,7 @@ import threading
 import torch
 
 from service import adapter_store
-from service.adapter_updater import AdapterUpdater, lora_config_dict
+from service.adapter_updater import AdapterUpdater, UpdaterSpec, lora_config_dict, uniform_weights
 from service.db import make_engine, session_factory
 from tests.conftest import wait_for, wait_ingested
 from training.models import ModelSettings, load_causal_lm
@@ -63,8 +63,8 @@ def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, ti
 def _distinct_versions(tiny_model_dir, data_dir, count: int) -> list[str]:
     """Versions written with the store's own functions: random LoRA weights, far apart."""
     base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
-    updater = AdapterUpdater(base, tokenizer, lambda ids: torch.ones(ids.shape[-1]), lora_config_dict(base, 4),
-                             lr=1e-3, max_tokens=64, max_drift=1.0)
+    updater = AdapterUpdater(base, tokenizer, UpdaterSpec(uniform_weights, lora_config_dict(base, 4), 1e-3),
+                             max_tokens=64, max_drift=1.0)
     engine = make_engine(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
     versions = []
     with session_factory(engine).begin() as session:
@@ -125,3 +125,75 @@ def test_answers_during_swaps_each_run_on_one_version(make_client, tiny_model_di
     assert len(seen) >= 12 and {v for v, _ in seen} == set(versions)
     mixed = [(v, a) for v, a in seen if a != expected[v]]
     assert mixed == [], f"{len(mixed)} answers differ from their version's own answer"
+
+
+def _loaded_tiny(tiny_model_dir):
+    return load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))[0]
+
+
+def test_camels_weighting_model_drives_the_updates(make_client, tiny_model_dir, tmp_path):
+    from training.camels.weighting_model import WeightingModelConfig, build_weighting_model, save_weighting_model
+
+    base = _loaded_tiny(tiny_model_dir)
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    save_weighting_model(tmp_path / "camels", model, base_model_id=str(tiny_model_dir), base_config=base.config)
+    client = make_client(base_model=str(tiny_model_dir), updater=str(tmp_path / "camels"), adapter_lr=0.05)
+    assert client.get("/readyz").json()["checks"]["updater"] == "ok"
+    client.post("/documents", json={"documents": DOCS[:1]})
+    (record,) = wait_ingested(client, ["a-1"])
+    versions = client.get("/adapters").json()["versions"]
+    assert [v["kind"] for v in versions] == ["initial", "update"]
+    assert versions[0]["metrics"]["updater"] == "camels_weighting_model"
+    assert record["adapter_version"] == versions[1]["version"]
+
+
+def test_meta_trained_init_is_the_first_version(make_client, tiny_model_dir, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from service.adapter_updater import load_updater
+    from training.meta_ft.adapter import MetaAdapterConfig, attach, save_meta_adapter
+
+    base = _loaded_tiny(tiny_model_dir)
+    config = MetaAdapterConfig(variant="lora", rank=2, alpha=4.0, top_layers=1, inner_lr=0.01)
+    peft, meta = attach(base, config)
+    with torch.no_grad():
+        for name, p in meta.items():
+            p.add_(0.1)  # a meta-trained init is not the identity
+    save_meta_adapter(tmp_path / "meta", peft, meta, config, base_model_id=str(tiny_model_dir),
+                      base_config=base.config)
+    saved = {k: v.clone() for k, v in get_peft_model_state_dict(peft).items()}
+    spec = load_updater(str(tmp_path / "meta"), _loaded_tiny(tiny_model_dir), rank=4, lr=1.0)
+    assert spec.lr == 0.01 and spec.lora["r"] == 2 and spec.lora["layers_to_transform"] == [1]
+    client = make_client(base_model=str(tiny_model_dir), updater=str(tmp_path / "meta"))
+    client.post("/documents", json={"documents": DOCS[:1]})
+    wait_ingested(client, ["a-1"])
+    initial = client.get("/adapters").json()["versions"][0]
+    assert initial["kind"] == "initial" and initial["metrics"]["updater"] == "meta_ft_init"
+    assert initial["version"] == adapter_store.version_of(saved, spec.lora)
+
+
+def test_an_updater_for_another_base_model_is_refused(make_client, tiny_model_dir, tmp_path):
+    from training.camels.weighting_model import WeightingModelConfig, build_weighting_model, save_weighting_model
+    from training.models import tiny_causal_lm
+
+    other, _ = tiny_causal_lm("gpt2")
+    model = build_weighting_model(other, WeightingModelConfig(num_layers=1))
+    save_weighting_model(tmp_path / "camels", model, base_model_id="tiny-gpt2", base_config=other.config)
+    client = make_client(base_model=str(tiny_model_dir), updater=str(tmp_path / "camels"))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "trained for base model 'tiny-gpt2'" in ready.json()["checks"]["updater"]
+
+
+def test_mac_and_adapter_combine_with_a_pinned_version(make_client, tiny_model_dir, mac_artifact_dir):
+    client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), updater="uniform",
+                         adapter_lr=0.05)
+    client.post("/documents", json={"documents": DOCS})
+    records = wait_ingested(client, ["a-1", "a-2"])
+    assert sorted(client.get("/readyz").json()["strategies"]) == ["adapter", "mac", "rag"]
+    body = client.post("/ask", json={"question": "Who approved the harbour bridge?", "strategy": "auto",
+                                     "max_new_tokens": 3}).json()
+    assert body["strategy"] == "mac+adapter+rag" and body["adapter_version"] == records[1]["adapter_version"]
+    assert sorted(body["memory_documents"]) == ["a-1", "a-2"] and body["documents"][0]["id"] == "a-1"
+    alone = client.post("/ask", json={"question": "Who approved the harbour bridge?", "strategy": "mac",
+                                      "max_new_tokens": 3}).json()
+    assert alone["adapter_version"] is None and alone["strategy"] == "mac"
