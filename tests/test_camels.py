@@ -120,3 +120,19 @@ def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
     assert method.steps == 1 and 0.0 <= run.f1 <= 100.0
     for name, p in base.named_parameters():  # closed: the base model is handed back unchanged
         torch.testing.assert_close(p, before[name])
+
+
+def test_describe_weights_reports_distribution_and_token_kinds():
+    from training.camels.describe import describe, markdown, token_kind
+
+    assert [token_kind(t) for t in [" 2031", " Norvale", " the", ",", " opened", "Norvale"]] == [
+        "number", "capitalised", "stopword", "punctuation", "other", "other"]
+    docs = [[(" In", 1.0), (" 2031", 9.0), (" the", 0.5), (" Norvale", 6.0), (",", 0.5), (" opened", 1.0)]]
+    summary = describe(docs, top_n=2)
+    assert summary["tokens"] == 6
+    assert summary["relative"]["share_below_1"] == pytest.approx(4 / 6, abs=1e-3)  # mean is 3
+    assert summary["relative"]["share_above_3x_mean"] == 0  # 9 is exactly 3x
+    assert [t for t, _ in summary["top_tokens"]] == [" 2031", " Norvale"]
+    assert summary["by_kind"]["number"]["mean_relative_weight"] == pytest.approx(3.0)
+    assert summary["by_kind"]["number"]["share_of_top10pct"] == 1.0
+    assert "| number | 16.7% | 3.00 | 100.0% |" in markdown(summary)
