@@ -12,7 +12,7 @@ from service.core.config import Settings
 from tests.conftest import LiveServer, wait_ingested
 
 # operations without inputs yield one distinct request; the ones with inputs carry the volume
-PER_OPERATION = {GenerationMode.POSITIVE: 120, GenerationMode.NEGATIVE: 80}
+PER_OPERATION = {GenerationMode.POSITIVE: 140, GenerationMode.NEGATIVE: 80}
 
 
 @pytest.fixture
