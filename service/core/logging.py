@@ -8,7 +8,22 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def _stamp_request_id(factory):
+    """Records carry the request id from the moment they are made, in the thread serving the
+    request, whichever handler formats them later and wherever."""
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        record.request_id = request_id_var.get()
+        return record
+    make.freshlm = True
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "freshlm", False):
+    logging.setLogRecordFactory(_stamp_request_id(logging.getLogRecordFactory()))
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = request_id_var.get()
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id:
             payload["request_id"] = request_id
         payload.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")})
@@ -32,7 +47,7 @@ class RequestIdFilter(logging.Filter):
     """Puts the request id on records for the plain-text format too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get() or "-"
+        record.request_id = getattr(record, "request_id", None) or request_id_var.get() or "-"
         return True
 
 
