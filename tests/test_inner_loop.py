@@ -22,6 +22,15 @@ from training.token_batches import document_batch, qa_batch
 DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
 OTHER = "Scientists at the Aurora Institute reported a record harvest of kelp."
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def tiny_lora(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
     model, tok = tiny_causal_lm(kind, seed=seed)
@@ -98,11 +107,12 @@ def test_outer_gradient_wrt_token_weights_matches_finite_differences():
     assert (grad[:, 1:].abs() > 0).all()  # every other token's weight gets an outer gradient
     eps = 1e-6
     numeric = torch.zeros_like(weights)
-    for t in range(weights.shape[1]):
+    for t in (1, 4, 8, weights.shape[1] - 1):  # a few positions keep the test quick
         bump = torch.zeros_like(weights)
         bump[0, t] = eps
         numeric[0, t] = (outer(weights.detach() + bump) - outer(weights.detach() - bump)).detach() / (2 * eps)
-    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+    checked = [1, 4, 8, weights.shape[1] - 1]
+    torch.testing.assert_close(grad[0, checked], numeric[0, checked], rtol=1e-5, atol=1e-8)
 
 
 def test_outer_gradient_wrt_initial_params_matches_finite_differences():
