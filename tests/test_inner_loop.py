@@ -22,6 +22,7 @@ from training.token_batches import document_batch, qa_batch
 DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
 OTHER = "Scientists at the Aurora Institute reported a record harvest of kelp."
 
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
@@ -29,7 +30,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 
 def tiny_lora(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):
