@@ -159,7 +159,8 @@ def run() -> None:
     """Console entry point ``freshlm-serve``: serve on FRESHLM_HOST:FRESHLM_PORT."""
     settings = Settings()
     configure_logging(settings.log_json)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False)  # freshlm.access logs every request with its id
 
 
 if __name__ == "__main__":
