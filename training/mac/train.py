@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--qa-tuning", help="QA-format LoRA artifact merged into the base model first")
+    parser.add_argument("--warm-start", help="initialise the MAC weights from a training checkpoint (.pt) or an "
+                        "artifact directory; the schedule and optimizer start fresh")
     parser.add_argument("--config", help="JSON file with TrainConfig / MACConfig overrides: {'train': {...}, 'mac': {...}}")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-minutes", type=float)
@@ -302,10 +304,23 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(train_cfg.seed)
     mac = MAC(mac_cfg, encoder, enc_tokenizer, base.config).to(base.device)
     log.info("MAC parameters: %s", mac.n_parameters())
+    if args.warm_start and not checkpoint.exists():
+        warm = Path(args.warm_start)
+        if warm.is_dir():
+            from training.artifacts import load_artifact
+
+            _, weights = load_artifact(warm, kind="mac", base_config=base.config)
+        else:
+            weights = torch.load(warm, weights_only=False)["mac"]
+        missing = set(mac.trainable_tensors()) - set(weights)
+        if missing:
+            raise ValueError(f"--warm-start {warm} lacks {sorted(missing)[:5]}")
+        mac.load_state_dict(weights, strict=False)
+        log.info("warm start from %s", warm)
     train = load_squad_seq(args.squad, "train")
     val = load_squad_seq(args.squad, "val")
     training_data = {"dataset": "squad-seq", "source": str(args.squad), "train_articles": len(train.meta["articles"]),
-                     "qa_tuning": args.qa_tuning}
+                     "qa_tuning": args.qa_tuning, "warm_start": args.warm_start}
 
     def export(mac_: MAC, metrics: dict) -> None:
         save_mac(out, mac_, base_model=args.base_model, base_config=base.config, encoder=args.encoder,
