@@ -45,6 +45,10 @@ def test_redis_restart_with_an_empty_store_rebuilds_the_bank(make_client, tiny_m
         question = {"question": "Who approved the harbour bridge?", "strategy": "mac", "max_new_tokens": 5}
         before = client.post("/ask", json=question).json()
         server.stop()
+        down = client.post("/ask", json=question)
+        assert down.status_code == 503 and down.json()["type"] == "unavailable"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
         server = start_embedded_redis(tmp_path / "redis", persist=False)  # same socket, empty store
         import redis
 

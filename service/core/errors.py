@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 
+import redis
+import sqlalchemy.exc
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -90,6 +92,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         return SafeJSONResponse(error_body(exc.detail, "http_error"), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _redis_down(_request: Request, exc: Exception):
+        log.error("redis unavailable: %s", exc)
+        return SafeJSONResponse(error_body(f"the memory bank (Redis) is unavailable: {exc}", "unavailable"),
+                                status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database_down(_request: Request, exc: Exception):
+        log.error("database unavailable: %s", exc)
+        return SafeJSONResponse(error_body("the database is unavailable", "unavailable"), status_code=503,
+                                headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception):
