@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -37,7 +37,15 @@ class MetaAdapterConfig(BaseModel):
     alpha: float = 16.0
     top_layers: int | None = Field(8, description="adapt only the last N blocks (none = all)")
     targets: list[str] | None = Field(None, description="linear module names (none = all in the blocks)")
-    inner_lr: float = Field(1e-3, description="online SGD lr the init was meta-trained for")
+    inner_lr: float | None = Field(
+        None, description="online SGD lr the init is meta-trained for (none: 1.0 for lora, 1e-2 for "
+                          "rank1_full; the paper's 1e-3 barely moves a LoRA that starts at B = 0, see docs)")
+
+    @model_validator(mode="after")
+    def _default_inner_lr(self) -> "MetaAdapterConfig":
+        if self.inner_lr is None:
+            self.inner_lr = 1.0 if self.variant == "lora" else 1e-2
+        return self
 
 
 def attach(model: PreTrainedModel, config: MetaAdapterConfig, seed: int = 0) -> tuple[nn.Module, Params]:
