@@ -23,24 +23,30 @@ def choice_logprobs(
     messages: list[dict[str, str]],
     choices: list[str] | tuple[str, ...],
 ) -> list[float]:
-    """Mean log-probability per token of each choice after the prompt, in one padded batch."""
-    prompt = chat_input_ids(tokenizer, messages)[0].tolist()
+    """Mean log-probability per token of each choice after the prompt.
+
+    The prompt is run once; its KV cache is repeated for the choices, which are scored together
+    in one right-padded batch (the prompt dominates the cost of a multiple-choice question).
+    """
+    prompt = chat_input_ids(tokenizer, messages).to(model.device)
     targets = [answer_token_ids(tokenizer, c) for c in choices]
-    length = len(prompt) + max(len(t) for t in targets)
+    out = model(input_ids=prompt, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each choice's 1st token
+    n, longest = len(targets), max(len(t) for t in targets)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(targets), length), pad, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
+    choice_ids = torch.full((n, longest), pad, dtype=torch.long, device=model.device)
+    choice_mask = torch.zeros((n, longest), dtype=torch.long, device=model.device)
     for i, target in enumerate(targets):
-        row = prompt + target
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-    logits = model(input_ids=input_ids.to(model.device),
-                   attention_mask=attention.to(model.device)).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        choice_ids[i, : len(target)] = torch.tensor(target)
+        choice_mask[i, : len(target)] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long, device=model.device),
+                           choice_mask], dim=1)
+    logits = model(input_ids=choice_ids, attention_mask=attention, past_key_values=cache).logits
+    rest = torch.log_softmax(logits.float(), dim=-1)  # position j predicts choice token j + 1
     scores = []
     for i, target in enumerate(targets):
-        start = len(prompt) - 1  # logits at position t predict token t + 1
-        positions = torch.arange(start, start + len(target), device=logprobs.device)
-        token_lp = logprobs[i, positions, torch.tensor(target, device=logprobs.device)]
-        scores.append(token_lp.mean().item())
+        token_lp = [first[target[0]]] + [rest[i, j, target[j + 1]] for j in range(len(target) - 1)]
+        scores.append(torch.stack(token_lp).mean().item())
     return scores
