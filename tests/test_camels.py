@@ -104,6 +104,10 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
                        "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}'])
     records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3, 4, 5]
+    main(args[:-10] + ["--val-docs", "2", "--weighting", '{"num_layers": 1}', "--eval-only", "true"])
+    evaluated = json.loads((tmp_path / "camels-run" / "eval.json").read_text())["val"]
+    assert evaluated["qa_nll_learned"] == pytest.approx(records[-1]["final_val"]["qa_nll_learned"], rel=1e-4)
+    assert {"qa_nll_matched", "kl_matched"} <= set(evaluated)
 
 
 def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):

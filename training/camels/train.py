@@ -31,6 +31,7 @@ from training.camels.weighting_model import (
     TokenWeightingModel,
     WeightingModelConfig,
     build_weighting_model,
+    load_weighting_model,
     save_weighting_model,
     saved_tensors,
 )
@@ -93,6 +94,7 @@ class CamelsTrainConfig(BaseModel):
     checkpoint_every: int = 10
     seed: int = 0
     threads: int | None = Field(None, description="torch threads (1 on a shared CPU)")
+    eval_only: bool = Field(False, description="only evaluate the artifact in --out on the val paragraphs")
 
     def resolved_run_dir(self) -> Path:
         return self.run_dir or self.out.with_name(self.out.name + "-run")
@@ -147,19 +149,25 @@ def evaluate(
     proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
     batches: list[tuple[TokenBatch, TokenBatch, TokenBatch]], inner: InnerLoopConfig,
 ) -> dict[str, float]:
-    """Mean QA NLL on held-out paragraphs: before any update, after a uniform (weight 1) step,
-    after the learned-weight step; and the learned step's KL on the probe."""
-    sums = {"qa_nll_before": 0.0, "qa_nll_uniform": 0.0, "qa_nll_learned": 0.0, "kl_learned": 0.0}
+    """Mean QA NLL on held-out paragraphs: before any update, after a uniform step (weight 1),
+    after a uniform step of the same total size as the learned one (every token at the document's
+    mean learned weight: isolates *which* tokens from *how big* a step), and after the
+    learned-weight step; with the probe KL of the last two."""
+    sums = dict.fromkeys(["qa_nll_before", "qa_nll_uniform", "qa_nll_matched", "qa_nll_learned",
+                          "kl_matched", "kl_learned"], 0.0)
     for doc, qa, probe in batches:
         with torch.no_grad():
             weights = weighting_model(doc.input_ids, doc.attention_mask)
+            real = doc.labels[:, 1:] != -100
+            matched = torch.full_like(weights, weights[:, 1:][real].mean().item())
             sums["qa_nll_before"] += weighted_nll(proxy, params0, qa).item()
-        uniform = inner_update(proxy, params0, doc, None, inner, create_graph=False)
-        learned = inner_update(proxy, params0, doc, weights, inner, create_graph=False)
+        steps = {name: inner_update(proxy, params0, doc, w, inner, create_graph=False)
+                 for name, w in [("uniform", None), ("matched", matched), ("learned", weights)]}
         with torch.no_grad():
-            sums["qa_nll_uniform"] += weighted_nll(proxy, uniform, qa).item()
-            sums["qa_nll_learned"] += weighted_nll(proxy, learned, qa).item()
-            sums["kl_learned"] += kl_from_base(proxy, params0, learned, probe).item()
+            for name, params in steps.items():
+                sums[f"qa_nll_{name}"] += weighted_nll(proxy, params, qa).item()
+            for name in ("matched", "learned"):
+                sums[f"kl_{name}"] += kl_from_base(proxy, params0, steps[name], probe).item()
     return {k: v / max(1, len(batches)) for k, v in sums.items()}
 
 
@@ -170,7 +178,8 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         torch.set_num_threads(config.threads)
     run_dir = config.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    if not config.eval_only:
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -180,7 +189,10 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         base = apply_qa_tuning(base, config.qa_tuning.expanduser())
     base_config = base.config
     proxy, params0 = build_proxy(base, config)
-    weighting_model = build_weighting_model(base, config.weighting).train()
+    if config.eval_only:
+        weighting_model = load_weighting_model(config.out, base)
+    else:
+        weighting_model = build_weighting_model(base, config.weighting).train()
     del base
     trainable = [p for p in weighting_model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.outer_lr)
@@ -198,6 +210,13 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
             config.max_doc_tokens))
         for i, (doc, qas) in enumerate(val_examples)
     ]
+
+    if config.eval_only:
+        metrics = evaluate(proxy, params0, weighting_model.eval(), val_batches, inner)
+        (run_dir / "eval.json").write_text(json.dumps({"artifact": str(config.out), "val_docs": len(val_batches),
+                                                       "val": metrics}, indent=2))
+        log.info("%s on %d val paragraphs: %s", config.out, len(val_batches), metrics)
+        return metrics
 
     state = {"update": 0, "example": 0, "elapsed_minutes": 0.0}
     ckpt_path = run_dir / "checkpoint.pt"
