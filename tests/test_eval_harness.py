@@ -141,3 +141,30 @@ def test_results_table_renders_every_method_and_the_retention_curve(tmp_path):
     assert "| `a` | 12.3 | 10.0 | 50.0 | 123,456 |" in text
     assert "| `b` (lr 0.0005) | 40.0 | 30.0 | – | – |" in text
     assert "| `b` | 50.0 | 25.0 |" in text and "M=6" in text
+
+
+def test_results_merge_joins_parts_of_one_run_and_refuses_others(tmp_path):
+    from training.results_merge import main as merge_main, merge_results
+
+    def part(method, n_questions=8, retention=None):
+        r = {"dataset": "toy", "split": "test", "base_model": "tiny", "n_documents": 8,
+             "n_questions": n_questions, "config": {"command": f"run {method}", "lr_selection": {}},
+             "methods": {method: {"f1": 1.0, "em": 0.0}}}
+        if retention:
+            r["retention"] = {method: retention}
+        return r
+
+    merged = merge_results([part("a"), part("b", retention=[[0, 5.0]])])
+    assert list(merged["methods"]) == ["a", "b"] and merged["retention"] == {"b": [[0, 5.0]]}
+    assert merged["config"]["commands"] == ["run a", "run b"]
+    with pytest.raises(ValueError, match="n_questions"):
+        merge_results([part("a"), part("b", n_questions=9)])
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(part(name)))
+        path.with_suffix(".predictions.jsonl").write_text(json.dumps({"method": name}) + "\n")
+        paths.append(str(path))
+    merge_main(paths + ["--out", str(tmp_path / "all.json")])
+    assert len((tmp_path / "all.predictions.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "all.png").exists()
