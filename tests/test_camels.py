@@ -149,3 +149,28 @@ def test_describe_weights_reports_distribution_and_token_kinds():
     assert summary["by_kind"]["number"]["mean_relative_weight"] == pytest.approx(3.0)
     assert summary["by_kind"]["number"]["share_of_top10pct"] == 1.0
     assert "| number | 16.7% | 3.00 | 100.0% |" in markdown(summary)
+
+
+def test_normalized_weights_learn_which_tokens_not_the_step_size():
+    """With mean-normalised weights (as online fine-tuning uses them) a uniform rescaling of the
+    weights changes nothing, so the meta-gradient cannot go into the overall step size."""
+    base, tok = tiny_causal_lm("llama")
+    config = CamelsTrainConfig(squad="unused", lora_rank=4, lora_targets=["q_proj", "v_proj"],
+                               lora_top_layers=None)
+    proxy, params0 = build_proxy(base, config)
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    doc = document_batch(tok, [DOC])
+    qa = qa_batch(tok, ["How many libraries?"], ["12"])
+    probe = document_batch(tok, ["The council approved the bridge."])
+    inner = InnerLoopConfig(lr=0.5)
+    loss, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=True)
+    bias = model.head[2].bias
+    (grad_bias, grad_weight) = torch.autograd.grad(loss, [bias, model.head[2].weight])
+    assert grad_bias.abs().max() < 1e-6 * max(1.0, grad_weight.abs().max().item())
+    assert grad_weight.abs().max() > 0
+    with torch.no_grad():
+        bias.fill_(2.0)  # every weight scaled up (all tokens still equal)
+    scaled, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=True)
+    unnormalised, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=False)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert unnormalised.item() != pytest.approx(loss.item(), rel=1e-3)

@@ -82,6 +82,10 @@ class CamelsTrainConfig(BaseModel):
     inner_lr: float = Field(5e-4, description="inner SGD lr (official CaMeLS: 5e-4, full params)")
     inner_steps: int = 1
     c_kl: float = 0.1
+    normalize_weights: bool = Field(
+        True, description="divide the weights by their document mean in the inner loss, as online "
+                          "fine-tuning does (loss / weight sum): only which tokens matter is learned, "
+                          "not a step size the harness would discard")
     outer_lr: float = Field(1e-4, description="Adam lr of the weighting model")
     weighting: WeightingModelConfig = Field(default_factory=WeightingModelConfig)
     questions_per_doc: int = 4
@@ -131,16 +135,27 @@ def build_proxy(base: PreTrainedModel, config: CamelsTrainConfig) -> tuple[PreTr
     return proxy, params
 
 
+def mean_normalized(weights: torch.Tensor, doc: TokenBatch) -> torch.Tensor:
+    """Weights divided by their mean over each document's target tokens (mean 1 per document)."""
+    real = (doc.labels[:, 1:] != -100).to(weights.dtype)
+    mean = (weights[:, 1:] * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)
+    return weights / mean.clamp(min=1e-8)
+
+
 def camels_objective(
     proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
     doc: TokenBatch, qa: TokenBatch, probe: TokenBatch, inner: InnerLoopConfig, c_kl: float,
+    normalize: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Outer loss = QA NLL after the weighted inner update + c_kl * KL(base || updated) on ``probe``."""
     weights = weighting_model(doc.input_ids, doc.attention_mask)
+    raw = weights
+    if normalize:
+        weights = mean_normalized(weights, doc)
     updated = inner_update(proxy, params0, doc, weights, inner, create_graph=True)
     qa_nll = weighted_nll(proxy, updated, qa)
     kl = kl_from_base(proxy, params0, updated, probe) if c_kl > 0 else qa_nll.new_zeros(())
-    real = weights[:, 1:][doc.labels[:, 1:] != -100]
+    real = raw[:, 1:][doc.labels[:, 1:] != -100]
     return qa_nll + c_kl * kl, {"qa_nll": qa_nll.item(), "kl": kl.item(),
                                 "weight_mean": real.mean().item(), "weight_max": real.max().item()}
 
@@ -148,6 +163,7 @@ def camels_objective(
 def evaluate(
     proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
     batches: list[tuple[TokenBatch, TokenBatch, TokenBatch]], inner: InnerLoopConfig,
+    normalize: bool = False,
 ) -> dict[str, float]:
     """Mean QA NLL on held-out paragraphs: before any update, after a uniform step (weight 1),
     after a uniform step of the same total size as the learned one (every token at the document's
@@ -158,6 +174,8 @@ def evaluate(
     for doc, qa, probe in batches:
         with torch.no_grad():
             weights = weighting_model(doc.input_ids, doc.attention_mask)
+            if normalize:
+                weights = mean_normalized(weights, doc)
             real = doc.labels[:, 1:] != -100
             matched = torch.full_like(weights, weights[:, 1:][real].mean().item())
             sums["qa_nll_before"] += weighted_nll(proxy, params0, qa).item()
@@ -212,7 +230,7 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
     ]
 
     if config.eval_only:
-        metrics = evaluate(proxy, params0, weighting_model.eval(), val_batches, inner)
+        metrics = evaluate(proxy, params0, weighting_model.eval(), val_batches, inner, config.normalize_weights)
         (run_dir / "eval.json").write_text(json.dumps({"artifact": str(config.out), "val_docs": len(val_batches),
                                                        "val": metrics}, indent=2))
         log.info("%s on %d val paragraphs: %s", config.out, len(val_batches), metrics)
@@ -243,7 +261,7 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
     val_metrics: dict[str, float] = {}
     if state["update"] == 0:
         weighting_model.eval()
-        val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+        val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
         weighting_model.train()
         log_metrics({"update": 0, "val": val_metrics})
     while state["update"] < config.max_updates:
@@ -257,7 +275,8 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
             probe = train_examples[rng.randrange(len(train_examples))][0]
             qas = rng.sample(qas, min(config.questions_per_doc, len(qas)))
             batches = [b.to(device) for b in example_batches(tokenizer, doc, qas, probe, config.max_doc_tokens)]
-            loss, stats = camels_objective(proxy, params0, weighting_model, *batches, inner, config.c_kl)
+            loss, stats = camels_objective(proxy, params0, weighting_model, *batches, inner, config.c_kl,
+                                           config.normalize_weights)
             (loss / config.docs_per_update).backward(inputs=trainable)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / config.docs_per_update
@@ -271,7 +290,7 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
         if state["update"] % config.eval_every == 0:
             weighting_model.eval()
-            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
             weighting_model.train()
             record["val"] = val_metrics
             log.info("update %d val %s", state["update"], val_metrics)
@@ -281,7 +300,7 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
     bar.close()
     save_checkpoint()
     weighting_model.eval()
-    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner)
+    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
     log_metrics({"update": state["update"], "final_val": val_metrics})
     save_weighting_model(
         config.out, weighting_model, base_model_id=config.base_model, base_config=base_config,
