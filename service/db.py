@@ -11,14 +11,31 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Index, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Engine, TypeDecorator, Float, Index, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 DOCUMENT_STATUSES = ("pending", "ingested", "failed", "deleted")
 
 
+class UTCDateTime(TypeDecorator):
+    """Timestamps are UTC and come back timezone-aware on every engine (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
 class Base(DeclarativeBase):
-    pass
+    type_annotation_map = {datetime: UTCDateTime}
 
 
 def utcnow() -> datetime:
@@ -51,14 +68,14 @@ class DocumentRecord(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     claim_token: Mapped[str | None] = mapped_column(String(64))
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     memory_written: Mapped[bool] = mapped_column(Boolean, default=False)
     adapter_version: Mapped[str | None] = mapped_column(String(64), doc="version whose update absorbed it")
     adapter_note: Mapped[str | None] = mapped_column(Text, doc="why no adapter update was kept")
     ingest_seconds: Mapped[float | None] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ingested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_documents_status_created", "status", "created_at"),)
 
@@ -73,7 +90,7 @@ class AdapterVersionRecord(Base):
     kind: Mapped[str] = mapped_column(String(16), doc="initial | update | rebuild")
     documents: Mapped[list[str]] = mapped_column(JSON, default=list, doc="ids absorbed by this step")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ServiceState(Base):
@@ -83,7 +100,7 @@ class ServiceState(Base):
 
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 def make_engine(url: str) -> Engine:

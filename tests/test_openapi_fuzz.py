@@ -1,17 +1,22 @@
 """Schemathesis against the live service's OpenAPI: no 5xx over at least 1,000 generated requests
-(valid and invalid ones), with every component deployed (MAC artifact, adapter updater, worker)."""
+(valid and invalid ones), with every component deployed (MAC artifact, adapter updater, worker),
+and every status code, content type and body as documented."""
 
 import hypothesis
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance,
+)
 
 from service.core.config import Settings
 from tests.conftest import LiveServer, wait_ingested
 
 # operations without inputs yield one distinct request; the ones with inputs carry the volume
+# no 5xx (the acceptance point), and every response is one the OpenAPI documents
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PER_OPERATION = {GenerationMode.POSITIVE: 140, GenerationMode.NEGATIVE: 80}
 
 
@@ -44,7 +49,7 @@ def test_no_server_error_over_1000_generated_requests(live_url):
                 response = case.call(base_url=live_url, timeout=120)
                 calls.append((operation.label, response.status_code))
                 try:
-                    case.validate_response(response, checks=[not_a_server_error])
+                    case.validate_response(response, checks=CHECKS)
                 except Exception as exc:  # collect them all, report at the end
                     failures.append(f"{operation.label} [{mode.value}] -> {response.status_code}: {exc}")
 

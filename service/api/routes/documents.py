@@ -32,7 +32,8 @@ def _out(record: DocumentRecord, with_text: bool = True) -> DocumentOut:
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DocumentsAccepted,
-    responses={409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}, **ERRORS},
+    responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
+               **ERRORS},
 )
 def post_documents(body: DocumentsIn, session: SessionDep, settings: SettingsDep, metrics: MetricsDep, request: Request):
     """Store a batch of documents for ingestion. All-or-nothing, committed before the 202.

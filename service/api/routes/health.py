@@ -29,7 +29,7 @@ def _ping_redis(state) -> str:
         return f"error: {exc.__class__.__name__}: {exc}"
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "a dependency does not answer (the failing check is in the body)"}})
 def healthz(request: Request) -> JSONResponse:
     """Liveness: the process is up and its database and Redis answer."""
     state = request.app.state
@@ -39,7 +39,7 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready: the failing checks say why"}})
 def readyz(request: Request) -> JSONResponse:
     """Readiness: model, artifacts, database (schema at head), Redis, worker. 503 with the reasons
     when something is missing. ``strategies`` says what /ask can do right now."""
@@ -79,7 +79,8 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}})
 def metrics(request: Request) -> Response:
     """Prometheus text format: queue depth, documents by status, memory-bank size, adapter
     version, ask and ingest latency histograms, HTTP requests."""
