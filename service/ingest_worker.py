@@ -13,6 +13,7 @@ its own process: ``freshlm-worker`` (``--rebuild-memory`` re-derives the whole b
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
@@ -322,10 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     worker = build_worker(settings, session_factory(engine), redis_client)
     try:
         if args.rebuild_memory:
-            print(reconcile_memory(worker, full=True))
+            print(json.dumps(reconcile_memory(worker, full=True)))
             return
         if args.rebuild_adapter:
-            print(rebuild_adapter(worker))
+            print(json.dumps({"version": rebuild_adapter(worker)}))
             return
         if args.metrics_port is not None:
             from prometheus_client import start_http_server

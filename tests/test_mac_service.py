@@ -60,3 +60,36 @@ def test_redis_restart_with_an_empty_store_rebuilds_the_bank(make_client, tiny_m
         assert sorted(fresh.ids()) == ["m-1", "m-2", "m-3"]
     finally:
         server.stop()
+
+
+def test_rebuild_memory_command_rewrites_every_entry_from_sql(make_client, tiny_model_dir, mac_artifact_dir,
+                                                               redis_url, redis_client, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.conftest import REPO_ROOT
+
+    data_dir = tmp_path / "var"
+    client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), data_dir=data_dir)
+    client.post("/documents", json={"documents": DOCS})
+    wait_ingested(client, [d["id"] for d in DOCS])
+    bank = RedisMemoryBank(redis_client, bank=bank_name(mac_artifact_dir))
+    original = dict(zip(bank.ids(), bank.get(bank.ids())))
+    bank.put("m-1", torch.zeros(2, 2))  # a corrupted entry: the count is right, the content is not
+    env = {**os.environ, "FRESHLM_DATA_DIR": str(data_dir), "FRESHLM_REDIS_URL": redis_url,
+           "FRESHLM_BASE_MODEL": str(tiny_model_dir), "FRESHLM_MAC_ARTIFACT": str(mac_artifact_dir),
+           "FRESHLM_LOG_JSON": "false", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "service.ingest_worker", "--rebuild-memory"], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"written": 3, "removed": 0}
+    for doc_id, memory in original.items():
+        assert torch.equal(bank.get([doc_id])[0], memory), doc_id
+    # the same through the API (admin route), done by the server's worker
+    bank.put("m-2", torch.zeros(2, 2))
+    assert client.post("/memory/rebuild").status_code == 202
+    wait_for(lambda: bank.get(["m-2"])[0].shape == original["m-2"].shape, what="the memory rebuild")
+    assert torch.equal(bank.get(["m-2"])[0], original["m-2"])
