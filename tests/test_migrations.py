@@ -1,6 +1,5 @@
 """Alembic migrations from an empty database, on SQLite and on a real PostgreSQL server."""
 
-import pytest
 from sqlalchemy import inspect
 
 from service.db import Base, make_engine
@@ -50,4 +49,3 @@ def test_models_and_migrations_agree():
         command.upgrade(alembic, "head")
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], diff
-    pytest.importorskip("alembic")
