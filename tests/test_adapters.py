@@ -197,3 +197,26 @@ def test_mac_and_adapter_combine_with_a_pinned_version(make_client, tiny_model_d
     alone = client.post("/ask", json={"question": "Who approved the harbour bridge?", "strategy": "mac",
                                       "max_new_tokens": 3}).json()
     assert alone["adapter_version"] is None and alone["strategy"] == "mac"
+
+
+def test_the_guard_rejects_an_update_that_drifts_and_keeps_the_live_version(make_client, tiny_model_dir):
+    client = make_client(base_model=str(tiny_model_dir), updater="uniform", adapter_lr=0.05,
+                         adapter_max_drift=1e-12)
+    client.post("/documents", json={"documents": DOCS[:1]})
+    (record,) = wait_ingested(client, ["a-1"])
+    assert record["status"] == "ingested" and record["adapter_version"] is None
+    assert record["adapter_note"].startswith("update rejected: locality drift")
+    listing = client.get("/adapters").json()
+    assert [v["kind"] for v in listing["versions"]] == ["initial"]
+    assert listing["active"] == listing["versions"][0]["version"]
+
+
+def test_a_non_finite_update_is_rejected(tiny_model_dir):
+    base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
+    spec = UpdaterSpec(lambda ids: torch.full((ids.shape[-1],), float("nan")), lora_config_dict(base, 2), 1e-3)
+    updater = AdapterUpdater(base, tokenizer, spec, max_tokens=64, max_drift=1.0)
+    before = updater.tensors()
+    result = updater.step("The council approved the harbour bridge.")
+    assert result.tensors is None and "not finite" in result.rejected
+    after = updater.tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the shadow step was undone
