@@ -174,3 +174,18 @@ def test_normalized_weights_learn_which_tokens_not_the_step_size():
     unnormalised, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=False)
     assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     assert unnormalised.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+@pytest.mark.real_model
+def test_weighting_model_on_smollm2_gives_one_weight_per_base_token():
+    base, tok = load_causal_lm()
+    model = build_weighting_model(base)
+    ids = tok(DOC, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    weights = model(ids)
+    assert weights.shape == ids.shape
+    torch.testing.assert_close(weights, torch.full_like(weights, math.log(2) / 3))
+    # the backbone is SmolLM2's first 4 blocks (+ final norm), copied: the base model's features
+    with torch.no_grad():
+        ours = model.backbone(input_ids=ids).last_hidden_state
+        theirs = base.model.norm(base.model(input_ids=ids, output_hidden_states=True).hidden_states[4])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
