@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.artifacts import ArtifactError
-from training.camels.train import CamelsTrainConfig, build_proxy, camels_objective, main, train
+from training.camels.train import CamelsTrainConfig, build_proxy, camels_objective, evaluate, main
 from training.camels.weighting_model import (
     WeightingModelConfig,
     build_weighting_model,
@@ -107,7 +107,7 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
     main(args[:-10] + ["--val-docs", "2", "--weighting", '{"num_layers": 1}', "--eval-only", "true"])
     evaluated = json.loads((tmp_path / "camels-run" / "eval.json").read_text())["val"]
     assert evaluated["qa_nll_learned"] == pytest.approx(records[-1]["final_val"]["qa_nll_learned"], rel=1e-4)
-    assert {"qa_nll_matched", "kl_matched"} <= set(evaluated)
+    assert {"qa_nll_before", "qa_nll_uniform", "kl_uniform", "kl_learned"} <= set(evaluated)
 
 
 def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
@@ -174,6 +174,13 @@ def test_normalized_weights_learn_which_tokens_not_the_step_size():
     unnormalised, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=False)
     assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     assert unnormalised.item() != pytest.approx(loss.item(), rel=1e-3)
+    # validation: equal weights, mean-normalised, are the uniform step; unnormalised they are a
+    # uniform step of another size, which "matched" reproduces
+    normalized = evaluate(proxy, params0, model, [(doc, qa, probe)], inner, normalize=True)
+    assert normalized["qa_nll_learned"] == pytest.approx(normalized["qa_nll_uniform"], rel=1e-5)
+    raw = evaluate(proxy, params0, model, [(doc, qa, probe)], inner, normalize=False)
+    assert raw["qa_nll_learned"] == pytest.approx(raw["qa_nll_matched"], rel=1e-5)
+    assert raw["qa_nll_learned"] != pytest.approx(raw["qa_nll_uniform"], rel=1e-4)
 
 
 @pytest.mark.real_model

@@ -160,33 +160,43 @@ def camels_objective(
                                 "weight_mean": real.mean().item(), "weight_max": real.max().item()}
 
 
+BASELINE_KEYS = ("qa_nll_before", "qa_nll_uniform", "kl_uniform")
+
+
 def evaluate(
     proxy: PreTrainedModel, params0: Params, weighting_model: TokenWeightingModel,
     batches: list[tuple[TokenBatch, TokenBatch, TokenBatch]], inner: InnerLoopConfig,
-    normalize: bool = False,
+    normalize: bool = False, baselines: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Mean QA NLL on held-out paragraphs: before any update, after a uniform step (weight 1),
-    after a uniform step of the same total size as the learned one (every token at the document's
-    mean learned weight: isolates *which* tokens from *how big* a step), and after the
-    learned-weight step; with the probe KL of the last two."""
-    sums = dict.fromkeys(["qa_nll_before", "qa_nll_uniform", "qa_nll_matched", "qa_nll_learned",
-                          "kl_matched", "kl_learned"], 0.0)
+    """Mean QA NLL on held-out paragraphs (and probe KL of each update): before any update
+    (``before``), after a uniform weight-1 step (``uniform``), after the learned-weight step
+    (``learned``) and, for unnormalised weights, after a uniform step of the same total size as the
+    learned one (``matched``: isolates *which* tokens from *how big* a step; with mean-normalised
+    weights it is the uniform step). ``baselines`` from an earlier call skip the numbers that do
+    not depend on the weighting model."""
+    sums: dict[str, float] = {}
+
+    def add(key: str, value: float) -> None:
+        sums[key] = sums.get(key, 0.0) + value / max(1, len(batches))
+
     for doc, qa, probe in batches:
         with torch.no_grad():
             weights = weighting_model(doc.input_ids, doc.attention_mask)
             if normalize:
                 weights = mean_normalized(weights, doc)
             real = doc.labels[:, 1:] != -100
-            matched = torch.full_like(weights, weights[:, 1:][real].mean().item())
-            sums["qa_nll_before"] += weighted_nll(proxy, params0, qa).item()
-        steps = {name: inner_update(proxy, params0, doc, w, inner, create_graph=False)
-                 for name, w in [("uniform", None), ("matched", matched), ("learned", weights)]}
-        with torch.no_grad():
-            for name, params in steps.items():
-                sums[f"qa_nll_{name}"] += weighted_nll(proxy, params, qa).item()
-            for name in ("matched", "learned"):
-                sums[f"kl_{name}"] += kl_from_base(proxy, params0, steps[name], probe).item()
-    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+            variants: list[tuple[str, torch.Tensor | None]] = [("learned", weights)]
+            if not normalize:
+                variants.append(("matched", torch.full_like(weights, weights[:, 1:][real].mean().item())))
+            if baselines is None:
+                variants.append(("uniform", None))
+                add("qa_nll_before", weighted_nll(proxy, params0, qa).item())
+        for name, w in variants:
+            updated = inner_update(proxy, params0, doc, w, inner, create_graph=False)
+            with torch.no_grad():
+                add(f"qa_nll_{name}", weighted_nll(proxy, updated, qa).item())
+                add(f"kl_{name}", kl_from_base(proxy, params0, updated, probe).item())
+    return dict(baselines or {}) | sums
 
 
 # --- the recipe -------------------------------------------------------------------------------
@@ -263,6 +273,7 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         weighting_model.eval()
         val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
         weighting_model.train()
+        state["baselines"] = {k: val_metrics[k] for k in BASELINE_KEYS}
         log_metrics({"update": 0, "val": val_metrics})
     while state["update"] < config.max_updates:
         if (time.monotonic() - start) / 60 > config.max_minutes:
@@ -290,7 +301,8 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
         if state["update"] % config.eval_every == 0:
             weighting_model.eval()
-            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
+            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
+                                   state.get("baselines"))
             weighting_model.train()
             record["val"] = val_metrics
             log.info("update %d val %s", state["update"], val_metrics)
@@ -300,7 +312,8 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
     bar.close()
     save_checkpoint()
     weighting_model.eval()
-    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
+    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
+                           state.get("baselines"))
     log_metrics({"update": state["update"], "final_val": val_metrics})
     save_weighting_model(
         config.out, weighting_model, base_model_id=config.base_model, base_config=base_config,
