@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -33,10 +33,18 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+# A database made by the first service version (``create_all``, no ``alembic_version``) has
+# exactly the schema of revision 0001: it is stamped there, then upgraded like any other.
+LEGACY_REVISION = "0001"
+
+
 def upgrade_database(engine: Engine) -> str:
     """Bring the schema to head (a no-op when it is there); returns the revision."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
+        tables = set(inspect(conn).get_table_names())
+        if "documents" in tables and "alembic_version" not in tables:
+            command.stamp(config, LEGACY_REVISION)
         command.upgrade(config, "head")
     return current_revision(engine)

@@ -49,3 +49,25 @@ def test_models_and_migrations_agree():
         command.upgrade(alembic, "head")
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], diff
+
+
+def test_a_database_of_the_first_version_is_upgraded_in_place(tmp_path):
+    """``create_all`` made the first schema, without Alembic: its documents survive the upgrade."""
+    from sqlalchemy import text
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'legacy.db'}")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "CREATE TABLE documents (id VARCHAR(200) PRIMARY KEY, text TEXT NOT NULL, title VARCHAR(500), "
+            "source VARCHAR(500), published_at VARCHAR(40), content_hash VARCHAR(64) NOT NULL, "
+            "status VARCHAR(16) NOT NULL, created_at DATETIME NOT NULL)"))
+        conn.execute(text("INSERT INTO documents VALUES ('old-1', 'Old news.', NULL, NULL, NULL, 'h', 'ingested', "
+                          "'2026-01-02 03:04:05.000000')"))
+    assert upgrade_database(engine) == head_revision()
+    from service.db import DocumentRecord, session_factory
+
+    with session_factory(engine)() as session:
+        doc = session.get(DocumentRecord, "old-1")
+        assert doc.text == "Old news." and doc.status == "ingested" and doc.attempts == 0
+        assert doc.memory_written is False and doc.ingested_at is not None and doc.ingested_at.tzinfo is not None
+    engine.dispose()
