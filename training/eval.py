@@ -15,6 +15,7 @@ few documents: a smoke test of the whole pipeline in seconds.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import platform
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-documents", type=int)
     p.add_argument("--max-questions", type=int)
     p.add_argument("--methods", default=",".join(BASELINES))
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers more methods (repeatable)")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="built-in name, path, HF id, tiny-llama or tiny-gpt2")
     p.add_argument("--qa-tuning", default="none", help="qa_lora artifact to merge into the base model, or none")
     p.add_argument("--device", default="auto")
@@ -137,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    for module in args.imports:
+        importlib.import_module(module)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
