@@ -38,12 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     merged = merge_results([json.loads(Path(p).read_text()) for p in args.parts])
     out = Path(args.out)
+    predictions = [Path(p).with_suffix(".predictions.jsonl") for p in args.parts]
+    texts = [p.read_text() for p in predictions if p.exists()]  # read all before --out may overwrite one
     out.write_text(json.dumps(merged, indent=2) + "\n")
-    with out.with_suffix(".predictions.jsonl").open("w") as handle:
-        for part in args.parts:
-            predictions = Path(part).with_suffix(".predictions.jsonl")
-            if predictions.exists():
-                handle.write(predictions.read_text())
+    out.with_suffix(".predictions.jsonl").write_text("".join(texts))
     plot_results(merged, out.with_suffix(".png"))
     print(f"wrote {out} ({', '.join(merged['methods'])})")
 

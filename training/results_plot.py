@@ -40,6 +40,7 @@ def plot_results(result: dict, path: str | Path) -> Path:
         k = result.get("config", {}).get("protocol", {}).get("retention_k", "k")
         ax.set_xlabel("further documents ingested (M)")
         ax.set_ylabel(f"F1 on questions about the first {k} documents")
+        ax.set_ylim(bottom=0)
         ax.set_title("retention", fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"base: {result['base_model']}", fontsize=9)
