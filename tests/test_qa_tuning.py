@@ -98,3 +98,19 @@ def test_tuning_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "qa_tuning_checkpoint.pt").exists()
     state = torch.load(tmp_path / "qa_tuning_checkpoint.pt", weights_only=False)
     assert state["step"] == 2
+
+
+@pytest.mark.real_model
+def test_committed_qa_artifact_makes_smollm2_answer_with_a_short_span():
+    from pathlib import Path
+
+    from training.generation import generate_answer
+    from training.models import load_causal_lm
+    from training.prompts import qa_messages
+
+    artifact = Path(__file__).resolve().parent.parent / "artifacts" / "qa-format" / "smollm2-135m-instruct"
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    model = apply_qa_tuning(model, artifact)
+    passage = "On Tuesday the Norvale city council approved a new harbour bridge costing 40 million euros."
+    answer = generate_answer(model, tokenizer, qa_messages("How much will the harbour bridge cost?", [passage]))
+    assert "40 million" in answer and len(answer.split()) <= 5
