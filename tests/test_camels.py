@@ -104,6 +104,11 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
                        "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}'])
     records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3, 4, 5]
+    # export the checkpoint as it is (no further update, no evaluation)
+    (out / "manifest.json").unlink()
+    main(args[:-10] + ["--max-updates", "5", "--final-eval", "false", "--weighting", '{"num_layers": 1}'])
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["updates"] == 5
+    assert len((tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()) == len(records)
     main(args[:-10] + ["--val-docs", "2", "--weighting", '{"num_layers": 1}', "--eval-only", "true"])
     evaluated = json.loads((tmp_path / "camels-run" / "eval.json").read_text())["val"]
     assert evaluated["qa_nll_learned"] == pytest.approx(records[-1]["final_val"]["qa_nll_learned"], rel=1e-4)

@@ -99,6 +99,8 @@ class CamelsTrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(None, description="torch threads (1 on a shared CPU)")
     eval_only: bool = Field(False, description="only evaluate the artifact in --out on the val paragraphs")
+    final_eval: bool = Field(True, description="evaluate before saving the artifact (false + --max-updates "
+                                               "<checkpoint's update>: export a checkpoint as it is)")
 
     def resolved_run_dir(self) -> Path:
         return self.run_dir or self.out.with_name(self.out.name + "-run")
@@ -312,9 +314,10 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
     bar.close()
     save_checkpoint()
     weighting_model.eval()
-    val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
-                           state.get("baselines"))
-    log_metrics({"update": state["update"], "final_val": val_metrics})
+    if config.final_eval:
+        val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
+                               state.get("baselines"))
+        log_metrics({"update": state["update"], "final_val": val_metrics})
     save_weighting_model(
         config.out, weighting_model, base_model_id=config.base_model, base_config=base_config,
         config={"training": json.loads(config.model_dump_json())},
