@@ -35,5 +35,4 @@ class EvalSet:
         if max_questions is not None and len(questions) > max_questions:
             chosen = set(random.Random(seed).sample(range(len(questions)), max_questions))
             questions = [q for i, q in enumerate(questions) if i in chosen]
-        # Drop documents no question is about only when there are no distractors by design.
         return EvalSet(self.name, self.split, list(docs), questions, dict(self.meta))
