@@ -168,3 +168,19 @@ def test_results_merge_joins_parts_of_one_run_and_refuses_others(tmp_path):
     merge_main(paths + ["--out", str(tmp_path / "all.json")])
     assert len((tmp_path / "all.predictions.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "all.png").exists()
+
+
+def test_freshlm_cli_dispatches_to_the_tools(tmp_path, capsys):
+    from training.cli import main as cli_main
+
+    assert cli_main([]) == 0 and "eval" in capsys.readouterr().out
+    assert cli_main(["no-such-command"]) == 2
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"type": "document", "id": "d", "text": "Norvale opened 12 libraries."},
+        {"type": "question", "id": "q", "question": "How many libraries?", "answers": ["12"], "doc_ids": ["d"]},
+    ]))
+    out = tmp_path / "r.json"
+    assert cli_main(["eval", "--quick", "--dataset", "jsonl", "--data", str(data), "--out", str(out),
+                     "--methods", "no_context", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["methods"]["no_context"]["f1"] >= 0

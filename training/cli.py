@@ -1,0 +1,42 @@
+"""The ``freshlm`` command: one entry point for the offline tools, each a module with ``main(argv)``.
+
+    freshlm eval --dataset squad-seq --data ../shared/data/squad/dev-v1.1.json --out r.json
+    freshlm qa-tune --squad ../shared/data/squad/dev-v1.1.json --out artifacts/qa-format/NAME
+
+Every subcommand is also ``python -m <module>``; add a tool by adding a line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("training.eval", "measure methods with the stream-then-ask protocol"),
+    "qa-tune": ("training.qa_tuning", "QA-format tuning of a base model (a qa_lora artifact)"),
+    "results-table": ("training.results_table", "markdown tables from result JSONs"),
+    "results-merge": ("training.results_merge", "join result parts of one evaluation"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}  (python -m {module})" for name, (module, help_) in COMMANDS.items()]
+    return "usage: freshlm COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"freshlm: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
