@@ -173,3 +173,12 @@ def mac_artifact_dir(tmp_path_factory, tiny_model_dir) -> Path:
     save_mac(root / "artifact", mac, base_model=str(tiny_model_dir), base_config=base.config,
              encoder=str(root / "encoder"))
     return root / "artifact"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

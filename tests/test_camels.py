@@ -25,13 +25,7 @@ from tests.meta_fixtures import write_tiny_base_model, write_tiny_squad
 DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_weights_start_uniform_nonnegative_one_per_token():

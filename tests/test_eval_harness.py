@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from training.data.evalset import EvalSet
 from training.eval import main as eval_main
@@ -16,13 +15,7 @@ CONTRACT_METHOD_KEYS = {"f1", "em", "ingest_seconds_per_doc", "ask_seconds_p50",
                         "peak_rss_mb", "memory_bytes_per_doc"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PerfectMemory:

@@ -23,13 +23,7 @@ DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
 OTHER = "Scientists at the Aurora Institute reported a record harvest of kelp."
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lora(kind: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -20,13 +20,7 @@ from tests.meta_fixtures import FACTS, write_tiny_base_model, write_tiny_squad
 EXAMPLES = [(text, qas) for _, text, qas in FACTS[:2]]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(variant: str, seed: int = 0):

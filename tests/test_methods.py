@@ -16,13 +16,7 @@ from training.salient_spans import salient_char_spans, salient_token_mask
 from training.types import Document, Question
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOCS = [
     Document("d1", "The council approved the new harbour bridge on Tuesday."),
