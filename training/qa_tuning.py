@@ -33,6 +33,7 @@ from training.data.evalset import EvalSet
 from training.generation import chat_input_ids, generate_answer
 from training.metrics import mean, squad_scores
 from training.prompts import qa_messages
+from training.token_batches import pad_rows
 
 log = logging.getLogger(__name__)
 KIND = "qa_lora"
@@ -116,15 +117,9 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, messages, answer: str) ->
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    """One training batch as model keyword arguments, right-padded by ``pad_rows``."""
+    batch = pad_rows([ids for ids, _ in rows], [lab for _, lab in rows], pad_id)
+    return {"input_ids": batch.input_ids, "labels": batch.labels, "attention_mask": batch.attention_mask}
 
 
 def tune_qa_format(

@@ -22,6 +22,7 @@ from training.mac.config import MACConfig
 from training.mac.prefix import PrefixKV, PrefixProjection, PromptHead, encode_head, greedy_generate, prefixed_forward
 from training.models import ModelSettings, load_encoder
 from training.prompts import extract_answer, qa_messages
+from training.token_batches import pad_rows
 
 ARTIFACT_KIND = "mac"
 
@@ -126,15 +127,8 @@ def qa_batch(
         prompt = strip_head(prompt_ids(tokenizer, q, p), head)
         answer = tokenizer(a.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return input_ids.to(device), mask.to(device), labels.to(device)
+    batch = pad_rows([ids for ids, _ in rows], [lab for _, lab in rows], tokenizer.pad_token_id).to(device)
+    return batch.input_ids, batch.attention_mask, batch.labels
 
 
 def answer_nll(
