@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, Field
-from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.camels.weighting_model import (
@@ -46,6 +44,7 @@ from training.inner_loop import (
     weighted_nll,
 )
 from training.meta_examples import paragraph_examples
+from training.meta_loop import MetaParameters, OuterLoopConfig, append_metrics, run_outer_loop
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
 from training.proxy import top_layers, truncated_causal_lm
 from training.qa_tuning import apply_qa_tuning
@@ -248,76 +247,36 @@ def train(config: CamelsTrainConfig) -> dict[str, float]:
         log.info("%s on %d val paragraphs: %s", config.out, len(val_batches), metrics)
         return metrics
 
-    state = {"update": 0, "example": 0, "elapsed_minutes": 0.0}
-    ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        weighting_model.load_state_dict(ckpt["weighting_model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        rng.setstate(ckpt["rng"])
-        log.info("resumed from %s at update %d", ckpt_path, state["update"])
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"weighting_model": saved_tensors(weighting_model), "optimizer": optimizer.state_dict(),
-                    "state": state, "rng": rng.getstate()}, tmp)
-        tmp.replace(ckpt_path)
-
-    def log_metrics(record: dict) -> None:
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    start = time.monotonic() - state["elapsed_minutes"] * 60
-    bar = tqdm(total=config.max_updates, initial=state["update"], desc="camels meta-train", dynamic_ncols=True)
-    val_metrics: dict[str, float] = {}
-    if state["update"] == 0:
+    def validate(state: dict) -> dict[str, float]:
         weighting_model.eval()
-        val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights)
+        metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
+                           state.get("baselines"))
         weighting_model.train()
-        state["baselines"] = {k: val_metrics[k] for k in BASELINE_KEYS}
-        log_metrics({"update": 0, "val": val_metrics})
-    while state["update"] < config.max_updates:
-        if (time.monotonic() - start) / 60 > config.max_minutes:
-            log.info("time budget of %.0f minutes spent", config.max_minutes)
-            break
-        optimizer.zero_grad(set_to_none=True)
-        stats_sum: dict[str, float] = {}
-        for _ in range(config.docs_per_update):
-            doc, qas = train_examples[rng.randrange(len(train_examples))]
-            probe = train_examples[rng.randrange(len(train_examples))][0]
-            qas = rng.sample(qas, min(config.questions_per_doc, len(qas)))
-            batches = [b.to(device) for b in example_batches(tokenizer, doc, qas, probe, config.max_doc_tokens)]
-            loss, stats = camels_objective(proxy, params0, weighting_model, *batches, inner, config.c_kl,
-                                           config.normalize_weights)
-            (loss / config.docs_per_update).backward(inputs=trainable)
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v / config.docs_per_update
-            state["example"] += 1
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        state["update"] += 1
-        state["elapsed_minutes"] = (time.monotonic() - start) / 60
-        bar.update(1)
-        bar.set_postfix(qa=f"{stats_sum['qa_nll']:.3f}", kl=f"{stats_sum['kl']:.4f}", w=f"{stats_sum['weight_mean']:.3f}")
-        record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
-        if state["update"] % config.eval_every == 0:
-            weighting_model.eval()
-            val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
-                                   state.get("baselines"))
-            weighting_model.train()
-            record["val"] = val_metrics
-            log.info("update %d val %s", state["update"], val_metrics)
-        log_metrics(record)
-        if state["update"] % config.checkpoint_every == 0:
-            save_checkpoint()
-    bar.close()
-    save_checkpoint()
+        state.setdefault("baselines", {k: metrics[k] for k in BASELINE_KEYS})
+        return metrics
+
+    def example_loss(rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        doc, qas = train_examples[rng.randrange(len(train_examples))]
+        probe = train_examples[rng.randrange(len(train_examples))][0]
+        qas = rng.sample(qas, min(config.questions_per_doc, len(qas)))
+        batches = [b.to(device) for b in example_batches(tokenizer, doc, qas, probe, config.max_doc_tokens)]
+        return camels_objective(proxy, params0, weighting_model, *batches, inner, config.c_kl,
+                                config.normalize_weights)
+
+    meta = MetaParameters(trainable=trainable, state_dict=lambda: saved_tensors(weighting_model),
+                          load_state_dict=lambda sd: weighting_model.load_state_dict(sd, strict=False))
+    loop = OuterLoopConfig(max_updates=config.max_updates, max_minutes=config.max_minutes,
+                           examples_per_update=config.docs_per_update, eval_every=config.eval_every,
+                           checkpoint_every=config.checkpoint_every)
+    state = run_outer_loop(
+        loop, run_dir, meta, optimizer, rng, example_loss, validate, desc="camels meta-train",
+        postfix=lambda s: {"qa": f"{s['qa_nll']:.3f}", "kl": f"{s['kl']:.4f}", "w": f"{s['weight_mean']:.3f}"})
+    val_metrics: dict[str, float] = {}
     weighting_model.eval()
     if config.final_eval:
         val_metrics = evaluate(proxy, params0, weighting_model, val_batches, inner, config.normalize_weights,
                                state.get("baselines"))
-        log_metrics({"update": state["update"], "final_val": val_metrics})
+        append_metrics(run_dir, {"update": state["update"], "final_val": val_metrics})
     save_weighting_model(
         config.out, weighting_model, base_model_id=config.base_model, base_config=base_config,
         config={"training": json.loads(config.model_dump_json())},

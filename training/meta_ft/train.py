@@ -18,14 +18,12 @@ import contextlib
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from training.data import load_squad_seq
@@ -39,6 +37,7 @@ from training.inner_loop import (
     weighted_nll,
 )
 from training.meta_examples import paragraph_examples
+from training.meta_loop import MetaParameters, OuterLoopConfig, append_metrics, run_outer_loop
 from training.meta_ft.adapter import MetaAdapterConfig, attach, inner_params, save_meta_adapter
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
 from training.qa_tuning import apply_qa_tuning
@@ -187,64 +186,29 @@ def train(config: MetaFTTrainConfig) -> dict[str, float]:
         for i in range(n_val)
     ]
 
-    rng = random.Random(config.seed)
-    state = {"update": 0, "example": 0, "elapsed_minutes": 0.0}
-    ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=model.device, weights_only=False)
+    def example_loss(rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        picked = [train_examples[rng.randrange(len(train_examples))] for _ in range(config.docs_per_step)]
+        doc, qa, logp = outer_batch(model, tokenizer, picked, config, rng)
+        return meta_objective(model, meta, variant, doc, qa, logp, inner)
+
+    def load_meta(saved: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, tensor in ckpt["meta"].items():
+            for name, tensor in saved.items():
                 meta[name].copy_(tensor)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        rng.setstate(ckpt["rng"])
-        log.info("resumed from %s at update %d", ckpt_path, state["update"])
 
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"meta": {k: v.detach() for k, v in meta.items()}, "optimizer": optimizer.state_dict(),
-                    "state": state, "rng": rng.getstate()}, tmp)
-        tmp.replace(ckpt_path)
-
-    def log_metrics(record: dict) -> None:
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    start = time.monotonic() - state["elapsed_minutes"] * 60
-    if state["update"] == 0:
-        log_metrics({"update": 0, "val": evaluate(model, meta, variant, val_batches, inner)})
-    bar = tqdm(total=config.max_updates, initial=state["update"], desc=f"meta_ft ({variant})", dynamic_ncols=True)
-    while state["update"] < config.max_updates:
-        if (time.monotonic() - start) / 60 > config.max_minutes:
-            log.info("time budget of %.0f minutes spent", config.max_minutes)
-            break
-        optimizer.zero_grad(set_to_none=True)
-        stats_sum: dict[str, float] = {}
-        for _ in range(config.examples_per_update):
-            picked = [train_examples[rng.randrange(len(train_examples))] for _ in range(config.docs_per_step)]
-            doc, qa, logp = outer_batch(model, tokenizer, picked, config, rng)
-            loss, stats = meta_objective(model, meta, variant, doc, qa, logp, inner)
-            (loss / config.examples_per_update).backward(inputs=trainable)
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v / config.examples_per_update
-            state["example"] += 1
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        state["update"] += 1
-        state["elapsed_minutes"] = (time.monotonic() - start) / 60
-        bar.update(1)
-        bar.set_postfix(before=f"{stats_sum['outer_before']:.3f}", after=f"{stats_sum['outer_after']:.3f}")
-        record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
-        if state["update"] % config.eval_every == 0:
-            record["val"] = evaluate(model, meta, variant, val_batches, inner)
-            log.info("update %d val %s", state["update"], record["val"])
-        log_metrics(record)
-        if state["update"] % config.checkpoint_every == 0:
-            save_checkpoint()
-    bar.close()
-    save_checkpoint()
+    state = run_outer_loop(
+        OuterLoopConfig(max_updates=config.max_updates, max_minutes=config.max_minutes,
+                        examples_per_update=config.examples_per_update, eval_every=config.eval_every,
+                        checkpoint_every=config.checkpoint_every),
+        run_dir,
+        MetaParameters(trainable=trainable, state_dict=lambda: {k: v.detach() for k, v in meta.items()},
+                       load_state_dict=load_meta),
+        optimizer, random.Random(config.seed), example_loss,
+        validate=lambda _state: evaluate(model, meta, variant, val_batches, inner),
+        desc=f"meta_ft ({variant})",
+        postfix=lambda s: {"before": f"{s['outer_before']:.3f}", "after": f"{s['outer_after']:.3f}"})
     val_metrics = evaluate(model, meta, variant, val_batches, inner)
-    log_metrics({"update": state["update"], "final_val": val_metrics})
+    append_metrics(run_dir, {"update": state["update"], "final_val": val_metrics})
     save_meta_adapter(
         config.out, model, meta, config.adapter, base_model_id=config.base_model, base_config=base_config,
         config={"training": json.loads(config.model_dump_json())},
