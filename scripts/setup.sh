@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup on a machine with Python 3.11: virtualenv, pinned torch, FreshLM and its
 # dependencies, the built-in models (converted once into ~/.cache/freshlm). Re-runs take seconds.
-# Usage: scripts/setup.sh [dev]    ("dev" adds the test tools)
+# Usage: scripts/setup.sh [eval|dev]   ("eval" adds the evaluation / training report tools,
+#                                     "dev" adds those and the test tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

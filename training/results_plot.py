@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def plot_results(result: dict, path: str | Path) -> Path:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plots need the eval extra: scripts/setup.sh eval (or pip install -e '.[eval]')") from exc
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
     methods = result["methods"]
     names = list(methods)
     retention = result.get("retention") or {}
