@@ -61,6 +61,10 @@ def save_weights(root: Path, tensors: dict[str, torch.Tensor], lora_config: dict
     return version
 
 
+def has_weights(root: Path, version: str) -> bool:
+    return (root / version / WEIGHTS).is_file()
+
+
 def load_weights(root: Path, version: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = root / version
     if not (path / WEIGHTS).is_file():
@@ -96,6 +100,19 @@ def activate(session: Session, version: str, expected: str | None | object = ...
 
 def list_versions(session: Session) -> list[AdapterVersionRecord]:
     return list(session.scalars(select(AdapterVersionRecord).order_by(AdapterVersionRecord.created_at)))
+
+
+def prune(session: Session, root: Path, keep: int) -> list[str]:
+    """Delete the weight directories of all but the ``keep`` newest versions, never the active one
+    nor an initial one (rebuilds replay from it). The SQL rows stay, so lineage and
+    ``absorbed_by`` still answer for pruned versions; only activating one is no longer possible."""
+    rows = list_versions(session)
+    protected = {active_version(session), *(r.version for r in rows if r.kind == "initial"),
+                 *(r.version for r in rows[-keep:])}
+    pruned = [r.version for r in rows if r.version not in protected and (root / r.version).is_dir()]
+    for version in pruned:
+        shutil.rmtree(root / version, ignore_errors=True)
+    return pruned
 
 
 def lineage(session: Session, version: str | None) -> list[AdapterVersionRecord]:

@@ -285,7 +285,13 @@ def run_once(worker: Worker) -> int:
                         worker.settings.worker_lease_seconds)
     if not claim.documents:
         return 0
-    return process_claim(worker, claim)
+    done = process_claim(worker, claim)
+    if worker.updater is not None:
+        with worker.sessions() as session:
+            pruned = adapter_store.prune(session, worker.settings.adapters_dir, worker.settings.adapter_keep_versions)
+        if pruned:
+            log.info("pruned the weights of %d old adapter versions", len(pruned))
+    return done
 
 
 def run_worker(worker: Worker, stop: threading.Event) -> None:

@@ -220,3 +220,25 @@ def test_a_non_finite_update_is_rejected(tiny_model_dir):
     assert result.tensors is None and "not finite" in result.rejected
     after = updater.tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the shadow step was undone
+
+
+def test_old_adapter_weights_are_pruned_outside_the_rollback_window(make_client, tiny_model_dir, tmp_path):
+    client = make_client(base_model=str(tiny_model_dir), updater="uniform", adapter_lr=0.05, adapter_keep_versions=2)
+    docs = [{"id": f"p-{i}", "text": f"Bulletin {i}: the ferry to Islay leaves at {i + 6} o'clock."} for i in range(4)]
+    client.post("/documents", json={"documents": docs})
+    wait_ingested(client, [d["id"] for d in docs])
+    listing = client.get("/adapters").json()
+    versions = listing["versions"]
+    assert [v["kind"] for v in versions] == ["initial"] + ["update"] * 4
+    kept = {v["version"] for v in versions if v["weights_available"]}
+    # the initial version (rebuilds start there) and the two newest, the active one among them
+    assert kept == {versions[0]["version"], versions[-2]["version"], versions[-1]["version"]}
+    assert listing["active"] == versions[-1]["version"]
+    on_disk = {p.name for p in (tmp_path / "var" / "adapters").iterdir() if not p.name.startswith(".")}
+    assert on_disk == kept
+    pruned = versions[1]["version"]
+    refused = client.post(f"/adapters/{pruned}/activate")
+    assert refused.status_code == 409 and "rollback window" in refused.json()["detail"]
+    assert client.post(f"/adapters/{versions[-2]['version']}/activate").status_code == 200
+    # lineage survives pruning: the first document is still known to be in the live adapter
+    assert client.delete("/documents/p-0").json()["absorbed_by_live_adapter"] is True

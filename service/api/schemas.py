@@ -151,6 +151,7 @@ class AdapterOut(BaseModel):
     metrics: dict[str, Any]
     created_at: datetime
     active: bool
+    weights_available: bool = Field(description="false once pruned (FRESHLM_ADAPTER_KEEP_VERSIONS): no longer activatable")
 
 
 class AdaptersOut(BaseModel):

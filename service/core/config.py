@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     adapter_max_tokens: int = Field(256, ge=8, description="document tokens one update reads")
     adapter_max_drift: float = Field(0.5, gt=0, description="guard: max KL(old || new) on the locality probe")
     adapters_loaded: int = Field(4, ge=1, description="adapter versions kept loaded for answering")
+    adapter_keep_versions: int = Field(
+        50, ge=2, description="adapter versions whose weights stay on disk (the newest, plus the active and "
+                              "the initial one): the rollback window; older weights are deleted, their lineage stays")
 
     # ingest
     embedded_worker: bool = Field(True, description="run the ingest worker as a thread of the API process")

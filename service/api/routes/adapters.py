@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, status
 
 from service import adapter_store
-from service.api.deps import AdminDep, SessionDep
+from service.api.deps import AdminDep, SessionDep, SettingsDep
 from service.api.schemas import Accepted, AdapterOut, AdaptersOut, ErrorOut
-from service.core.errors import NotFound
+from service.core.errors import Conflict, NotFound
 from service.db import set_state
 from service.ingest_worker import REBUILD_ADAPTER_KEY
 
@@ -15,16 +15,18 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}}
 
 
-def _out(row, active: str | None) -> AdapterOut:
+def _out(row, active: str | None, settings) -> AdapterOut:
     return AdapterOut(version=row.version, parent=row.parent, kind=row.kind, documents=row.documents or [],
-                      metrics=row.metrics or {}, created_at=row.created_at, active=row.version == active)
+                      metrics=row.metrics or {}, created_at=row.created_at, active=row.version == active,
+                      weights_available=adapter_store.has_weights(settings.adapters_dir, row.version))
 
 
 @router.get("", response_model=AdaptersOut, responses=ERRORS)
-def list_adapters(session: SessionDep):
+def list_adapters(session: SessionDep, settings: SettingsDep):
     """Every adapter version (immutable, content-addressed), oldest first, and the active one."""
     active = adapter_store.active_version(session)
-    return AdaptersOut(active=active, versions=[_out(r, active) for r in adapter_store.list_versions(session)])
+    return AdaptersOut(active=active,
+                       versions=[_out(r, active, settings) for r in adapter_store.list_versions(session)])
 
 
 @router.post("/rebuild", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted, responses=ERRORS,
@@ -38,14 +40,20 @@ def rebuild_adapter(session: SessionDep):
 
 
 @router.post("/{version}/activate", response_model=AdapterOut,
-             responses={404: {"model": ErrorOut}, **ERRORS}, dependencies=[AdminDep])
-def activate_adapter(session: SessionDep, version: str = Path(max_length=64, pattern=r"^[0-9a-f]+$")):
+             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, **ERRORS}, dependencies=[AdminDep])
+def activate_adapter(session: SessionDep, settings: SettingsDep,
+                     version: str = Path(max_length=64, pattern=r"^[0-9a-f]+$")):
     """Make ``version`` the live adapter (admin): a rollback is a pointer flip. Questions already
-    running finish on the version they started with."""
+    running finish on the version they started with. Versions older than the rollback window
+    (``FRESHLM_ADAPTER_KEEP_VERSIONS``) have had their weights pruned: 409."""
     try:
+        if session.get(adapter_store.AdapterVersionRecord, version) and not adapter_store.has_weights(
+                settings.adapters_dir, version):
+            raise Conflict(f"adapter version {version!r} is outside the rollback window: its weights were pruned "
+                           f"(FRESHLM_ADAPTER_KEEP_VERSIONS={settings.adapter_keep_versions})")
         adapter_store.activate(session, version)
     except adapter_store.UnknownAdapterVersion as exc:
         raise NotFound(str(exc)) from None
     session.commit()
     row = session.get(adapter_store.AdapterVersionRecord, version)
-    return _out(row, version)
+    return _out(row, version, settings)
