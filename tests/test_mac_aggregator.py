@@ -45,6 +45,20 @@ def test_empty_memory_still_gives_a_modulation(agg):
     assert aggregate(agg, query, []).shape == (2, 4, 16)
 
 
+def test_the_modulation_is_read_from_memory_not_from_the_question(agg):
+    """The question only steers the reading: a memory of identical tokens gives one modulation for
+    every question (attention over identical tokens reads the same thing), and an empty memory
+    gives zeros whatever the question."""
+    token = torch.randn(1, 16)
+    memory = [token.expand(5, 16)]
+    one, other = aggregate(agg, torch.randn(1, 4, 16), memory), aggregate(agg, torch.randn(1, 4, 16), memory)
+    torch.testing.assert_close(one, other)
+    assert aggregate(agg, torch.randn(1, 4, 16), []).abs().max() == 0
+    distinct = _entries(5)
+    assert not torch.allclose(aggregate(agg, torch.randn(1, 4, 16), distinct),
+                              aggregate(agg, torch.randn(1, 4, 16), distinct))
+
+
 def test_memory_is_a_set(agg):
     query, entries = torch.randn(1, 4, 16), _entries(5)
     torch.testing.assert_close(aggregate(agg, query, entries), aggregate(agg, query, entries[::-1]))

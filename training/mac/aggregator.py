@@ -1,7 +1,12 @@
 """Aggregation network: a question and the memory entries become one modulation.
 
-The question's N tokens cross-attend to the memory tokens (and to themselves, so an empty or
-irrelevant memory still gives a well-defined modulation). Because the blocks are
+The question's N tokens cross-attend to the memory tokens; the modulation is what they read there
+(the first block has no residual from the question). The question thus only decides *where* to
+read: the base model already sees the question in its prompt, and a question-to-modulation path
+lets training memorise answers from question wording instead of learning to read memory (measured:
+with it, the answer NLL with the right document in memory was 1.37 against 1.57 with a wrong one
+after 150 steps on 16 paragraphs; without it 1.64 against 3.28, see docs/mac.md). An empty memory
+gives a zero modulation, i.e. the prefix projection's constant prefix. Because the blocks are
 permutation-invariant over the memory tokens and the output lives in the same space as a memory
 entry (``[N, hidden]``), a large memory can be aggregated *hierarchically*: aggregate groups of
 entries, then aggregate the group results as entries, so peak memory is bounded by the group
@@ -28,10 +33,11 @@ class Aggregator(nn.Module):
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         """``query [B, N, D]``, ``memory [B, M, D]`` (or ``None``) -> modulation ``[B, N, D]``."""
-        kv = query if memory is None or memory.shape[1] == 0 else torch.cat([query, memory], dim=1)
-        x = query
-        for block in self.blocks:
-            x = block(x, kv)
+        if memory is None or memory.shape[1] == 0:
+            return torch.zeros_like(query)
+        x = self.blocks[0](query, memory, residual=False)
+        for block in self.blocks[1:]:
+            x = block(x, memory)
         return x
 
 

@@ -25,10 +25,11 @@ class CrossAttentionBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, kv: torch.Tensor, kv_padding: torch.Tensor | None = None
+        self, x: torch.Tensor, kv: torch.Tensor, kv_padding: torch.Tensor | None = None, residual: bool = True
     ) -> torch.Tensor:
-        """``x [B, Q, dim]``, ``kv [B, K, kv_dim]``, ``kv_padding [B, K]`` True where padded."""
+        """``x [B, Q, dim]``, ``kv [B, K, kv_dim]``, ``kv_padding [B, K]`` True where padded.
+        ``residual=False``: the output is only what ``x`` read from ``kv`` (``x`` picks where)."""
         kv = self.norm_kv(kv)
         attended, _ = self.attn(self.norm_q(x), kv, kv, key_padding_mask=kv_padding, need_weights=False)
-        x = x + attended
+        x = x + attended if residual else attended
         return x + self.mlp(self.norm_mlp(x))
