@@ -37,6 +37,8 @@ def test_training_validates_exports_best_and_resumes_exactly(tmp_path):
     assert state["step"] == 6 and best and best[0]["step"] == 0
     vals = [h for h in state["history"] if "f1" in h]
     assert [h["step"] for h in vals] == [0, 3, 6] and all(h["loss"] > 0 for h in vals)
+    # the memory probe: own vs another paragraph differ (the readout depends on the memory)
+    assert all(h["nll_own"] > 0 and h["nll_other"] > 0 and h["nll_own"] != h["nll_other"] for h in vals)
     assert state["best"] == best[-1]
 
     # interrupted after 4 steps (checkpoint at step 4), then resumed to 6: same weights as above

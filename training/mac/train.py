@@ -34,7 +34,7 @@ from training.mac.config import MACConfig
 from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
 from training.mac.prefix import PromptHead
 from training.metrics import mean, squad_scores
-from training.types import Question
+from training.types import Document, Question
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,13 @@ def training_pairs(evalset: EvalSet) -> dict[str, list[Question]]:
     return by_doc
 
 
-def validation_set(val: EvalSet, cfg: TrainConfig) -> tuple[list[str], list[Question]]:
+def validation_set(val: EvalSet, cfg: TrainConfig) -> tuple[list[Document], list[Question]]:
     """A fixed memory of ``val_docs`` paragraphs and ``val_questions`` questions about them."""
     rng = random.Random(cfg.seed + 1)
     docs = rng.sample(val.documents, min(cfg.val_docs, len(val.documents)))
     questions = val.questions_about({d.id for d in docs})
     questions = rng.sample(questions, min(cfg.val_questions, len(questions)))
-    return [d.text for d in docs], questions
+    return docs, questions
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -129,30 +129,37 @@ def validate(
     mac: MAC,
     base: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
+    docs: list[Document],
     questions: list[Question],
     batch_size: int = 8,
     head: PromptHead | None = None,
 ) -> dict[str, float]:
-    """Answer NLL and generated-answer F1/EM (percent) with all ``texts`` in memory."""
+    """Answer NLL and generated-answer F1/EM (percent) with all ``docs`` in memory, and the memory
+    probe: answer NLL with the question's own paragraph alone in memory (``nll_own``) and with
+    another one (``nll_other``). ``nll_other - nll_own`` is what reading memory is worth on unseen
+    paragraphs; near 0 means the network answers from the question alone."""
     mac.eval()
-    entries = [m for m, _ in mac.memorize(texts)]
-    losses, scores, samples = [], [], []
+    memory = [m for m, _ in mac.memorize([d.text for d in docs])]
+    index = {d.id: i for i, d in enumerate(docs)}
+    losses, own, other, scores, samples = [], [], [], [], []
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
-        query, _ = mac.encode_questions([q.question for q in batch])
-        prefix = mac.prefix_for(query, entries)
-        ids, mask, labels = qa_batch(tokenizer, [q.question for q in batch], [q.answers[0] for q in batch],
-                                     device=base.device, head=head)
-        losses += answer_nll(base, prefix, ids, mask, labels, head=head).tolist()
-        predictions = answer_questions(mac, base, tokenizer, [q.question for q in batch], lambda i, k: entries,
-                                       head=head)
+        texts = [q.question for q in batch]
+        query, _ = mac.encode_questions(texts)
+        ids, mask, labels = qa_batch(tokenizer, texts, [q.answers[0] for q in batch], device=base.device, head=head)
+        losses += answer_nll(base, mac.prefix_for(query, memory), ids, mask, labels, head=head).tolist()
+        for row, q in enumerate(batch):
+            mine = index[q.doc_ids[0]]
+            for entry, out in ((memory[mine], own), (memory[(mine + 1) % len(memory)], other)):
+                out += answer_nll(base, mac.prefix_for(query[row : row + 1], [entry]), ids[row : row + 1],
+                                  mask[row : row + 1], labels[row : row + 1], head=head).tolist()
+        predictions = answer_questions(mac, base, tokenizer, texts, lambda i, k: memory, head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
     mac.train()
-    return {"loss": round(mean(losses), 4), "f1": round(100 * mean(s["f1"] for s in scores), 2),
-            "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores),
-            "samples": samples[:4]}
+    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4),
+            "f1": round(100 * mean(s["f1"] for s in scores), 2),
+            "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores), "samples": samples[:4]}
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -213,11 +220,11 @@ def train_mac(
         for d, qs in training_pairs(train).items()
     }
     pairs = {d: qs for d, qs in pairs.items() if qs and d in doc_texts}
-    val_texts, val_questions = validation_set(val, cfg)
+    val_docs, val_questions = validation_set(val, cfg)
     head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
-        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_texts, val_questions, head=head)}
+        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
