@@ -1,7 +1,7 @@
 """Evaluate methods on a document stream with the stream-then-ask protocol.
 
     python -m training.eval --dataset squad-seq --data ../shared/data/squad/dev-v1.1.json \
-        --split test --max-documents 64 --qa-tuning ~/.cache/freshlm/artifacts/qa-smollm2-135m \
+        --split test --max-documents 64 --qa-tuning artifacts/qa-format/smollm2-135m-instruct \
         --out docs/results/squad-seq-test.json
 
 Writes the result JSON of DESIGN.md's contract, a PNG plot and the per-question predictions

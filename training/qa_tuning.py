@@ -8,7 +8,7 @@ prompt and half without, and evaluate every method on that tuned base. Here the 
 adapter saved as an artifact (kind ``qa_lora``); ``apply_qa_tuning`` merges it into a loaded base
 model so every method sees an ordinary model.
 
-    python -m training.qa_tuning --squad ../shared/data/squad/dev-v1.1.json --out artifacts/qa-smollm2
+    python -m training.qa_tuning --squad ../shared/data/squad/dev-v1.1.json --out artifacts/qa-format/smollm2-135m-instruct
 """
 
 from __future__ import annotations
