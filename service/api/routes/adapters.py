@@ -7,6 +7,7 @@ from fastapi import APIRouter, Path, status
 from service import adapter_store
 from service.api.deps import AdminDep, SessionDep, SettingsDep
 from service.api.schemas import Accepted, AdapterOut, AdaptersOut, ErrorOut
+from service.core.config import Settings
 from service.core.errors import Conflict, NotFound
 from service.db import set_state
 from service.ingest_worker import REBUILD_ADAPTER_KEY
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}}
 
 
-def _out(row, active: str | None, settings) -> AdapterOut:
+def _out(row, active: str | None, settings: Settings) -> AdapterOut:
     return AdapterOut(version=row.version, parent=row.parent, kind=row.kind, documents=row.documents or [],
                       metrics=row.metrics or {}, created_at=row.created_at, active=row.version == active,
                       weights_available=adapter_store.has_weights(settings.adapters_dir, row.version))
