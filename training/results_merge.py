@@ -1,7 +1,7 @@
 """Merge result JSONs of the same evaluation run in parts (methods in separate processes) into
 one, and redraw its plot.
 
-    python -m training.results_merge docs/results/parts/squad-seq-test.*.json --out docs/results/squad-seq-test.json
+    python -m training.results_merge var/results/squad-seq-test.*.json --out docs/results/squad-seq-test.json
 """
 
 from __future__ import annotations
