@@ -67,9 +67,9 @@ def build_worker(
 ) -> Worker:
     """Load what the configuration asks for (the MAC artifact, the updater and its own base model)."""
     if base is None and (settings.updater or settings.mac_artifact):
-        from training.models import load_causal_lm
+        from service.base_model import load_base_model
 
-        base, tokenizer = load_causal_lm(settings.base_model, settings.model_settings())
+        base, tokenizer = load_base_model(settings)
     if mac is None and settings.mac_artifact is not None:
         mac = load_mac_runtime(settings.mac_artifact, base.config, redis_client, settings.model_settings(),
                                settings.mac_top_k, settings.mac_group_size, device=base.device)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 
 from service import adapter_store
 from service.answerer import Answerer
+from service.base_model import load_base_model
 from service.api.routes import adapters, ask, documents, health, memory
 from service.core.config import Settings
 from service.core.errors import SafeJSONResponse, ServiceError, error_body, install_error_handlers
@@ -28,7 +29,6 @@ from service.mac_memory import load_mac_runtime
 from service.metrics import Metrics
 from service.migrate import upgrade_database
 from service.redis_server import EmbeddedRedis, start_embedded_redis
-from training.models import load_causal_lm
 
 log = logging.getLogger("freshlm")
 
@@ -68,7 +68,7 @@ async def lifespan(app: FastAPI):
     state.mac = state.answerer = None
     state.model_error = state.mac_error = state.updater_error = state.worker_error = None
     log.info("loading base model %s", settings.base_model)
-    model, tokenizer = load_causal_lm(settings.base_model, settings.model_settings())
+    model, tokenizer = load_base_model(settings)
     if settings.mac_artifact is not None:
         try:
             state.mac = load_mac_runtime(settings.mac_artifact, model.config, state.redis, settings.model_settings(),

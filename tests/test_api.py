@@ -4,6 +4,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from tests.conftest import wait_ingested
 
@@ -241,3 +242,28 @@ def test_lifecycle_on_postgresql(make_client, tiny_model_dir, postgres_url):
     assert client.delete("/documents/n-2").json()["status"] == "deleted"
     body = client.post("/ask", json={"question": "Who approved the harbour bridge?", "max_new_tokens": 2}).json()
     assert [d["id"] for d in body["documents"]] == ["n-1"]
+
+
+def test_a_configured_qa_format_adapter_is_merged_into_the_base(make_client, tiny_model_dir, tmp_path):
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from training.artifacts import save_artifact
+    from training.models import load_causal_lm
+    from training.qa_tuning import KIND, QATuningConfig, lora_config
+
+    model, _ = load_causal_lm(str(tiny_model_dir))
+    cfg = QATuningConfig(lora_top_layers=None)
+    peft_model = get_peft_model(model, lora_config(cfg, model))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 1.0)
+    save_artifact(tmp_path / "qa", kind=KIND, tensors=get_peft_model_state_dict(peft_model), base_model="tiny",
+                  base_config=model.config, config=cfg.model_dump())
+    question = {"question": "Who approved the bridge?", "max_new_tokens": 6}
+    plain = make_client(base_model=str(tiny_model_dir)).post("/ask", json=question)
+    tuned = make_client(base_model=str(tiny_model_dir), qa_tuning=str(tmp_path / "qa"),
+                        data_dir=tmp_path / "var-tuned").post("/ask", json=question)
+    assert plain.status_code == tuned.status_code == 200
+    assert plain.json()["answer"] != tuned.json()["answer"]

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     cache_dir: Path | None = Field(None, description="converted-model cache (default ~/.cache/freshlm)")
 
+    qa_tuning: Path | None = Field(
+        None, description="qa_lora artifact merged into the base model at start (short-span answers; the base "
+                          "the MAC / CaMeLS artifacts were trained on), e.g. artifacts/qa-format/smollm2-135m-instruct")
+
     # artifacts (none configured: the service answers with retrieval and says so in /readyz)
     mac_artifact: Path | None = Field(None, description="MAC artifact directory (memory tokens per document)")
     mac_top_k: int | None = Field(32, ge=1, description="memory entries pre-selected per question (None: all)")
