@@ -67,7 +67,7 @@ def has_weights(root: Path, version: str) -> bool:
 
 def load_weights(root: Path, version: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = root / version
-    if not (path / WEIGHTS).is_file():
+    if not has_weights(root, version):
         raise UnknownAdapterVersion(f"adapter version {version!r} has no weights in {root}")
     return load_file(path / WEIGHTS), json.loads((path / CONFIG).read_text())
 

@@ -35,7 +35,7 @@ class UTCDateTime(TypeDecorator):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime}
+    pass
 
 
 def utcnow() -> datetime:

@@ -33,6 +33,7 @@ from training.data.evalset import EvalSet
 from training.generation import chat_input_ids, generate_answer
 from training.metrics import mean, squad_scores
 from training.prompts import qa_messages
+from training.proxy import top_layers
 from training.token_batches import pad_rows
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class QATuningConfig(BaseModel):
     lora_dropout: float = 0.05
     # None = every block. A number adapts only the top blocks: backward then stops there, which
     # halves the cost of a step on a CPU, at some loss (320 examples on the top 12 blocks gave
-    # oracle-prompt F1 34 on squad-seq test, see docs/evaluation.md).
+    # oracle-prompt F1 34 on squad-seq test, see docs/BENCHMARKS.md).
     lora_top_layers: int | None = None
     max_tokens: int = 384  # longer examples are skipped rather than truncated mid-context
     seed: int = 0
@@ -71,13 +72,9 @@ def linear_module_names(model: PreTrainedModel) -> list[str]:
 
 
 def lora_config(cfg: QATuningConfig, model: PreTrainedModel) -> LoraConfig:
-    num_layers = model.config.num_hidden_layers
-    layers = None
-    if cfg.lora_top_layers is not None and cfg.lora_top_layers < num_layers:
-        layers = list(range(num_layers - cfg.lora_top_layers, num_layers))
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=linear_module_names(model), layers_to_transform=layers,
-                      task_type="CAUSAL_LM")
+                      target_modules=linear_module_names(model),
+                      layers_to_transform=top_layers(model, cfg.lora_top_layers), task_type="CAUSAL_LM")
 
 
 def length_bucketed_batches(rows: list, batch_size: int, seed: int) -> list[list]:

@@ -20,6 +20,7 @@ from training.batch_generation import generate_answers
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
 from training.prompts import qa_messages
+from training.proxy import top_layers
 from training.qa_tuning import linear_module_names
 from training.salient_spans import salient_token_mask
 from training.types import Document, Question
@@ -30,13 +31,9 @@ TokenWeights = Callable[[Document], tuple[torch.Tensor, torch.Tensor]]
 
 def online_lora_config(ctx: MethodContext) -> LoraConfig:
     cfg, model = ctx.config, ctx.model
-    n_layers = model.config.num_hidden_layers
-    layers = None
-    if cfg.ft_lora_top_layers is not None and cfg.ft_lora_top_layers < n_layers:
-        layers = list(range(n_layers - cfg.ft_lora_top_layers, n_layers))
     return LoraConfig(r=cfg.ft_lora_r, lora_alpha=cfg.ft_lora_alpha, lora_dropout=0.0,
-                      target_modules=linear_module_names(model), layers_to_transform=layers,
-                      task_type="CAUSAL_LM")
+                      target_modules=linear_module_names(model),
+                      layers_to_transform=top_layers(model, cfg.ft_lora_top_layers), task_type="CAUSAL_LM")
 
 
 class OnlineFineTuning:
