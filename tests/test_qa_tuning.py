@@ -4,7 +4,7 @@ merging that artifact reproduces the tuned model (and refuses another base model
 import pytest
 import torch
 
-from training.artifacts import ArtifactError, save_artifact
+from training.artifacts import ArtifactError, load_artifact, save_artifact
 from training.data.evalset import EvalSet
 from training.models import tiny_causal_lm
 from training.qa_tuning import (
@@ -60,6 +60,14 @@ def test_tuning_lowers_answer_loss_and_round_trips_through_an_artifact(tmp_path)
                   base_config=model.config, config=cfg.model_dump())
     tuned = apply_qa_tuning(model, tmp_path / "qa")
     assert answer_nll(tuned, tokenizer, examples) < before
+
+    # an artifact trained on the tuned base names the tuning: refused on the untuned base
+    save_artifact(tmp_path / "on-tuned", kind="mac", tensors={"w": torch.zeros(1)}, base_model="tiny-llama",
+                  base_config=tuned.config)
+    load_artifact(tmp_path / "on-tuned", kind="mac", base_config=tuned.config)
+    untuned, _ = tiny_causal_lm()
+    with pytest.raises(ArtifactError, match="trained for base model"):
+        load_artifact(tmp_path / "on-tuned", kind="mac", base_config=untuned.config)
 
     other, _ = tiny_causal_lm("gpt2")
     with pytest.raises(ArtifactError, match="trained for base model"):

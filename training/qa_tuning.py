@@ -14,6 +14,7 @@ model so every method sees an ordinary model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.artifacts import load_artifact, save_artifact
+from training.artifacts import WEIGHTS, load_artifact, save_artifact
 from training.choice_scoring import answer_token_ids
 from training.data.evalset import EvalSet
 from training.generation import chat_input_ids, generate_answer
@@ -175,13 +176,20 @@ def tune_qa_format(
 
 
 def apply_qa_tuning(model: PreTrainedModel, artifact_path: str | Path) -> PreTrainedModel:
-    """Merge a saved QA-format adapter into ``model`` and return the plain merged model."""
+    """Merge a saved QA-format adapter into ``model`` and return the plain merged model.
+
+    The merged model's config records the adapter's fingerprint (``qa_tuning``), so the config hash
+    of every artifact trained on this base (MAC, CaMeLS, meta_ft) names the tuning too: loading one
+    on the untuned base, or on a base with another tuning, is refused like any other base mismatch.
+    """
     manifest, weights = load_artifact(artifact_path, kind=KIND, base_config=model.config)
     cfg = QATuningConfig(**manifest.config)
     peft_model = get_peft_model(model, lora_config(cfg, model))
     dtype = next(model.parameters()).dtype
     set_peft_model_state_dict(peft_model, {k: v.to(dtype) for k, v in weights.items()})
-    return peft_model.merge_and_unload().eval()
+    merged = peft_model.merge_and_unload().eval()
+    merged.config.qa_tuning = hashlib.sha256((Path(artifact_path) / WEIGHTS).read_bytes()).hexdigest()[:16]
+    return merged
 
 
 def quick_squad_eval(model, tokenizer, evalset: EvalSet, n: int, with_context: bool, seed: int = 1) -> dict:
