@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-start", help="initialise the MAC weights from a training checkpoint (.pt) or an "
                         "artifact directory; the schedule and optimizer start fresh")
     parser.add_argument("--config", help="JSON file with TrainConfig / MACConfig overrides: {'train': {...}, 'mac': {...}}")
+    parser.add_argument("--extra-train", nargs="*", default=[],
+                        help="RealTimeQA folders (e.g. ../shared/data/realtimeqa/2022 ../shared/data/realtimeqa/2023) "
+                             "whose evidence paragraphs and questions join the training set (never 2024: it is the test)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
@@ -328,6 +331,15 @@ def main(argv: list[str] | None = None) -> None:
     val = load_squad_seq(args.squad, "val")
     training_data = {"dataset": "squad-seq", "source": str(args.squad), "train_articles": len(train.meta["articles"]),
                      "qa_tuning": args.qa_tuning, "warm_start": args.warm_start}
+    for folder in args.extra_train:
+        from training.data.realtimeqa import load_realtimeqa
+
+        extra = load_realtimeqa(folder)
+        train = EvalSet(train.name, "train", train.documents + extra.documents, train.questions + extra.questions,
+                        train.meta)
+        training_data.setdefault("extra", []).append(
+            {"dataset": "realtimeqa", "source": str(folder), "documents": len(extra.documents),
+             "questions": len(extra.questions)})
 
     def export(mac_: MAC, metrics: dict) -> None:
         save_mac(out, mac_, base_model=args.base_model, base_config=base.config, encoder=args.encoder,
