@@ -31,6 +31,10 @@ class UnknownAdapterVersion(LookupError):
     pass
 
 
+class PrunedAdapterVersion(LookupError):
+    """The version is recorded but its weights were pruned (outside the rollback window)."""
+
+
 def version_of(tensors: dict[str, torch.Tensor], lora_config: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(lora_config, sort_keys=True, default=str).encode())
     for name in sorted(tensors):
@@ -85,6 +89,17 @@ def record_version(
 
 def active_version(session: Session) -> str | None:
     return get_state(session, ACTIVE_KEY)
+
+
+def rollback_target(session: Session, root: Path, version: str) -> AdapterVersionRecord:
+    """The row of a version the live pointer may be moved back to: recorded, weights still on disk."""
+    row = session.get(AdapterVersionRecord, version)
+    if row is None:
+        raise UnknownAdapterVersion(f"no adapter version {version!r}")
+    if not has_weights(root, version):
+        raise PrunedAdapterVersion(f"adapter version {version!r} is outside the rollback window: "
+                                   "its weights were pruned")
+    return row
 
 
 def activate(session: Session, version: str, expected: str | None | object = ...) -> bool:

@@ -48,13 +48,11 @@ def activate_adapter(session: SessionDep, settings: SettingsDep,
     running finish on the version they started with. Versions older than the rollback window
     (``FRESHLM_ADAPTER_KEEP_VERSIONS``) have had their weights pruned: 409."""
     try:
-        if session.get(adapter_store.AdapterVersionRecord, version) and not adapter_store.has_weights(
-                settings.adapters_dir, version):
-            raise Conflict(f"adapter version {version!r} is outside the rollback window: its weights were pruned "
-                           f"(FRESHLM_ADAPTER_KEEP_VERSIONS={settings.adapter_keep_versions})")
-        adapter_store.activate(session, version)
+        row = adapter_store.rollback_target(session, settings.adapters_dir, version)
     except adapter_store.UnknownAdapterVersion as exc:
         raise NotFound(str(exc)) from None
+    except adapter_store.PrunedAdapterVersion as exc:
+        raise Conflict(f"{exc} (FRESHLM_ADAPTER_KEEP_VERSIONS={settings.adapter_keep_versions})") from None
+    adapter_store.activate(session, version)
     session.commit()
-    row = session.get(adapter_store.AdapterVersionRecord, version)
     return _out(row, version, settings)
