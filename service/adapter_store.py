@@ -121,10 +121,15 @@ def prune(session: Session, root: Path, keep: int) -> list[str]:
     """Delete the weight directories of all but the ``keep`` newest versions, never the active one
     nor an initial one (rebuilds replay from it). The SQL rows stay, so lineage and
     ``absorbed_by`` still answer for pruned versions; only activating one is no longer possible."""
-    rows = list_versions(session)
+    # only versions still on disk are candidates: the query stays O(keep) however long the history
+    on_disk = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
+    if len(on_disk) <= keep:
+        return []
+    rows = list(session.scalars(select(AdapterVersionRecord).where(AdapterVersionRecord.version.in_(on_disk))
+                                .order_by(AdapterVersionRecord.created_at)))
     protected = {active_version(session), *(r.version for r in rows if r.kind == "initial"),
                  *(r.version for r in rows[-keep:])}
-    pruned = [r.version for r in rows if r.version not in protected and (root / r.version).is_dir()]
+    pruned = [r.version for r in rows if r.version not in protected]
     for version in pruned:
         shutil.rmtree(root / version, ignore_errors=True)
     return pruned
