@@ -142,3 +142,36 @@ def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, 
     run = run_method(build_method("meta_ft", ctx), EvalSet("tiny", "test", docs[:2], questions),
                      ProtocolConfig(latency_samples=1, score_choices=False), progress=False)
     assert 0.0 <= run.f1 <= 100.0
+
+
+def test_meta_ft_isolated_answers_each_question_from_its_own_document_then_restores_the_init(tmp_path):
+    from training.methods import MethodConfig, MethodContext, build_method
+    from training.types import Document, Question
+
+    model, tok, meta, config = _model("lora")
+    with torch.no_grad():
+        for p in meta.values():
+            p.normal_(0, 0.1)
+    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    base, tok = tiny_causal_lm("llama")
+    ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=4, meta_ft_artifact=str(tmp_path / "m")))
+    docs = [Document(f"d{i}", text) for i, (_, text, _) in enumerate(FACTS[:3])]
+    questions = [Question("q1", "How many libraries?", ("12",), ("d1",)),
+                 Question("q0", "Who won?", ("x",), ("d0",))]
+
+    isolated = build_method("meta_ft_isolated", ctx)
+    init = [p.detach().clone() for p in isolated.params]
+    for doc in docs:
+        isolated.ingest(doc)
+    assert isolated.steps == 0  # nothing is learned until a question about a document comes
+    answers = isolated.answer(questions)
+    assert isolated.steps == 2  # one step per question's document, from the init each time
+    assert all(torch.equal(a, p) for a, p in zip(init, isolated.params))
+    isolated.close()
+
+    # the same as a stream method that saw only that one document
+    for question, answer in zip(questions, answers):
+        single = build_method("meta_ft", ctx)
+        single.ingest(next(d for d in docs if d.id == question.doc_ids[0]))
+        assert single.answer([question]) == [answer]
+        single.close()

@@ -5,7 +5,9 @@ multi-document case) is ONE SGD step at the learning rate the init was meta-trai
 LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-1 init merged
 (variant ``rank1_full``): exactly the inner step of meta-training, taken with a plain optimizer.
 Registered as ``meta_ft`` (``MethodConfig.meta_ft_docs_per_step``, default 1), ``meta_ft_4`` and
-``meta_ft_16``. The artifact comes from ``MethodConfig.meta_ft_artifact``, else
+``meta_ft_16``. ``meta_ft_isolated`` is the meta-training (and the paper's) setting instead of the
+stream: each question is answered right after one step from the init on its own document only,
+then the init is restored; the gap to ``meta_ft`` is what accumulating steps over a stream costs. The artifact comes from ``MethodConfig.meta_ft_artifact``, else
 ``$FRESHLM_META_FT_ARTIFACT``, else ``var/artifacts/meta_ft``.
 """
 
@@ -35,8 +37,9 @@ def meta_ft_artifact_path(ctx: MethodContext) -> Path:
 
 
 class MetaFineTuning:
-    def __init__(self, ctx: MethodContext, name: str, docs_per_step: int) -> None:
-        self.ctx, self.name, self.docs_per_step = ctx, name, docs_per_step
+    def __init__(self, ctx: MethodContext, name: str, docs_per_step: int, isolated: bool = False) -> None:
+        self.ctx, self.name, self.docs_per_step, self.isolated = ctx, name, docs_per_step, isolated
+        self.documents: dict[str, Document] = {}  # isolated: kept until their questions come
         path = meta_ft_artifact_path(ctx)
         self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
         in_place = read_manifest(path).config.get("adapter", {}).get("variant") == "rank1_full"
@@ -51,6 +54,9 @@ class MetaFineTuning:
         self.steps = 0
 
     def ingest(self, document: Document) -> None:
+        if self.isolated:
+            self.documents[document.id] = document
+            return
         self.pending.append(document)
         if len(self.pending) >= self.docs_per_step:
             self._step()
@@ -68,14 +74,40 @@ class MetaFineTuning:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
 
+    def _each_from_own_document(self, questions: list[Question], ask) -> list:
+        """Isolated protocol: per supporting document(s), one step from the init, ask, restore the init."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, q in enumerate(questions):
+            groups.setdefault(tuple(q.doc_ids), []).append(i)
+        init = [p.detach().clone() for p in self.params]
+        out: dict[int, object] = {}
+        for doc_ids, idx in groups.items():
+            self.pending = [self.documents[d] for d in doc_ids if d in self.documents]
+            self._step()
+            out.update(zip(idx, ask([questions[i] for i in idx])))
+            with torch.no_grad():  # plain SGD keeps no state: restoring the parameters is a full reset
+                for p, start in zip(self.params, init):
+                    p.copy_(start)
+        return [out[i] for i in range(len(questions))]
+
     def answer(self, questions: list[Question]) -> list[str]:
+        if self.isolated:
+            return self._each_from_own_document(questions, self._generate)
         self._step()  # a partial group is learned before answering
+        return self._generate(questions)
+
+    def _generate(self, questions: list[Question]) -> list[str]:
         prompts = [qa_messages(q.question) for q in questions]
         return generate_answers(self.model, self.ctx.tokenizer, prompts,
                                 self.ctx.config.max_new_tokens, self.ctx.config.batch_size)
 
     def choice_scores(self, question: Question) -> list[float]:
+        if self.isolated:
+            return self._each_from_own_document([question], lambda qs: [self._choices(qs[0])])[0]
         self._step()
+        return self._choices(question)
+
+    def _choices(self, question: Question) -> list[float]:
         return choice_logprobs(self.model, self.ctx.tokenizer, qa_messages(question.question),
                                list(question.choices or ()))
 
@@ -95,13 +127,14 @@ class MetaFineTuning:
                 p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
 
 
-def _builder(name: str, docs_per_step: int | None):
+def _builder(name: str, docs_per_step: int | None, isolated: bool = False):
     def build(ctx: MethodContext) -> MetaFineTuning:
         n = docs_per_step or getattr(ctx.config, "meta_ft_docs_per_step", 1) or 1
-        return MetaFineTuning(ctx, name, n)
+        return MetaFineTuning(ctx, name, n, isolated)
     return build
 
 
 register_method("meta_ft")(_builder("meta_ft", None))
 register_method("meta_ft_4")(_builder("meta_ft_4", 4))
 register_method("meta_ft_16")(_builder("meta_ft_16", 16))
+register_method("meta_ft_isolated")(_builder("meta_ft_isolated", 1, isolated=True))
