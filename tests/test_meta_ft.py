@@ -175,3 +175,26 @@ def test_meta_ft_isolated_answers_each_question_from_its_own_document_then_resto
         single.ingest(next(d for d in docs if d.id == question.doc_ids[0]))
         assert single.answer([question]) == [answer]
         single.close()
+
+
+def test_harness_chooses_the_meta_ft_sgd_lr_on_the_validation_stream(tmp_path):
+    from training.eval import main as eval_main
+
+    model, _, meta, config = _model("lora")
+    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    out = tmp_path / "r.json"
+    result = eval_main(["--quick", "--dataset", "squad-seq", "--data", str(write_tiny_squad(tmp_path / "s.json")),
+                        "--out", str(out), "--no-progress", "--methods", "meta_ft,meta_ft_isolated",
+                        "--meta-ft-artifact", str(tmp_path / "m"), "--meta-ft-lr-grid", "0.01,0.1"])
+    selection = result["config"]["lr_selection"]
+    assert set(selection) == {"meta_ft"}  # the isolated protocol keeps the meta-trained lr
+    assert selection["meta_ft"]["chosen"] in (0.01, 0.1) and set(selection["meta_ft"]["val_f1"]) == {"0.01", "0.1"}
+    assert set(result["methods"]) == {"meta_ft", "meta_ft_isolated"}
+    from training.methods import MethodConfig, MethodContext, build_method
+
+    base, tok = tiny_causal_lm("llama")
+    for lr, expected in ((None, config.inner_lr), (0.05, 0.05)):
+        method = build_method("meta_ft", MethodContext(base, tok, MethodConfig(
+            meta_ft_artifact=str(tmp_path / "m"), meta_ft_lr=lr)))
+        assert method.optimizer.param_groups[0]["lr"] == expected
+        method.close()

@@ -27,7 +27,7 @@ import torch
 
 from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
 from training.harness import ProtocolConfig, run_method
-from training.methods import BASELINES, FINE_TUNING_METHODS, MethodConfig, MethodContext, build_method
+from training.methods import BASELINES, FINE_TUNING_METHODS, META_FT_STREAM_METHODS, MethodConfig, MethodContext, build_method
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
 from training.qa_tuning import apply_qa_tuning
 from training.results_plot import plot_results
@@ -69,12 +69,13 @@ def load_base(args) -> tuple:
     return model, tokenizer
 
 
-def choose_lr(name: str, ctx: MethodContext, val: EvalSet, grid: list[float], progress: bool) -> tuple[float, dict]:
-    """The grid learning rate with the best validation F1 (ties: the smaller lr)."""
+def choose_lr(name: str, ctx: MethodContext, val: EvalSet, grid: list[float], progress: bool,
+              field: str = "ft_lr") -> tuple[float, dict]:
+    """The grid learning rate (``MethodConfig.<field>``) with the best validation F1 (ties: the smaller lr)."""
     scores = {}
     protocol = ProtocolConfig(latency_samples=0, score_choices=False)
     for lr in grid:
-        trial = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={"ft_lr": lr}))
+        trial = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={field: lr}))
         run = run_method(build_method(name, trial), val, protocol, progress=progress)
         scores[lr] = round(run.f1, 2)
         log.info("%s lr=%g: val F1 %.2f", name, lr, run.f1)
@@ -100,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--lr-grid", default="1e-4,5e-4,2.5e-3", help="comma list; empty: use --ft-lr")
     p.add_argument("--ft-lr", type=float, default=MethodConfig().ft_lr)
+    p.add_argument("--meta-ft-lr-grid", default="",
+                   help="comma list of SGD lrs for meta_ft / meta_ft_4 / meta_ft_16, chosen on the validation "
+                        "stream like --lr-grid; empty: the lr the init was meta-trained for")
     p.add_argument("--val-max-documents", type=int, default=20)
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     retention_methods = {m.strip() for m in args.retention_methods.split(",") if m.strip()}
     grid = [float(x) for x in args.lr_grid.split(",") if x.strip()]
+    meta_grid = [float(x) for x in args.meta_ft_lr_grid.split(",") if x.strip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -189,17 +194,19 @@ def main(argv: list[str] | None = None) -> dict:
             log.info("%s: already in %s, skipped (--resume)", name, out)
             continue
         ctx = MethodContext(model, tokenizer, method_config)
-        if name in FINE_TUNING_METHODS and len(grid) == 1:
-            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={"ft_lr": grid[0]}))
-        elif name in FINE_TUNING_METHODS and grid:
+        field, values = (("ft_lr", grid) if name in FINE_TUNING_METHODS
+                         else ("meta_ft_lr", meta_grid) if name in META_FT_STREAM_METHODS else (None, []))
+        if field and len(values) == 1:
+            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={field: values[0]}))
+        elif field and values:
             val = val if val is not None else validation_set(args)
             if val is None:
-                raise SystemExit(f"{name}: --lr-grid needs a validation stream (--val-data)")
-            lr, scores = choose_lr(name, ctx, val, grid, progress)
+                raise SystemExit(f"{name}: a learning-rate grid needs a validation stream (--val-data)")
+            lr, scores = choose_lr(name, ctx, val, values, progress, field)
             config["lr_selection"][name] = {"chosen": lr, "val_f1": scores,
                                             "val_documents": len(val.documents),
                                             "val_questions": len(val.questions)}
-            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={"ft_lr": lr}))
+            ctx = MethodContext(model, tokenizer, method_config.model_copy(update={field: lr}))
         started = time.time()
         run = run_method(build_method(name, ctx), evalset, protocol,
                          retention=name in retention_methods, progress=progress)

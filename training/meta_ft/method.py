@@ -1,7 +1,8 @@
 """``meta_ft`` in the evaluation harness: plain SGD steps from the meta-trained init.
 
 Each document (or each group of ``docs_per_step`` documents, pooled into one loss: the
-multi-document case) is ONE SGD step at the learning rate the init was meta-trained for, on the
+multi-document case) is ONE SGD step at the learning rate the init was meta-trained for (or
+``MethodConfig.meta_ft_lr``, which the harness can choose on val like ``uniform_ft``'s), on the
 LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-1 init merged
 (variant ``rank1_full``): exactly the inner step of meta-training, taken with a plain optimizer.
 Registered as ``meta_ft`` (``MethodConfig.meta_ft_docs_per_step``, default 1), ``meta_ft_4`` and
@@ -49,7 +50,7 @@ class MetaFineTuning:
         self.model.eval()
         self.params = list(params.values())
         self._changed = list(params)  # names of base weights the rank-1 variant edits in place
-        self.optimizer = torch.optim.SGD(self.params, lr=self.adapter.inner_lr)
+        self.optimizer = torch.optim.SGD(self.params, lr=getattr(ctx.config, "meta_ft_lr", None) or self.adapter.inner_lr)
         self.pending: list[Document] = []
         self.steps = 0
 

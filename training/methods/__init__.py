@@ -25,6 +25,8 @@ METHODS: dict[str, MethodBuilder] = {
 }
 BASELINES = tuple(METHODS)
 FINE_TUNING_METHODS = {"uniform_ft", "salient_spans_ft", "camels_ft"}  # methods whose lr is tuned on val
+# stream methods stepping from a meta-trained init: their SGD lr can be tuned on val too (another scale)
+META_FT_STREAM_METHODS = {"meta_ft", "meta_ft_4", "meta_ft_16"}
 
 
 def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:

@@ -38,6 +38,7 @@ class MethodConfig(BaseModel):
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step
+    meta_ft_lr: float | None = None  # meta_ft: SGD lr (none: the lr the init was meta-trained for)
 
 
 @dataclass
