@@ -8,8 +8,9 @@ LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-
 Registered as ``meta_ft`` (``MethodConfig.meta_ft_docs_per_step``, default 1), ``meta_ft_4`` and
 ``meta_ft_16``. ``meta_ft_isolated`` is the meta-training (and the paper's) setting instead of the
 stream: each question is answered right after one step from the init on its own document only,
-then the init is restored; the gap to ``meta_ft`` is what accumulating steps over a stream costs. The artifact comes from ``MethodConfig.meta_ft_artifact``, else
-``$FRESHLM_META_FT_ARTIFACT``, else ``var/artifacts/meta_ft``.
+then the init is restored; the gap to ``meta_ft`` is what accumulating steps over a stream costs.
+The artifact comes from ``MethodConfig.meta_ft_artifact``, else ``$FRESHLM_META_FT_ARTIFACT``, else
+``var/artifacts/meta_ft``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class MetaFineTuning:
         self.model.eval()
         self.params = list(params.values())
         self._changed = list(params)  # names of base weights the rank-1 variant edits in place
-        self.optimizer = torch.optim.SGD(self.params, lr=getattr(ctx.config, "meta_ft_lr", None) or self.adapter.inner_lr)
+        lr = getattr(ctx.config, "meta_ft_lr", None) or self.adapter.inner_lr
+        self.optimizer = torch.optim.SGD(self.params, lr=lr)
         self.pending: list[Document] = []
         self.steps = 0
 
