@@ -24,8 +24,8 @@ DOCS = [
 def test_gradients_reach_mac_networks_and_base_stays_frozen(kind):
     mac, base, tok = tiny_mac(kind)
     mac.train()
-    loss = mac_loss(mac, base, tok, DOCS, ["Who approved the bridge?"] * 3, ["the council"] * 3,
-                    backprop_mask=[True, True, True])
+    loss, _ = mac_loss(mac, base, tok, DOCS, ["Who approved the bridge?"] * 3, ["the council"] * 3,
+                       backprop_mask=[True, True, True])
     loss.backward()
     for name, module in [("amortizer", mac.amortizer), ("aggregator", mac.aggregator), ("prefix", mac.prefix)]:
         grads = [p.grad for p in module.parameters() if p.requires_grad]
@@ -39,11 +39,29 @@ def test_backprop_dropout_only_differentiates_the_kept_documents():
     mac, base, tok = tiny_mac()
     seen = []
     hook = mac.amortizer.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
-    loss = mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["the council"] * 3, backprop_mask=[True, False, False])
+    loss, _ = mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["the council"] * 3, backprop_mask=[True, False, False])
     hook.remove()
     assert seen == [True, False, True]  # documents with grad, documents without, then the questions
     loss.backward()
     assert mac.amortizer.queries.grad is not None
+
+
+def test_reconstruction_loss_trains_the_writer_and_depends_on_the_entry():
+    from training.mac.train import TrainConfig, reconstruction_nll
+
+    mac, base, tok = tiny_mac()
+    mac.train()
+    loss, parts = mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["x"] * 3, [True, False, True],
+                           cfg=TrainConfig(reconstruction_weight=0.5, reconstruction_tokens=8))
+    assert set(parts) == {"qa", "recon"} and parts["recon"] > 0
+    assert loss.item() == pytest.approx(parts["qa"] + 0.5 * parts["recon"], rel=1e-5)
+    loss.backward()
+    assert mac.amortizer.queries.grad.abs().sum() > 0 and mac.prefix.net[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        entries = [m for m, _ in mac.memorize(DOCS)]
+        own = reconstruction_nll(mac, base, tok, DOCS, entries, 8)
+        other = reconstruction_nll(mac, base, tok, DOCS, entries[1:] + entries[:1], 8)
+    assert own.shape == (3,) and not torch.allclose(own, other)
 
 
 def test_encoder_top_layers_can_train():
@@ -56,7 +74,7 @@ def test_encoder_top_layers_can_train():
     assert trainable and all(".layer.1." in n for n in trainable)
     mac.train()
     assert mac.amortizer.encoder.training
-    mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["x"] * 3, [True] * 3).backward()
+    mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["x"] * 3, [True] * 3)[0].backward()
     assert all(p.grad is not None for n, p in mac.amortizer.encoder.named_parameters() if n in trainable)
 
 
@@ -67,7 +85,7 @@ def test_a_few_steps_fit_a_fixed_batch():
     answers = ["the council", "12", "kelp"]
     losses = []
     for _ in range(15):
-        loss = mac_loss(mac, base, tok, DOCS, questions, answers, [True] * 3)
+        loss, _ = mac_loss(mac, base, tok, DOCS, questions, answers, [True] * 3)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -61,3 +61,12 @@ def test_training_validates_exports_best_and_resumes_exactly(tmp_path):
              metrics={"val": state2["best"]})
     loaded, manifest = load_mac(tmp_path / "art", base.config, encoder=tiny_encoder())
     assert manifest.metrics["val"]["step"] == state2["best"]["step"]
+
+
+def test_reconstruction_weight_adds_its_probe_and_loss_to_the_log():
+    mac, base, tok = tiny_mac()
+    cfg = CFG.model_copy(update={"steps": 3, "reconstruction_weight": 1.0, "reconstruction_tokens": 8})
+    state = train_mac(mac, base, tok, _evalset("train"), _evalset("val"), cfg, progress=False)
+    last = state["history"][-1]
+    assert last["recon_own"] > 0 and last["recon_other"] > 0 and last["recon_own"] != last["recon_other"]
+    assert state["history"][-2]["train_recon_ema"] > 0

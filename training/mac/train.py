@@ -31,9 +31,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data.evalset import EvalSet
 from training.mac.config import MACConfig
-from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
-from training.mac.prefix import PromptHead
+from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac, stack_prefixes
+from training.mac.prefix import PromptHead, prefixed_forward
 from training.metrics import mean, squad_scores
+from training.token_batches import document_batch
 from training.types import Document, Question
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     max_answer_tokens: int = Field(24, description="skip training questions with longer answers")
+    reconstruction_weight: float = Field(
+        0.0, description="weight of the auxiliary loss: NLL of a document's own text under the prefix of "
+                         "its memory entry alone (in-context autoencoding; 0 = off)")
+    reconstruction_tokens: int = Field(128, description="document tokens scored by the reconstruction loss")
     eval_every: int = Field(200, description="steps between validations (~50 s each on a CPU)")
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
@@ -83,6 +88,33 @@ def validation_set(val: EvalSet, cfg: TrainConfig) -> tuple[list[Document], list
 # --- one step ------------------------------------------------------------------------------------
 
 
+RECONSTRUCTION_QUERY = "What does the document say?"
+
+
+def reconstruction_nll(
+    mac: MAC,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    entries: list[torch.Tensor],
+    max_tokens: int,
+) -> torch.Tensor:
+    """NLL per document ``[B]`` of the first ``max_tokens`` tokens of ``texts[i]`` (teacher forced,
+    no prompt) under the prefix aggregated from ``entries[i]`` alone.
+
+    The answer loss supervises a few answer tokens per document, and on its own the writer learnt
+    to memorise training paragraphs without learning to write unseen ones (docs/mac.md); scoring the
+    document's own text asks the entry to carry what the document says, densely (the in-context
+    autoencoder's pretraining objective)."""
+    query, _ = mac.encode_questions([RECONSTRUCTION_QUERY])
+    prefix = stack_prefixes([mac.prefix_for(query, [entry]) for entry in entries])
+    batch = document_batch(tokenizer, texts, max_tokens).to(base.device)
+    logits = prefixed_forward(base, batch.input_ids, batch.attention_mask, prefix).logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return nll.sum(1) / (targets != -100).sum(1).clamp(min=1)
+
+
 def mac_loss(
     mac: MAC,
     base: PreTrainedModel,
@@ -93,9 +125,12 @@ def mac_loss(
     backprop_mask: list[bool],
     group_size: int | None = None,
     head: PromptHead | None = None,
-) -> torch.Tensor:
-    """Mean answer NLL over the questions with all ``texts`` in memory; documents whose
-    ``backprop_mask`` is False are amortized without gradients (backprop dropout)."""
+    cfg: TrainConfig | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean answer NLL over the questions with all ``texts`` in memory, plus the weighted
+    reconstruction NLL of the documents that carry gradients; documents whose ``backprop_mask`` is
+    False are amortized without gradients (backprop dropout). Returns the loss and its parts."""
+    cfg = cfg or TrainConfig()
     with_grad = [t for t, keep in zip(texts, backprop_mask) if keep]
     without = [t for t, keep in zip(texts, backprop_mask) if not keep]
     entries = [memory for memory, _ in mac.memorize(with_grad)] if with_grad else []
@@ -105,7 +140,14 @@ def mac_loss(
     query, _ = mac.encode_questions(questions)
     prefix = mac.prefix_for(query, entries, group_size)
     input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
-    return answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
+    loss = answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
+    parts = {"qa": loss.item()}
+    if cfg.reconstruction_weight > 0 and with_grad:
+        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)],
+                                   cfg.reconstruction_tokens).mean()
+        parts["recon"] = recon.item()
+        loss = loss + cfg.reconstruction_weight * recon
+    return loss, parts
 
 
 def sample_step(
@@ -133,11 +175,14 @@ def validate(
     questions: list[Question],
     batch_size: int = 8,
     head: PromptHead | None = None,
+    reconstruction_tokens: int | None = None,
 ) -> dict[str, float]:
     """Answer NLL and generated-answer F1/EM (percent) with all ``docs`` in memory, and the memory
     probe: answer NLL with the question's own paragraph alone in memory (``nll_own``) and with
     another one (``nll_other``). ``nll_other - nll_own`` is what reading memory is worth on unseen
-    paragraphs; near 0 means the network answers from the question alone."""
+    paragraphs; near 0 means the network answers from the question alone. With
+    ``reconstruction_tokens``, the same probe for the reconstruction loss (``recon_own`` /
+    ``recon_other``: how much of an unseen paragraph's text its entry carries)."""
     mac.eval()
     memory = [m for m, _ in mac.memorize([d.text for d in docs])]
     index = {d.id: i for i, d in enumerate(docs)}
@@ -156,8 +201,15 @@ def validate(
         predictions = answer_questions(mac, base, tokenizer, texts, lambda i, k: memory, head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
+    probe = {}
+    if reconstruction_tokens:
+        texts = [d.text for d in docs]
+        for name, entries in (("recon_own", memory), ("recon_other", memory[1:] + memory[:1])):
+            probe[name] = round(mean(torch.cat([
+                reconstruction_nll(mac, base, tokenizer, texts[i : i + batch_size], entries[i : i + batch_size],
+                                   reconstruction_tokens) for i in range(0, len(texts), batch_size)]).tolist()), 4)
     mac.train()
-    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4),
+    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4), **probe,
             "f1": round(100 * mean(s["f1"] for s in scores), 2),
             "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores), "samples": samples[:4]}
 
@@ -224,7 +276,8 @@ def train_mac(
     head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
-        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head)}
+        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head,
+                                                       reconstruction_tokens=cfg.reconstruction_tokens if cfg.reconstruction_weight > 0 else None)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -239,22 +292,24 @@ def train_mac(
     mac.train()
     bar = tqdm(range(state["step"], cfg.steps), desc="mac", initial=state["step"], total=cfg.steps,
                disable=not progress)
-    running = None
+    running: dict[str, float] = {}
     for step in bar:
         texts, questions, answers, mask, group = sample_step(rng, doc_texts, pairs, cfg)
-        loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group, head=head)
+        loss, parts = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group, head=head, cfg=cfg)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        parts = {"loss": loss.item(), **parts}
+        running = {k: v if k not in running else 0.95 * running[k] + 0.05 * v for k, v in parts.items()}
         state["step"] = step + 1
         state["seconds"] = time.time() - started
-        bar.set_postfix(loss=f"{running:.3f}", gnorm=f"{float(grad_norm):.2f}")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"gnorm": f"{float(grad_norm):.2f}"})
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps or out_of_time:
-            state["history"].append({"step": state["step"], "train_loss_ema": round(running, 4),
+            state["history"].append({"step": state["step"], "train_loss_ema": round(running["loss"], 4),
+                                     **{f"train_{k}_ema": round(v, 4) for k, v in running.items() if k != "loss"},
                                      "minutes": round(state["seconds"] / 60, 2)})
             run_validation()
             save_checkpoint()
