@@ -56,12 +56,20 @@ class TrainConfig(BaseModel):
         0.0, description="weight of the auxiliary loss: NLL of a document's own text under the prefix of "
                          "its memory entry alone (in-context autoencoding; 0 = off)")
     reconstruction_tokens: int = Field(128, description="document tokens scored by the reconstruction loss")
+    reconstruction_margin: float = Field(
+        0.0, description="weight of a hinge max(0, 0.5 + recon(own entry) - recon(another entry)): rewards "
+                         "what only the document's own entry explains, since a plain reconstruction loss can be "
+                         "lowered by one prefix that fits every document (0 = off)")
     eval_every: int = Field(200, description="steps between validations (~50 s each on a CPU)")
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
     checkpoint_every: int = 50
     max_minutes: float | None = None
     seed: int = 0
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.reconstruction_weight > 0 or self.reconstruction_margin > 0
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -142,11 +150,16 @@ def mac_loss(
     input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
     loss = answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
     parts = {"qa": loss.item()}
-    if cfg.reconstruction_weight > 0 and with_grad:
-        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)],
-                                   cfg.reconstruction_tokens).mean()
-        parts["recon"] = recon.item()
-        loss = loss + cfg.reconstruction_weight * recon
+    if cfg.reconstructs and with_grad:
+        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)], cfg.reconstruction_tokens)
+        parts["recon"] = recon.mean().item()
+        loss = loss + cfg.reconstruction_weight * recon.mean()
+        if cfg.reconstruction_margin > 0 and len(entries) > 1:
+            others = [entries[(i + 1) % len(entries)] for i in range(len(with_grad))]
+            recon_other = reconstruction_nll(mac, base, tokenizer, with_grad, others, cfg.reconstruction_tokens)
+            hinge = torch.relu(0.5 + recon - recon_other).mean()
+            parts["margin"] = hinge.item()
+            loss = loss + cfg.reconstruction_margin * hinge
     return loss, parts
 
 
@@ -277,7 +290,7 @@ def train_mac(
 
     def run_validation() -> None:
         metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head,
-                                                       reconstruction_tokens=cfg.reconstruction_tokens if cfg.reconstruction_weight > 0 else None)}
+                                                       reconstruction_tokens=cfg.reconstruction_tokens if cfg.reconstructs else None)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
