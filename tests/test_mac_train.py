@@ -70,3 +70,15 @@ def test_reconstruction_weight_adds_its_probe_and_loss_to_the_log():
     last = state["history"][-1]
     assert last["recon_own"] > 0 and last["recon_other"] > 0 and last["recon_own"] != last["recon_other"]
     assert state["history"][-2]["train_recon_ema"] > 0
+
+
+def test_a_spent_budget_resumes_to_the_checkpoint_without_training(tmp_path):
+    ckpt = tmp_path / "mac.ckpt.pt"
+    mac, base, tok = tiny_mac()
+    train_mac(mac, base, tok, _evalset("train"), _evalset("val"), CFG, checkpoint=ckpt, progress=False, stop_at=2)
+    resumed, _, _ = tiny_mac()
+    state = train_mac(resumed, base, tok, _evalset("train"), _evalset("val"), CFG.model_copy(update={"max_minutes": 0}),
+                      checkpoint=ckpt, progress=False)
+    assert state["step"] == 2
+    for name, tensor in mac.trainable_tensors().items():
+        torch.testing.assert_close(resumed.trainable_tensors()[name], tensor, msg=name)

@@ -301,6 +301,9 @@ def train_mac(
 
     if state["step"] == 0 and not state["history"]:
         run_validation()
+    if cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes:
+        log.info("time budget of %.1f minutes already spent (step %d): nothing to train", cfg.max_minutes, state["step"])
+        return state
     started = time.time() - state["seconds"]
     mac.train()
     bar = tqdm(range(state["step"], cfg.steps), desc="mac", initial=state["step"], total=cfg.steps,
@@ -353,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra-train", nargs="*", default=[],
                         help="RealTimeQA folders (e.g. ../shared/data/realtimeqa/2022 ../shared/data/realtimeqa/2023) "
                              "whose evidence paragraphs and questions join the training set (never 2024: it is the test)")
+    parser.add_argument("--export-last", help="also write the final weights (not the best-F1 ones) as an artifact "
+                        "here; with a spent budget, this exports the checkpoint as it is")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
@@ -409,13 +414,17 @@ def main(argv: list[str] | None = None) -> None:
             {"dataset": "realtimeqa", "source": str(folder), "documents": len(extra.documents),
              "questions": len(extra.questions)})
 
-    def export(mac_: MAC, metrics: dict) -> None:
-        save_mac(out, mac_, base_model=args.base_model, base_config=base.config, encoder=args.encoder,
-                 training_data=training_data, metrics={"val": metrics, "train": train_cfg.model_dump()})
-        log.info("exported %s (val F1 %.2f)", out, metrics["f1"])
+    def export(mac_: MAC, metrics: dict, path: Path = out, step: int | None = None) -> None:
+        """``metrics``: the validation of these weights (the latest one for ``--export-last``)."""
+        step = metrics["step"] if step is None else step
+        save_mac(path, mac_, base_model=args.base_model, base_config=base.config, encoder=args.encoder,
+                 training_data=training_data, metrics={"val": metrics, "step": step, "train": train_cfg.model_dump()})
+        log.info("exported %s (step %d; val F1 %.2f at step %d)", path, step, metrics["f1"], metrics["step"])
 
     state = train_mac(mac, base, tokenizer, train, val, train_cfg, checkpoint=checkpoint, on_best=export,
                       progress=not args.no_progress)
+    if args.export_last:
+        export(mac, next(h for h in reversed(state["history"]) if "f1" in h), Path(args.export_last), state["step"])
     history = out.parent / f"{out.name}.history.json"
     history.write_text(json.dumps({"best": state["best"], "history": state["history"],
                                    "parameters": mac.n_parameters()}, indent=2))
