@@ -39,6 +39,7 @@ def test_training_validates_exports_best_and_resumes_exactly(tmp_path):
     assert [h["step"] for h in vals] == [0, 3, 6] and all(h["loss"] > 0 for h in vals)
     # the memory probe: own vs another paragraph differ (the readout depends on the memory)
     assert all(h["nll_own"] > 0 and h["nll_other"] > 0 and h["nll_own"] != h["nll_other"] for h in vals)
+    assert all(0 < h["prefix_doc_share"] < 1 for h in vals)
     assert state["best"] == best[-1]
 
     # interrupted after 4 steps (checkpoint at step 4), then resumed to 6: same weights as above
@@ -82,3 +83,13 @@ def test_a_spent_budget_resumes_to_the_checkpoint_without_training(tmp_path):
     assert state["step"] == 2
     for name, tensor in mac.trainable_tensors().items():
         torch.testing.assert_close(resumed.trainable_tensors()[name], tensor, msg=name)
+
+
+def test_prefix_document_share_is_zero_when_every_entry_is_the_same():
+    from training.mac.train import prefix_document_share
+
+    mac, _, _ = tiny_mac()
+    with torch.no_grad():
+        entries = [m for m, _ in mac.memorize([text for text, _, _ in FACTS])]
+        assert prefix_document_share(mac, [entries[0]] * 3) == 0
+        assert prefix_document_share(mac, entries) > 0

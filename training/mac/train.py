@@ -179,6 +179,17 @@ def sample_step(
 # --- validation ----------------------------------------------------------------------------------
 
 
+def prefix_document_share(mac: MAC, memory: list[torch.Tensor]) -> float:
+    """Share of the prefix key/values' second moment that varies between documents, each entry
+    aggregated alone for one fixed query: near 0 means one prefix fits all documents and nothing
+    of a document reaches the base model, whatever the losses say (how the reconstruction loss
+    alone failed, docs/mac.md)."""
+    query, _ = mac.encode_questions([RECONSTRUCTION_QUERY])
+    kv = torch.stack([torch.cat([torch.cat([k, v]).flatten() for k, v in mac.prefix_for(query, [entry])])
+                      for entry in memory])
+    return round((kv.var(0, unbiased=False).sum() / kv.pow(2).mean(0).sum()).item(), 4)
+
+
 @torch.no_grad()
 def validate(
     mac: MAC,
@@ -193,7 +204,8 @@ def validate(
     """Answer NLL and generated-answer F1/EM (percent) with all ``docs`` in memory, and the memory
     probe: answer NLL with the question's own paragraph alone in memory (``nll_own``) and with
     another one (``nll_other``). ``nll_other - nll_own`` is what reading memory is worth on unseen
-    paragraphs; near 0 means the network answers from the question alone. With
+    paragraphs; near 0 means the network answers from the question alone; ``prefix_doc_share``
+    (``prefix_document_share``) says whether the prefix depends on the document at all. With
     ``reconstruction_tokens``, the same probe for the reconstruction loss (``recon_own`` /
     ``recon_other``: how much of an unseen paragraph's text its entry carries)."""
     mac.eval()
@@ -214,7 +226,7 @@ def validate(
         predictions = answer_questions(mac, base, tokenizer, texts, lambda i, k: memory, head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
-    probe = {}
+    probe = {"prefix_doc_share": prefix_document_share(mac, memory)}
     if reconstruction_tokens:
         texts = [d.text for d in docs]
         for name, entries in (("recon_own", memory), ("recon_other", memory[1:] + memory[:1])):
