@@ -56,20 +56,12 @@ class TrainConfig(BaseModel):
         0.0, description="weight of the auxiliary loss: NLL of a document's own text under the prefix of "
                          "its memory entry alone (in-context autoencoding; 0 = off)")
     reconstruction_tokens: int = Field(128, description="document tokens scored by the reconstruction loss")
-    reconstruction_margin: float = Field(
-        0.0, description="weight of a hinge max(0, 0.5 + recon(own entry) - recon(another entry)): rewards "
-                         "what only the document's own entry explains, since a plain reconstruction loss can be "
-                         "lowered by one prefix that fits every document (0 = off)")
     eval_every: int = Field(200, description="steps between validations (~50 s each on a CPU)")
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
     checkpoint_every: int = 50
     max_minutes: float | None = None
     seed: int = 0
-
-    @property
-    def reconstructs(self) -> bool:
-        return self.reconstruction_weight > 0 or self.reconstruction_margin > 0
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -150,16 +142,11 @@ def mac_loss(
     input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
     loss = answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
     parts = {"qa": loss.item()}
-    if cfg.reconstructs and with_grad:
-        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)], cfg.reconstruction_tokens)
-        parts["recon"] = recon.mean().item()
-        loss = loss + cfg.reconstruction_weight * recon.mean()
-        if cfg.reconstruction_margin > 0 and len(entries) > 1:
-            others = [entries[(i + 1) % len(entries)] for i in range(len(with_grad))]
-            recon_other = reconstruction_nll(mac, base, tokenizer, with_grad, others, cfg.reconstruction_tokens)
-            hinge = torch.relu(0.5 + recon - recon_other).mean()
-            parts["margin"] = hinge.item()
-            loss = loss + cfg.reconstruction_margin * hinge
+    if cfg.reconstruction_weight > 0 and with_grad:
+        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)],
+                                   cfg.reconstruction_tokens).mean()
+        parts["recon"] = recon.item()
+        loss = loss + cfg.reconstruction_weight * recon
     return loss, parts
 
 
@@ -234,7 +221,8 @@ def validate(
                 reconstruction_nll(mac, base, tokenizer, texts[i : i + batch_size], entries[i : i + batch_size],
                                    reconstruction_tokens) for i in range(0, len(texts), batch_size)]).tolist()), 4)
     mac.train()
-    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4), **probe,
+    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4),
+            **probe,
             "f1": round(100 * mean(s["f1"] for s in scores), 2),
             "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores), "samples": samples[:4]}
 
@@ -301,8 +289,9 @@ def train_mac(
     head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
+        recon_tokens = cfg.reconstruction_tokens if cfg.reconstruction_weight > 0 else None
         metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head,
-                                                       reconstruction_tokens=cfg.reconstruction_tokens if cfg.reconstructs else None)}
+                                                       reconstruction_tokens=recon_tokens)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -314,7 +303,7 @@ def train_mac(
     if state["step"] == 0 and not state["history"]:
         run_validation()
     if cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes:
-        log.info("time budget of %.1f minutes already spent (step %d): nothing to train", cfg.max_minutes, state["step"])
+        log.info("time budget of %.1f minutes already spent (step %d)", cfg.max_minutes, state["step"])
         return state
     started = time.time() - state["seconds"]
     mac.train()
