@@ -15,14 +15,13 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import Manifest, load_artifact, read_manifest, save_artifact
-from training.generation import chat_input_ids
 from training.mac.aggregator import Aggregator, aggregate
 from training.mac.amortizer import Amortizer
 from training.mac.config import MACConfig
 from training.mac.prefix import PrefixKV, PrefixProjection, PromptHead, encode_head, greedy_generate, prefixed_forward
 from training.models import ModelSettings, load_encoder
-from training.prompts import extract_answer, qa_messages
-from training.token_batches import pad_rows
+from training.prompts import extract_answer
+from training.token_batches import pad_rows, prompt_ids
 
 ARTIFACT_KIND = "mac"
 
@@ -79,12 +78,6 @@ class MAC(nn.Module):
 
 
 # --- QA sequences under a prefix -------------------------------------------------------------
-
-
-def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, question: str, passages: list[str] | None = None
-) -> list[int]:
-    return chat_input_ids(tokenizer, qa_messages(question, passages))[0].tolist()
 
 
 def shared_head_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
