@@ -93,3 +93,12 @@ def test_prefix_document_share_is_zero_when_every_entry_is_the_same():
         entries = [m for m, _ in mac.memorize([text for text, _, _ in FACTS])]
         assert prefix_document_share(mac, [entries[0]] * 3) == 0
         assert prefix_document_share(mac, entries) > 0
+
+
+def test_capacity_probe_trains_and_validates_on_the_same_paragraphs():
+    from training.mac.capacity_probe import capacity_probe
+
+    mac, base, tok = tiny_mac()
+    records = capacity_probe(mac, base, tok, _evalset("train"), 3, CFG.model_copy(update={"steps": 3, "reconstruction_weight": 1.0}))
+    assert [r["step"] for r in records] == [0, 3]
+    assert all(r["n"] == 3 and "recon_own" in r for r in records)  # val questions = the 3 trained paragraphs'

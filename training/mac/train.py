@@ -5,7 +5,8 @@ are amortized into one memory (so every question must find its document among di
 backprop dropout only a ``backprop_fraction`` of them carries gradients, the rest are amortized
 under ``no_grad`` (the paper's memory trick). Each question is encoded, aggregates the memory
 (flat, or sometimes hierarchically with a small group so the network also learns to read group
-results), and the frozen base model scores the gold answer under the resulting prefix. Adam with
+results), and the frozen base model scores the gold answer under the resulting prefix (optionally,
+``reconstruction_weight``, also each gradient-carrying document's own text under its entry). Adam with
 linear warmup and cosine decay, gradient clipping, periodic validation (NLL and generated-answer
 F1 with the val paragraphs in memory) picks the best checkpoint, which is exported as an artifact.
 Training state is checkpointed and resumed; ``--max-minutes`` bounds the wall-clock budget.
@@ -54,7 +55,8 @@ class TrainConfig(BaseModel):
     max_answer_tokens: int = Field(24, description="skip training questions with longer answers")
     reconstruction_weight: float = Field(
         0.0, description="weight of the auxiliary loss: NLL of a document's own text under the prefix of "
-                         "its memory entry alone (in-context autoencoding; 0 = off)")
+                         "its memory entry alone (in-context autoencoding; 0 = off; measured: it does not stop the prefix "
+                         "from losing its document dependence, docs/mac.md)")
     reconstruction_tokens: int = Field(128, description="document tokens scored by the reconstruction loss")
     eval_every: int = Field(200, description="steps between validations (~50 s each on a CPU)")
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
