@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data.evalset import EvalSet
 from training.mac.model import MAC
-from training.mac.train import TrainConfig, train_mac
+from training.mac.train import TrainConfig, load_models, train_mac
 
 
 def capacity_probe(
@@ -43,8 +43,8 @@ def capacity_probe(
 
 def main(argv: list[str] | None = None) -> None:
     from training.data.squad import load_squad_seq
-    from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings, load_causal_lm, load_encoder
     from training.mac.config import MACConfig
+    from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--squad", required=True, help="SQuAD v1.1 dev JSON (paragraphs from squad-seq train)")
@@ -56,13 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    settings = ModelSettings()
-    base, tokenizer = load_causal_lm(DEFAULT_BASE_MODEL, settings)
-    if args.qa_tuning:
-        from training.qa_tuning import apply_qa_tuning
-
-        base = apply_qa_tuning(base, args.qa_tuning)
-    encoder, enc_tokenizer = load_encoder(DEFAULT_ENCODER, settings)
+    base, tokenizer, encoder, enc_tokenizer = load_models(DEFAULT_BASE_MODEL, DEFAULT_ENCODER, args.qa_tuning)
     torch.manual_seed(0)
     mac = MAC(MACConfig(), encoder, enc_tokenizer, base.config)
     cfg = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), warmup_steps=min(20, args.steps),

@@ -342,9 +342,25 @@ def train_mac(
     return state
 
 
+def load_models(
+    base_model: str, encoder: str, qa_tuning: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen base LM (with the QA-format tuning merged when given) and the MiniLM encoder of a
+    MAC run, with their tokenizers (shared by the training and probe CLIs)."""
+    from training.models import ModelSettings, load_causal_lm, load_encoder
+
+    settings = ModelSettings(base_model=base_model, encoder=encoder)
+    base, tokenizer = load_causal_lm(base_model, settings)
+    if qa_tuning:
+        from training.qa_tuning import apply_qa_tuning
+
+        base = apply_qa_tuning(base, qa_tuning)
+    return (base, tokenizer, *load_encoder(encoder, settings))
+
+
 def main(argv: list[str] | None = None) -> None:
     from training.data.squad import load_squad_seq
-    from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings, load_causal_lm, load_encoder
+    from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--squad", required=True, help="path to SQuAD v1.1 dev JSON (squad-seq train/val)")
@@ -380,13 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.parent / f"{out.name}.ckpt.pt"
 
-    settings = ModelSettings(base_model=args.base_model, encoder=args.encoder)
-    base, tokenizer = load_causal_lm(args.base_model, settings)
-    if args.qa_tuning:
-        from training.qa_tuning import apply_qa_tuning
-
-        base = apply_qa_tuning(base, args.qa_tuning)
-    encoder, enc_tokenizer = load_encoder(args.encoder, settings)
+    base, tokenizer, encoder, enc_tokenizer = load_models(args.base_model, args.encoder, args.qa_tuning)
     torch.manual_seed(train_cfg.seed)
     mac = MAC(mac_cfg, encoder, enc_tokenizer, base.config).to(base.device)
     log.info("MAC parameters: %s", mac.n_parameters())
