@@ -194,8 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
             log.info("%s: already in %s, skipped (--resume)", name, out)
             continue
         ctx = MethodContext(model, tokenizer, method_config)
-        field, values = (("ft_lr", grid) if name in FINE_TUNING_METHODS
-                         else ("meta_ft_lr", meta_grid) if name in META_FT_STREAM_METHODS else (None, []))
+        if name in FINE_TUNING_METHODS:
+            field, values = "ft_lr", grid
+        elif name in META_FT_STREAM_METHODS:
+            field, values = "meta_ft_lr", meta_grid
+        else:
+            field, values = None, []
         if field and len(values) == 1:
             ctx = MethodContext(model, tokenizer, method_config.model_copy(update={field: values[0]}))
         elif field and values:

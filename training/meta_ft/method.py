@@ -51,8 +51,8 @@ class MetaFineTuning:
         self.model.eval()
         self.params = list(params.values())
         self._changed = list(params)  # names of base weights the rank-1 variant edits in place
-        lr = getattr(ctx.config, "meta_ft_lr", None) or self.adapter.inner_lr
-        self.optimizer = torch.optim.SGD(self.params, lr=lr)
+        lr = ctx.config.meta_ft_lr
+        self.optimizer = torch.optim.SGD(self.params, lr=self.adapter.inner_lr if lr is None else lr)
         self.pending: list[Document] = []
         self.steps = 0
 
