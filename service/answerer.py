@@ -1,7 +1,7 @@
 """The answer pipeline: strategies ``mac``, ``adapter``, ``rag`` (and combinations), ``none``.
 
 * ``rag``: BM25 over the ingested documents, the best passages go in the prompt.
-* ``mac``: the question reads the MAC memory bank; the aggregated memory becomes a prefix.
+* ``mac``: the question reads its top-k MAC memory entries (key/values in front of the prompt).
 * ``adapter``: generation through the live adapter version, pinned for the whole request.
 * ``auto``: every component that is available (rag only when a passage matches).
 

@@ -15,22 +15,32 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.memory_bank import RedisMemoryBank
 from training.mac.aggregator import iter_bank_entries, select_top_k
-from training.mac.model import MAC, answer_questions, load_mac
+from training.mac.model import MAC, answer_questions, load_mac, prompt_head
+from training.mac.prefix import PromptHead
 from training.models import ModelSettings
 
 
 @dataclass
 class MacRuntime:
+    """``base`` writes the memory (the amortizer runs it over each document); answers may come
+    from another instance of the same base model."""
+
     mac: MAC
     bank: RedisMemoryBank
     artifact: Path
     top_k: int | None
     group_size: int
+    base: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    head: PromptHead | None = None
+
+    def __post_init__(self) -> None:
+        self.head = prompt_head(self.base, self.tokenizer)
 
     @torch.no_grad()
     def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
-        """One amortizer forward pass per batch; each entry replaces any earlier one (idempotent)."""
-        for doc_id, (memory, key) in zip(doc_ids, self.mac.memorize(texts)):
+        """One base-model forward pass per document chunk; each entry replaces any earlier one (idempotent)."""
+        for doc_id, (memory, key) in zip(doc_ids, self.mac.memorize(self.base, self.tokenizer, self.head, texts)):
             self.bank.put(doc_id, memory, key)
 
     def selected_ids(self, question_key: torch.Tensor) -> list[str]:
@@ -43,9 +53,11 @@ class MacRuntime:
     @torch.no_grad()
     def answer(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str,
-        passages: list[str] | None, max_new_tokens: int, head=None,
+        passages: list[str] | None, max_new_tokens: int, head: PromptHead | None = None,
     ) -> tuple[str, list[str]]:
-        """Answer under the aggregated memory; returns the answer and the memory ids read."""
+        """Answer after the question's memory entries; returns the answer and the memory ids read.
+        Without a cached ``head`` (an adapter is active) it is computed now, by the model as it is:
+        entries were written after the head, so the head must come first."""
         used: list[str] = []
 
         def entries_for(_i: int, key: torch.Tensor):
@@ -53,7 +65,7 @@ class MacRuntime:
             return iter_bank_entries(self.bank, used, chunk=self.group_size, device=self.mac.device)
 
         (text,) = answer_questions(self.mac, base, tokenizer, [question], entries_for, passages=[passages],
-                                   group_size=self.group_size, max_new_tokens=max_new_tokens, head=head)
+                                   max_new_tokens=max_new_tokens, head=head or prompt_head(base, tokenizer))
         return text, used
 
 
@@ -63,9 +75,9 @@ def bank_name(artifact: Path) -> str:
 
 
 def load_mac_runtime(
-    artifact: Path, base_config, client, model_settings: ModelSettings, top_k: int | None, group_size: int,
-    device: torch.device | str = "cpu",
+    artifact: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, client, model_settings: ModelSettings,
+    top_k: int | None, group_size: int,
 ) -> MacRuntime:
-    mac, _ = load_mac(artifact, base_config, settings=model_settings)
+    mac, _ = load_mac(artifact, base.config, settings=model_settings)
     bank = RedisMemoryBank(client, bank=bank_name(artifact))
-    return MacRuntime(mac.to(device).eval(), bank, Path(artifact), top_k, group_size)
+    return MacRuntime(mac.to(base.device).eval(), bank, Path(artifact), top_k, group_size, base, tokenizer)

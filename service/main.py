@@ -71,8 +71,8 @@ async def lifespan(app: FastAPI):
     model, tokenizer = load_base_model(settings)
     if settings.mac_artifact is not None:
         try:
-            state.mac = load_mac_runtime(settings.mac_artifact, model.config, state.redis, settings.model_settings(),
-                                         settings.mac_top_k, settings.mac_group_size, device=model.device)
+            state.mac = load_mac_runtime(settings.mac_artifact, model, tokenizer, state.redis, settings.model_settings(),
+                                         settings.mac_top_k, settings.mac_group_size)
         except Exception as exc:  # serve without it; /readyz reports the reason
             state.mac_error = f"{exc.__class__.__name__}: {exc}"
             log.error("MAC artifact %s not loaded: %s", settings.mac_artifact, state.mac_error)

@@ -168,6 +168,7 @@ def mac_artifact_dir(tmp_path_factory, tiny_model_dir) -> Path:
     encoder, enc_tok = tiny_encoder()
     torch.manual_seed(0)
     mac = MAC(TINY_MAC, encoder, enc_tok, base.config)
+    mac.amortizer.init_memory_tokens(base)
     encoder.save_pretrained(root / "encoder")
     enc_tok.save_pretrained(root / "encoder")
     save_mac(root / "artifact", mac, base_model=str(tiny_model_dir), base_config=base.config,

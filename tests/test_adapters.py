@@ -186,7 +186,7 @@ def test_an_updater_for_another_base_model_is_refused(make_client, tiny_model_di
 
 def test_mac_and_adapter_combine_with_a_pinned_version(make_client, tiny_model_dir, mac_artifact_dir):
     client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), updater="uniform",
-                         adapter_lr=0.05)
+                         adapter_lr=0.05, mac_top_k=2)
     client.post("/documents", json={"documents": DOCS})
     records = wait_ingested(client, ["a-1", "a-2"])
     assert sorted(client.get("/readyz").json()["strategies"]) == ["adapter", "mac", "rag"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mac_helpers import TINY_MAC, tiny_encoder, tiny_mac
+from tests.mac_helpers import TINY_MAC, expected_slots, tiny_encoder, tiny_mac
 from training.data.evalset import EvalSet
 from training.harness import ProtocolConfig, run_method
+from training.mac.aggregator import stack_memories
 from training.mac.method import MACMethod, MACMethodSettings
-from training.mac.model import save_mac
+from training.mac.model import prompt_head, save_mac
+from training.mac.prefix import kv_geometry
 from training.memory_bank import InMemoryMemoryBank
 from training.methods import MethodConfig, MethodContext, build_method
 from training.types import Document, Question
@@ -20,7 +22,8 @@ DOCS = [
     Document("d2", "Scientists at the Aurora Institute reported a record harvest of kelp."),
 ]
 QUESTIONS = [
-    Question("q0", "Who approved the bridge?", ("the council",), ("d0",)),
+    Question("q0", "Who approved the bridge?", ("the council",), ("d0",), choices=("the council", "the mayor", "kelp"),
+             answer_index=0),
     Question("q1", "How many libraries opened?", ("12",), ("d1",), choices=("12", "3", "7"), answer_index=0),
 ]
 
@@ -35,39 +38,88 @@ def ctx_and_artifact(tmp_path):
              encoder=str(tmp_path / "encoder"))
     config = MethodConfig(max_new_tokens=4, batch_size=2, rag_k=1, mac_artifact=str(tmp_path / "mac"),
                           mac_group_size=2)
-    return MethodContext(base, tok, config), mac
+    return MethodContext(base, tok, config), mac.eval()
+
+
+def _entry_bytes(ctx, text):
+    """fp16 slots [layers, 2, kv_heads, slots, head_dim] plus a fp16 retrieval key."""
+    layers, kv_heads, head_dim = kv_geometry(ctx.model.config)
+    slots = expected_slots(TINY_MAC, ctx.tokenizer, prompt_head(ctx.model, ctx.tokenizer), text)
+    return (layers * 2 * kv_heads * slots * head_dim + 32) * 2
+
+
+def _ingested(ctx, mac, settings, docs=DOCS):
+    method = MACMethod(ctx, mac, settings, bank=InMemoryMemoryBank())
+    for doc in docs:
+        method.ingest(doc)
+    return method
 
 
 @pytest.mark.parametrize("name", ["mac", "mac_rag"])
 def test_harness_runs_mac_methods_from_an_artifact(ctx_and_artifact, name):
-    ctx, _ = ctx_and_artifact
+    ctx, mac = ctx_and_artifact
     method = build_method(name, ctx)
-    assert method.name == name
+    assert method.name == name and method.mac is not mac  # loaded from the artifact
+    torch.testing.assert_close(method.mac.amortizer.memory_tokens, mac.amortizer.memory_tokens)
     run = run_method(method, EvalSet("tiny", "test", DOCS, QUESTIONS), ProtocolConfig(latency_samples=2),
                      progress=False)
     assert 0 <= run.f1 <= 100 and run.accuracy is not None and len(run.predictions) == 2
-    # one entry per document: n_tokens x hidden fp16 + a fp16 key (chunk_tokens fits each document)
-    assert run.memory_bytes_per_doc == TINY_MAC.n_tokens * 64 * 2 + 32 * 2
+    expected = sum(_entry_bytes(ctx, d.text) for d in DOCS) / len(DOCS)
+    assert run.memory_bytes_per_doc == pytest.approx(expected)
 
 
-def test_top_k_reads_only_k_entries_and_delete_forgets(ctx_and_artifact):
+def test_top_k_reads_only_the_nearest_entry(ctx_and_artifact):
     ctx, mac = ctx_and_artifact
-    fetched = []
+    method = _ingested(ctx, mac, MACMethodSettings(top_k=1, group_size=2))
+    memory, mask = method.memory([QUESTIONS[0]])
+    entries = dict(zip(method.bank.ids(), method.bank.get(method.bank.ids())))
+    key = mac.keys([QUESTIONS[0].question])[0]
+    ids, keys = method.bank.keys()
+    nearest = ids[int((keys @ key).argmax())]
+    expected, expected_mask = stack_memories([[entries[nearest]]], ctx.model.device)
+    assert mask.tolist() == expected_mask.tolist()
+    for (k, v), (ek, ev) in zip(memory, expected):
+        torch.testing.assert_close(k, ek)
+        torch.testing.assert_close(v, ev)
+    _, all_mask = _ingested(ctx, mac, MACMethodSettings(group_size=2)).memory([QUESTIONS[0]])
+    assert all_mask.sum() == sum(e.shape[3] for e in entries.values()) > mask.sum()
 
-    class SpyBank(InMemoryMemoryBank):
-        def get(self, doc_ids):
-            fetched.extend(doc_ids)
-            return super().get(doc_ids)
 
-    method = MACMethod(ctx, mac.eval(), MACMethodSettings(top_k=1, group_size=2), bank=SpyBank())
+def test_group_size_only_changes_how_entries_are_read(ctx_and_artifact):
+    ctx, mac = ctx_and_artifact
+    results = [_ingested(ctx, mac, MACMethodSettings(group_size=g)).memory(QUESTIONS) for g in (1, 2, None)]
+    for memory, mask in results[1:]:
+        assert torch.equal(mask, results[0][1])
+        for (k, v), (k0, v0) in zip(memory, results[0][0]):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_deleting_a_document_removes_its_influence_exactly(ctx_and_artifact):
+    """Scores of a question only d0 supports change when d0 is deleted, and equal those of a
+    method that never ingested it."""
+    ctx, mac = ctx_and_artifact
+    full = _ingested(ctx, mac, MACMethodSettings(group_size=2))
+    never = _ingested(ctx, mac, MACMethodSettings(group_size=2), DOCS[1:])
+    before_bytes = full.stored_bytes()
+    before = full.choice_scores(QUESTIONS[0])
+    assert full.delete("d0") and "d0" not in full.bank and not full.delete("d0")
+    after = full.choice_scores(QUESTIONS[0])
+    assert len(before) == 3 and max(abs(a - b) for a, b in zip(before, after)) > 1e-6
+    assert after == never.choice_scores(QUESTIONS[0])
+    assert before_bytes - full.stored_bytes() == _entry_bytes(ctx, DOCS[0].text)
+    assert full.answer(QUESTIONS) == never.answer(QUESTIONS)
+    full.close()
+    assert len(full.bank) == 0 and full.stored_bytes() == 0
+
+
+def test_mac_rag_puts_the_best_passage_in_the_prompt(ctx_and_artifact):
+    ctx, mac = ctx_and_artifact
+    rag = MACMethod(ctx, mac, MACMethodSettings(group_size=2), bank=InMemoryMemoryBank(), rag=True)
+    plain = _ingested(ctx, mac, MACMethodSettings(group_size=2))
     for doc in DOCS:
-        method.ingest(doc)
-    before = method.prefixes([QUESTIONS[0]])
-    assert len(fetched) == 1
-    full = MACMethod(ctx, mac, MACMethodSettings(group_size=2), bank=InMemoryMemoryBank())
-    for doc in DOCS:
-        full.ingest(doc)
-    full_before = full.prefixes([QUESTIONS[0]])[0][0]
-    assert full.delete("d0") and "d0" not in full.bank and full.stored_bytes() < 3 * (TINY_MAC.n_tokens * 64 * 2 + 64)
-    assert not torch.allclose(full.prefixes([QUESTIONS[0]])[0][0], full_before)
-    assert before[0][0].shape == full_before.shape
+        rag.ingest(doc)
+    assert rag.name == "mac_rag" and rag._passages(QUESTIONS[1]) == [DOCS[1].text]
+    assert plain._passages(QUESTIONS[1]) is None
+    assert rag.choice_scores(QUESTIONS[1]) != plain.choice_scores(QUESTIONS[1])
+    rag.delete("d1")
+    assert DOCS[1].text not in (rag._passages(QUESTIONS[1]) or [])

@@ -1,4 +1,4 @@
-"""MAC end to end on tiny models: gradients, backprop dropout, artifacts, exact deletion."""
+"""MAC end to end on tiny models: what trains, backprop dropout, artifacts, exact deletion."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from tests.mac_helpers import TINY_MAC, tiny_encoder, tiny_mac
 from training.artifacts import ArtifactError
-from training.mac.aggregator import iter_bank_entries
-from training.mac.model import answer_nll, answer_questions, load_mac, qa_batch, save_mac
+from training.mac.aggregator import iter_bank_entries, stack_memories
+from training.mac.model import answer_nll, answer_questions, load_mac, prompt_head, qa_batch, save_mac
 from training.mac.train import mac_loss
 from training.memory_bank import InMemoryMemoryBank
 from training.models import tiny_causal_lm
@@ -20,98 +20,115 @@ DOCS = [
 ]
 
 
+QUESTIONS = ["Who approved the bridge?", "How many libraries opened?", "What was harvested?"]
+ANSWERS = ["the council", "12", "kelp"]
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_gradients_reach_mac_networks_and_base_stays_frozen(kind):
+def test_gradients_reach_only_the_memory_tokens(kind):
     mac, base, tok = tiny_mac(kind)
+    head = prompt_head(base, tok)
     mac.train()
-    loss, _ = mac_loss(mac, base, tok, DOCS, ["Who approved the bridge?"] * 3, ["the council"] * 3,
-                       backprop_mask=[True, True, True])
+    assert [n for n, p in mac.named_parameters() if p.requires_grad] == ["amortizer.memory_tokens"]
+    loss = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, backprop_mask=[True, True, True], head=head)
+    assert loss.dim() == 0 and loss.item() > 0
     loss.backward()
-    for name, module in [("amortizer", mac.amortizer), ("aggregator", mac.aggregator), ("prefix", mac.prefix)]:
-        grads = [p.grad for p in module.parameters() if p.requires_grad]
-        assert grads and all(g is not None for g in grads), name
-        assert sum(g.abs().sum() for g in grads) > 0, name
-    assert all(p.grad is None and not p.requires_grad for p in base.parameters())
-    assert all(p.grad is None for p in mac.amortizer.encoder.parameters())  # frozen encoder
+    grad = mac.amortizer.memory_tokens.grad
+    assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+    assert all(p.grad is None for p in mac.encoder.parameters())  # frozen encoder
+    assert all(p.grad is None and not p.requires_grad for p in base.parameters())  # frozen base model
+    assert not mac.encoder.training  # train() keeps the encoder in eval mode
+    assert set(mac.trainable_tensors()) == {"amortizer.memory_tokens"}
 
 
-def test_backprop_dropout_only_differentiates_the_kept_documents():
+def test_each_question_reads_its_own_entry_and_the_next_ones():
     mac, base, tok = tiny_mac()
-    seen = []
-    hook = mac.amortizer.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
-    loss, _ = mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["the council"] * 3, backprop_mask=[True, False, False])
-    hook.remove()
-    assert seen == [True, False, True]  # documents with grad, documents without, then the questions
-    loss.backward()
-    assert mac.amortizer.queries.grad is not None
-
-
-def test_reconstruction_loss_trains_the_writer_and_depends_on_the_entry():
-    from training.mac.train import TrainConfig, reconstruction_nll
-
-    mac, base, tok = tiny_mac()
-    mac.train()
-    loss, parts = mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["x"] * 3, [True, False, True],
-                           cfg=TrainConfig(reconstruction_weight=0.5, reconstruction_tokens=8))
-    assert set(parts) == {"qa", "recon"} and parts["recon"] > 0
-    assert loss.item() == pytest.approx(parts["qa"] + 0.5 * parts["recon"], rel=1e-5)
-    loss.backward()
-    assert mac.amortizer.queries.grad.abs().sum() > 0 and mac.prefix.net[0].weight.grad.abs().sum() > 0
+    head = prompt_head(base, tok)
     with torch.no_grad():
-        entries = [m for m, _ in mac.memorize(DOCS)]
-        own = reconstruction_nll(mac, base, tok, DOCS, entries, 8)
-        other = reconstruction_nll(mac, base, tok, DOCS, entries[1:] + entries[:1], 8)
-    assert own.shape == (3,) and not torch.allclose(own, other)
+        entries = [m for m, _ in mac.memorize(base, tok, head, DOCS)]
+        ids, attn, labels = qa_batch(tok, QUESTIONS, ANSWERS, head=head)
+        for k in (1, 2, 3):
+            reads = [[entries[(i + j) % 3] for j in range(k)] for i in range(3)]
+            memory, mask = stack_memories(reads, base.device)
+            expected = answer_nll(base, memory, ids, attn, labels, head=head, memory_mask=mask,
+                                  start=mac.start(head)).mean()
+            got = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, [True] * 3, head=head, entries_per_question=k)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        wrong = [[entries[(i + 1) % 3]] for i in range(3)]
+        memory, mask = stack_memories(wrong, base.device)
+        other = answer_nll(base, memory, ids, attn, labels, head=head, memory_mask=mask, start=mac.start(head)).mean()
+        own = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, [True] * 3, head=head)
+    assert abs(other.item() - own.item()) > 1e-6
 
 
-def test_encoder_top_layers_can_train():
-    base, tok = tiny_causal_lm()
-    encoder, enc_tok = tiny_encoder()
-    from training.mac.model import MAC
-
-    mac = MAC(TINY_MAC.model_copy(update={"train_encoder_layers": 1}), encoder, enc_tok, base.config)
-    trainable = {n for n, p in mac.amortizer.encoder.named_parameters() if p.requires_grad}
-    assert trainable and all(".layer.1." in n for n in trainable)
-    mac.train()
-    assert mac.amortizer.encoder.training
-    mac_loss(mac, base, tok, DOCS, ["Who?"] * 3, ["x"] * 3, [True] * 3)[0].backward()
-    assert all(p.grad is not None for n, p in mac.amortizer.encoder.named_parameters() if n in trainable)
+def test_backprop_dropout_changes_the_gradient_not_the_loss():
+    """Documents outside the backprop mask are memorized without autograd: the same loss, but only
+    the kept documents' memory tokens carry gradient, so the gradients of one-document masks add
+    up to the full one (none kept: no gradient path at all)."""
+    mac, base, tok = tiny_mac()
+    head = prompt_head(base, tok)
+    masks = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+    for k in (1, 3):
+        grads, losses = {}, {}
+        for mask in masks:
+            mac.zero_grad(set_to_none=True)
+            loss = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, list(mask), head=head, entries_per_question=k)
+            loss.backward()
+            grads[mask], losses[mask] = mac.amortizer.memory_tokens.grad.clone(), loss.item()
+        assert max(losses.values()) - min(losses.values()) < 1e-6
+        singles = [grads[m] for m in masks[1:]]
+        assert all(g.abs().sum() > 0 for g in singles)
+        assert not torch.allclose(singles[0], grads[masks[0]])
+        torch.testing.assert_close(sum(singles), grads[masks[0]], atol=1e-7, rtol=1e-4)
+        none = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, [False] * 3, head=head, entries_per_question=k)
+        assert not none.requires_grad
 
 
 def test_a_few_steps_fit_a_fixed_batch():
     mac, base, tok = tiny_mac()
+    head = prompt_head(base, tok)
     opt = torch.optim.Adam([p for p in mac.parameters() if p.requires_grad], lr=3e-2)
-    questions = ["Who approved the bridge?", "How many libraries?", "What was harvested?"]
-    answers = ["the council", "12", "kelp"]
     losses = []
-    for _ in range(15):
-        loss, _ = mac_loss(mac, base, tok, DOCS, questions, answers, [True] * 3)
+    for _ in range(12):
+        loss = mac_loss(mac, base, tok, DOCS, QUESTIONS, ANSWERS, [True] * 3, head=head)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    # a random tiny base is near-uniform and barely steerable; still the NLL must clearly drop
-    assert losses[-1] < losses[0] - 0.4
+    # a random tiny base is near-uniform (NLL ~ log 384) and its memory tokens only steer it a
+    # little; still every step must lower the NLL, by much more than float noise in total
+    assert all(after < before for before, after in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0] - 0.01
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_artifact_round_trip_and_base_mismatch(tmp_path, kind):
     mac, base, tok = tiny_mac(kind)
+    head = prompt_head(base, tok)
     save_mac(tmp_path / "mac", mac, base_model=f"tiny-{kind}", base_config=base.config, encoder="tiny",
              metrics={"f1": 1.0})
     loaded, manifest = load_mac(tmp_path / "mac", base.config, encoder=tiny_encoder())
-    assert manifest.kind == "mac" and manifest.config["mac"]["n_tokens"] == TINY_MAC.n_tokens
+    assert manifest.kind == "mac" and manifest.config["mac"] == TINY_MAC.model_dump()
+    assert manifest.config["encoder"] == "tiny" and manifest.metrics == {"f1": 1.0}
+    assert loaded.config == TINY_MAC and not loaded.training
+    torch.testing.assert_close(loaded.amortizer.memory_tokens, mac.amortizer.memory_tokens)
     with torch.no_grad():
-        entries = [m for m, _ in mac.memorize(DOCS)]
-        entries2 = [m for m, _ in loaded.memorize(DOCS)]
-        q, _ = mac.encode_questions(["Who approved the bridge?"])
-        q2, _ = loaded.encode_questions(["Who approved the bridge?"])
-        for (k1, v1), (k2, v2) in zip(mac.prefix_for(q, entries), loaded.prefix_for(q2, entries2)):
+        for (e1, k1), (e2, k2) in zip(mac.memorize(base, tok, head, DOCS), loaded.memorize(base, tok, head, DOCS)):
+            torch.testing.assert_close(e1, e2)
             torch.testing.assert_close(k1, k2)
-            torch.testing.assert_close(v1, v2)
     other, _ = tiny_causal_lm(kind, hidden_size=32)
     with pytest.raises(ArtifactError, match="base model"):
         load_mac(tmp_path / "mac", other.config, encoder=tiny_encoder())
+
+
+def test_an_artifact_of_another_architecture_is_refused(tmp_path):
+    from training.artifacts import save_artifact
+
+    mac, base, _ = tiny_mac()
+    save_artifact(tmp_path / "old", kind="mac", tensors={"amortizer.queries": torch.zeros(4, 32)},
+                  base_model="tiny-llama", base_config=base.config, config={"mac": TINY_MAC.model_dump(), "encoder": "tiny"})
+    with pytest.raises(ValueError, match="do not match the architecture"):
+        load_mac(tmp_path / "old", base.config, encoder=tiny_encoder())
 
 
 def test_deleting_an_entry_removes_its_influence_exactly():
@@ -119,26 +136,44 @@ def test_deleting_an_entry_removes_its_influence_exactly():
     changes, and equals the one of a bank that never held the document."""
     mac, base, tok = tiny_mac()
     mac.eval()
+    head = prompt_head(base, tok)
     question, answer = "Who approved the new harbour bridge?", "the council"
     full, without = InMemoryMemoryBank(), InMemoryMemoryBank()
     with torch.no_grad():
-        for i, (memory, key) in enumerate(mac.memorize(DOCS)):
+        for i, (memory, key) in enumerate(mac.memorize(base, tok, head, DOCS)):
             full.put(f"d{i}", memory, key)
             if i != 0:
                 without.put(f"d{i}", memory, key)
 
-        def answer_logprob(bank):
-            q, _ = mac.encode_questions([question])
-            prefix = mac.prefix_for(q, iter_bank_entries(bank, bank.ids()))
-            ids, mask, labels = qa_batch(tok, [question], [answer])
-            return answer_nll(base, prefix, ids, mask, labels)
+        def answer_nll_from(bank):
+            memory, mask = stack_memories([list(iter_bank_entries(bank, bank.ids()))], base.device)
+            ids, attn, labels = qa_batch(tok, [question], [answer], head=head)
+            return answer_nll(base, memory, ids, attn, labels, head=head, memory_mask=mask, start=mac.start(head))
 
-        before = answer_logprob(full)
+        before = answer_nll_from(full)
         assert full.delete("d0") and "d0" not in full
-        after = answer_logprob(full)
-        assert abs(before.item() - after.item()) > 1e-4
-        torch.testing.assert_close(after, answer_logprob(without))
-        # generation runs on the bank after deletion too (top-k over the remaining keys)
-        answers = answer_questions(mac, base, tok, [question],
-                                   lambda i, key: iter_bank_entries(full, full.ids()), max_new_tokens=3)
-        assert len(answers) == 1
+        after = answer_nll_from(full)
+        assert abs(before.item() - after.item()) > 1e-6  # a random tiny model is near-uniform: small but real
+        torch.testing.assert_close(after, answer_nll_from(without), atol=0, rtol=0)
+        # generation runs on the bank after deletion too
+        answers = answer_questions(mac, base, tok, [question], lambda i, key: iter_bank_entries(full, full.ids()),
+                                   max_new_tokens=3, head=head)
+        assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_answer_questions_asks_entries_for_each_question_with_its_key():
+    mac, base, tok = tiny_mac()
+    head = prompt_head(base, tok)
+    with torch.no_grad():
+        entries = [m for m, _ in mac.memorize(base, tok, head, DOCS)]
+    asked = []
+
+    def entries_for(i, key):
+        asked.append((i, key))
+        return [entries[i]]
+
+    questions = ["Who approved the bridge?", "How many libraries opened?"]
+    answers = answer_questions(mac, base, tok, questions, entries_for, max_new_tokens=4, head=head)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert [i for i, _ in asked] == [0, 1]
+    torch.testing.assert_close(torch.stack([k for _, k in asked]), mac.keys(questions))

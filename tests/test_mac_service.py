@@ -93,3 +93,44 @@ def test_rebuild_memory_command_rewrites_every_entry_from_sql(make_client, tiny_
     assert client.post("/memory/rebuild").status_code == 202
     wait_for(lambda: bank.get(["m-2"])[0].shape == original["m-2"].shape, what="the memory rebuild")
     assert torch.equal(bank.get(["m-2"])[0], original["m-2"])
+
+
+def test_mac_runtime_writes_reads_and_answers_without_a_cached_head(tiny_model_dir, mac_artifact_dir, redis_client):
+    """``load_mac_runtime`` on a real Redis: entries survive the fp16 round trip, top-k limits what
+    a question reads, and answering without a cached head (the adapter path) computes the head
+    with the model: the same answer as with the cached one."""
+    import torch
+
+    from service.mac_memory import load_mac_runtime
+    from training.mac.aggregator import iter_bank_entries
+    from training.models import ModelSettings, load_causal_lm
+
+    settings = ModelSettings(base_model=str(tiny_model_dir), device="cpu")
+    base, tok = load_causal_lm(str(tiny_model_dir), settings)
+    runtime = load_mac_runtime(mac_artifact_dir, base, tok, redis_client, settings, top_k=2, group_size=1)
+    assert runtime.head is not None and runtime.bank.bank == bank_name(mac_artifact_dir)
+    runtime.memorize([d["id"] for d in DOCS], [d["text"] for d in DOCS])
+    assert runtime.bank.ids() == ["m-1", "m-2", "m-3"]
+    with torch.no_grad():
+        direct = runtime.mac.memorize(base, tok, runtime.head, [d["text"] for d in DOCS])
+    for (entry, key), stored in zip(direct, iter_bank_entries(runtime.bank, runtime.bank.ids(), chunk=2)):
+        assert stored.shape == entry.shape
+        torch.testing.assert_close(stored, entry.half().float())
+
+    question = "How many libraries opened in Norvale?"
+    fed = []  # what the model is fed after the cache: token ids and their positions, call by call
+    hook = base.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append((kwargs["input_ids"].tolist(), kwargs["position_ids"].tolist()))
+        if kwargs.get("position_ids") is not None else None, with_kwargs=True)
+    try:
+        cached, used = runtime.answer(base, tok, question, None, max_new_tokens=4, head=runtime.head)
+        with_cached_head, fed[:] = list(fed), []
+        computed, used_again = runtime.answer(base, tok, question, None, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert computed == cached and used_again == used and len(used) == 2
+    assert fed == with_cached_head and fed
+    assert fed[0][1][0][0] == runtime.mac.start(runtime.head)  # the question starts after every slot
+    runtime.bank.delete(used[0])
+    _, after = runtime.answer(base, tok, question, None, max_new_tokens=4, head=runtime.head)
+    assert used[0] not in after and len(after) == 2

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
 
     # artifacts (none configured: the service answers with retrieval and says so in /readyz)
     mac_artifact: Path | None = Field(None, description="MAC artifact directory (memory tokens per document)")
-    mac_top_k: int | None = Field(32, ge=1, description="memory entries pre-selected per question (None: all)")
-    mac_group_size: int = Field(16, ge=1, description="hierarchical aggregation group size")
+    mac_top_k: int | None = Field(1, ge=1, description="memory entries each question reads, by key similarity (None: all)")
+    mac_group_size: int = Field(16, ge=1, description="memory entries read from Redis at a time")
     updater: str | None = Field(
         None, description="adapter updates per document: a CaMeLS weighting-model artifact path, or 'uniform'"
     )

@@ -1,2 +1,3 @@
-"""MAC (memory of amortized contexts, Tack et al. 2024): documents become memory tokens in one
-forward pass; questions aggregate the memory into a P-tuning v2 prefix of the frozen base model."""
+"""MAC (memory of amortized contexts, Tack et al. 2024): documents become memory entries in one
+forward pass, no gradient step; questions read their top-k entries as key/values of the frozen
+base model."""

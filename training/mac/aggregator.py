@@ -1,86 +1,40 @@
-"""Aggregation network: a question and the memory entries become one modulation.
+"""Aggregation: the memory entries a question reads become one memory in front of its prompt.
 
-The question's N tokens cross-attend to the memory tokens; the modulation is what they read there
-(the first block has no residual from the question). The question thus only decides *where* to
-read: the base model already sees the question in its prompt, and a question-to-modulation path
-lets training memorise answers from question wording instead of learning to read memory (measured:
-with it, the answer NLL with the right document in memory was 1.37 against 1.57 with a wrong one
-after 150 steps on 16 paragraphs; without it 1.64 against 3.28, see docs/mac.md). An empty memory
-gives a zero modulation, i.e. the prefix projection's constant prefix. Because the blocks are
-permutation-invariant over the memory tokens and the output lives in the same space as a memory
-entry (``[N, hidden]``), a large memory can be aggregated *hierarchically*: aggregate groups of
-entries, then aggregate the group results as entries, so peak memory is bounded by the group
-size instead of the bank size. (The official MAC code's hierarchical loop iterates over the
-question's tokens, and its evaluation aggregates the whole memory flat; here the loop is over
-memory entries and evaluation uses it.) ``select_top_k`` narrows a 10^4-10^5 entry bank to the k
-entries whose retrieval keys are closest to the question's key before any aggregation.
+The aggregation network is the base model's own attention: the question's tokens attend over the
+slots of every entry it reads, at every layer (queries from the question, keys/values = memory).
+What bounds the cost is which entries a question reads: ``select_top_k`` keeps the k entries
+whose retrieval keys are closest to the question's (a 10^4-10^5 entry bank is narrowed before any
+entry is loaded), and ``iter_bank_entries`` streams the chosen entries out of the bank a chunk at
+a time. Entries of different lengths (documents with more chunks) are padded and masked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from training.mac.layers import CrossAttentionBlock
-
-
-class Aggregator(nn.Module):
-    def __init__(self, dim: int, heads: int, layers: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
-
-    def forward(self, query: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        """``query [B, N, D]``, ``memory [B, M, D]`` (or ``None``) -> modulation ``[B, N, D]``."""
-        if memory is None or memory.shape[1] == 0:
-            return torch.zeros_like(query)
-        x = self.blocks[0](query, memory, residual=False)
-        for block in self.blocks[1:]:
-            x = block(x, memory)
-        return x
+from training.mac.prefix import PrefixKV
 
 
-def _join(entries: list[torch.Tensor], batch: int) -> torch.Tensor:
-    """Concatenate entries along tokens; shared ``[n, D]`` entries are broadcast to the batch."""
-    parts = [e.unsqueeze(0).expand(batch, -1, -1) if e.dim() == 2 else e for e in entries]
-    return torch.cat(parts, dim=1)
-
-
-def aggregate(
-    aggregator: Aggregator,
-    query: torch.Tensor,
-    entries: Iterable[torch.Tensor],
-    group_size: int | None = None,
-) -> torch.Tensor:
-    """Aggregate memory entries (each ``[n_i, D]`` shared by the batch, or ``[B, n_i, D]``).
-
-    ``group_size=None`` aggregates flat. Otherwise entries are consumed lazily, ``group_size`` at
-    a time, so only one group (plus one ``[B, N, D]`` result per group) is ever held; with at most
-    ``group_size`` entries the result is exactly the flat aggregation.
-    """
-    batch = query.shape[0]
-    if group_size is None:
-        entries = list(entries)
-        return aggregator(query, _join(entries, batch) if entries else None)
-    if group_size < 2:
-        raise ValueError("group_size must be at least 2 (or None for flat aggregation)")
-    level: list[torch.Tensor] = []
-    buffer: list[torch.Tensor] = []
-    for entry in entries:
-        if len(buffer) == group_size:  # flush only once we know more entries follow
-            level.append(aggregator(query, _join(buffer, batch)))
-            buffer = []
-        buffer.append(entry)
-    if not level:
-        return aggregator(query, _join(buffer, batch) if buffer else None)
-    level.append(aggregator(query, _join(buffer, batch)))
-    while len(level) > group_size:
-        level = [
-            aggregator(query, _join(level[i : i + group_size], batch))
-            for i in range(0, len(level), group_size)
-        ]
-    return aggregator(query, _join(level, batch))
+def stack_memories(
+    per_question: list[list[torch.Tensor]], device: torch.device | str
+) -> tuple[PrefixKV | None, torch.Tensor | None]:
+    """Per-layer keys/values ``[B, kv_heads, P, head_dim]`` of each question's entries side by side
+    (entries are ``[layers, 2, kv_heads, n, head_dim]``), right-padded to the longest, with the
+    slot mask ``[B, P]``; ``(None, None)`` when no question reads any memory."""
+    joined = [torch.cat(entries, dim=3) if entries else None for entries in per_question]
+    width = max((j.shape[3] for j in joined if j is not None), default=0)
+    if width == 0:
+        return None, None
+    like = next(j for j in joined if j is not None)
+    batch = torch.zeros(len(joined), *like.shape[:3], width, like.shape[4], dtype=like.dtype, device=device)
+    mask = torch.zeros(len(joined), width, dtype=torch.long, device=device)
+    for row, memory in enumerate(joined):
+        if memory is not None:
+            batch[row, ..., : memory.shape[3], :] = memory.to(device)
+            mask[row, : memory.shape[3]] = 1
+    return [(batch[:, layer, 0], batch[:, layer, 1]) for layer in range(batch.shape[1])], mask
 
 
 def select_top_k(query_key: torch.Tensor, ids: Sequence[str], keys: torch.Tensor, k: int) -> list[str]:

@@ -1,126 +1,128 @@
-"""Amortization network: a document becomes N memory tokens in one forward pass.
+"""Amortization network: a document becomes a memory entry in one forward pass of the base model.
 
-A sentence encoder (all-MiniLM-L6-v2 by default, frozen or with its top layers training) reads
-each 256-token chunk of a document; N learned queries read the encoder states through a small
-cross-attention decoder and are projected to the base model's hidden size. Long documents give
-one group of N tokens per chunk, so the memory entry of a document is ``[chunks * N, hidden]``.
-Questions go through the same network: their N tokens are the aggregator's queries.
+Each chunk of the document is run through the frozen base model exactly where a RAG prompt would
+put it (after the shared prompt head, as ``Context: [1] ...``), followed by ``memory_tokens``
+learned input embeddings: N learned queries that read the document through the base model's own
+attention. The entry keeps, per layer and key/value head, the ``doc_slots`` document tokens that
+received the most attention from the rest of the chunk (heavy hitters, as in H2O KV-cache
+compression) plus the memory tokens' own key/values. Why the base model and not a separate
+encoder plus a projection: memory the base model wrote itself is readable from step 0 (the oracle
+prompt it compresses scores 56 F1), while a MiniLM writer trained from scratch to emit prefix
+key/values learned to drop the document on unseen paragraphs (docs/mac.md, fourth session).
+No gradient step happens at ingest; the only trained parameters are the memory tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.config import MACConfig
-from training.mac.layers import CrossAttentionBlock
+from training.mac.prefix import PromptHead
+from training.token_batches import prompt_ids
+
+SEGMENT_QUESTION = "?"
+SEGMENT_OVERHEAD = 16  # tokens a passage's "Context: [1] ... " framing (and re-tokenising a chunk) may add
 
 
-def chunk_token_ids(
-    tokenizer: PreTrainedTokenizerBase, text: str, chunk_tokens: int, max_chunks: int
-) -> list[list[int]]:
-    """Encoder input ids of a text cut into at most ``max_chunks`` windows (special tokens added
-    to each, via the fast tokenizer's overflow mechanism)."""
-    chunks = tokenizer(
-        text, truncation=True, max_length=chunk_tokens, return_overflowing_tokens=True, stride=0
-    )["input_ids"]
-    return [list(c) for c in chunks[:max_chunks]] or [[]]
+@contextmanager
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Attention weights are only returned by the eager implementation; switch for the duration.
+    (Eager and SDPA compute the same values, so a concurrent forward pass stays correct.)"""
+    previous = model.config._attn_implementation
+    if previous != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if previous != "eager":
+            model.set_attn_implementation(previous)
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+def chunk_texts(tokenizer: PreTrainedTokenizerBase, text: str, cfg: MACConfig) -> list[str]:
+    """The document cut into at most ``max_chunks`` windows of ``chunk_tokens`` base tokens."""
+    ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+    windows = [ids[i : i + cfg.chunk_tokens] for i in range(0, len(ids), cfg.chunk_tokens)][: cfg.max_chunks]
+    return [tokenizer.decode(w) for w in windows] or [""]
 
 
-def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
-    """The transformer blocks of a BERT-style encoder (for partial fine-tuning)."""
-    for path in ("encoder.layer", "layers", "transformer.layer"):
-        module = encoder
-        try:
-            for name in path.split("."):
-                module = getattr(module, name)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(f"cannot find the layer list of {type(encoder).__name__} to fine-tune its top layers")
+def segment_ids(tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str) -> list[int]:
+    """The tokens a RAG prompt puts between the shared head and the question for one passage."""
+    skip = len(head) if head is not None else 0
+    with_passage = prompt_ids(tokenizer, SEGMENT_QUESTION, [text])
+    tail = prompt_ids(tokenizer, SEGMENT_QUESTION)[skip:]
+    if with_passage[-len(tail):] != tail:  # the tokenizer merged across the boundary
+        raise ValueError("cannot split the passage out of the RAG prompt for this tokenizer")
+    return with_passage[skip : len(with_passage) - len(tail)]
+
+
+def heavy_hitter_scores(attentions: tuple[torch.Tensor, ...], offset: int, length: int, kv_heads: int) -> list[torch.Tensor]:
+    """Per layer ``[kv_heads, length]``: the mean attention each of the ``length`` document tokens
+    (keys from ``offset`` on) receives from the document's later tokens, summed over a KV head's
+    query heads."""
+    scores = []
+    for att in attentions:  # [1, heads, q, kv]
+        received = att[0, :, :, offset : offset + length].float()
+        seen_by = torch.arange(received.shape[1], received.shape[1] - length, -1, device=received.device)
+        per_head = received.sum(1) / seen_by.clamp(min=1)
+        scores.append(per_head.view(kv_heads, -1, length).sum(1))
+    return scores
 
 
 class Amortizer(nn.Module):
-    def __init__(self, encoder: PreTrainedModel, config: MACConfig, out_dim: int) -> None:
+    def __init__(self, config: MACConfig, hidden: int) -> None:
         super().__init__()
         self.config = config
-        self.encoder = encoder
-        encoder.requires_grad_(False)
-        if config.train_encoder_layers > 0:
-            encoder_layers(encoder)[-config.train_encoder_layers :].requires_grad_(True)
-        enc_dim = encoder.config.hidden_size
-        self.queries = nn.Parameter(torch.randn(config.n_tokens, config.width) * 0.02)
-        self.blocks = nn.ModuleList(
-            CrossAttentionBlock(config.width, config.heads, kv_dim=enc_dim)
-            for _ in range(config.decoder_layers)
-        )
-        self.norm = nn.LayerNorm(config.width)
-        self.out = nn.Linear(config.width, out_dim)
+        self.memory_tokens = nn.Parameter(torch.zeros(config.memory_tokens, hidden))
 
-    @property
-    def device(self) -> torch.device:
-        return self.queries.device
+    @torch.no_grad()
+    def init_memory_tokens(self, base: PreTrainedModel, seed: int = 0) -> None:
+        """Start the memory tokens as embeddings of random vocabulary tokens (prompt-tuning init)."""
+        table = base.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randint(0, table.shape[0], (self.memory_tokens.shape[0],), generator=generator)
+        self.memory_tokens.copy_(table[rows.to(table.device)].float())
 
-    def train(self, mode: bool = True) -> "Amortizer":
-        """A frozen encoder stays in eval mode (no dropout noise in the memory it produces)."""
-        super().train(mode)
-        self.encoder.train(mode and self.config.train_encoder_layers > 0)
-        return self
+    def encode_chunk(self, base: PreTrainedModel, head: PromptHead | None, segment: list[int]) -> torch.Tensor:
+        """``[layers, 2, kv_heads, slots, head_dim]`` for one chunk's segment tokens.
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder states; no autograd graph at all when the encoder is frozen (saves memory)."""
-        train_encoder = self.config.train_encoder_layers > 0 and torch.is_grad_enabled()
-        with torch.set_grad_enabled(train_encoder):
-            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        Two passes over one cache: the document without autograd (its slots depend on nothing
+        trainable), then the memory tokens after it, so training back-propagates through the
+        memory tokens' positions only."""
+        start = len(head) if head is not None else 0
+        device, length = base.device, len(segment)
+        cache = DynamicCache([(k.clone(), v.clone()) for k, v in head.kv], config=base.config) if head else None
+        with torch.no_grad(), eager_attention(base):  # the decoder without its LM head: no logits needed
+            out = base.base_model(input_ids=torch.tensor([segment], device=device), past_key_values=cache,
+                                  use_cache=True, output_attentions=True,
+                                  position_ids=torch.arange(start, start + length, device=device)[None])
+        cache = out.past_key_values
+        kv_heads = cache.layers[0].keys.shape[1]
+        scores = heavy_hitter_scores(out.attentions, start, length, kv_heads)
+        n_tokens = self.memory_tokens.shape[0]
+        if n_tokens:
+            tokens = self.memory_tokens.to(base.get_input_embeddings().weight.dtype).unsqueeze(0)
+            base.base_model(inputs_embeds=tokens, past_key_values=cache, use_cache=True,
+                            position_ids=torch.arange(start + length, start + length + n_tokens, device=device)[None])
+        keep = min(self.config.doc_slots, length)
+        slots = []
+        for layer, score in zip(cache.layers, scores):
+            keys, values = layer.keys[0, :, start:], layer.values[0, :, start:]  # [kv_heads, length + tokens, d]
+            chosen = torch.topk(score, keep, dim=-1).indices.sort(-1).values
+            chosen = torch.cat([chosen, torch.arange(length, length + n_tokens, device=device).expand(kv_heads, -1)], 1)
+            index = chosen.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            slots.append(torch.stack([keys.gather(1, index), values.gather(1, index)]))
+        return torch.stack(slots)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory tokens ``[B, N, out_dim]`` and L2-normalised mean-pooled keys ``[B, enc_dim]``."""
-        states = self.encode(input_ids, attention_mask)
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        key = nn.functional.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1.0), dim=-1)
-        x = self.queries.unsqueeze(0).expand(states.shape[0], -1, -1)
-        padding = attention_mask == 0
-        for block in self.blocks:
-            x = block(x, states, padding)
-        return self.out(self.norm(x)), key.detach()
-
-    def memorize(
-        self, tokenizer: PreTrainedTokenizerBase, texts: list[str]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One ``(memory [chunks * N, out_dim], key [enc_dim])`` entry per text, in one batch."""
-        cfg = self.config
-        chunks = [chunk_token_ids(tokenizer, t, cfg.chunk_tokens, cfg.max_chunks) for t in texts]
-        flat = [c for doc in chunks for c in doc]
-        ids, mask = pad_batch(flat, tokenizer.pad_token_id or 0, self.device)
-        tokens, keys = self(ids, mask)
-        entries, start = [], 0
-        for doc in chunks:
-            end = start + len(doc)
-            key = nn.functional.normalize(keys[start:end].mean(0), dim=-1)
-            entries.append((tokens[start:end].reshape(-1, tokens.shape[-1]), key))
-            start = end
-        return entries
-
-    def encode_questions(
-        self, tokenizer: PreTrainedTokenizerBase, questions: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question tokens ``[B, N, out_dim]`` (the aggregator's queries) and keys ``[B, enc_dim]``."""
-        cfg = self.config
-        ids = [chunk_token_ids(tokenizer, q, cfg.question_tokens, 1)[0] for q in questions]
-        input_ids, mask = pad_batch(ids, tokenizer.pad_token_id or 0, self.device)
-        return self(input_ids, mask)
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str
+    ) -> torch.Tensor:
+        """The memory entry of one document: its chunks' slots side by side."""
+        limit = self.config.chunk_tokens + SEGMENT_OVERHEAD  # MAC.start puts questions after this
+        chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit])
+                  for chunk in chunk_texts(tokenizer, text, self.config)]
+        return torch.cat(chunks, dim=3)

@@ -6,19 +6,12 @@ from pydantic import BaseModel, Field
 
 
 class MACConfig(BaseModel):
-    """Sizes of the amortization, aggregation and prefix networks.
+    """Sizes of a memory entry. Defaults are sized for SmolLM2-135M on a CPU budget: per 256-token
+    chunk, 48 of the document's own key/value slots plus 8 learned memory tokens, i.e. 56 slots x
+    30 layers x 2 x 3 KV heads x 64 x 2 bytes = 1.3 MB per fp16 entry (docs/mac.md)."""
 
-    Defaults are sized for a CPU budget: a frozen MiniLM encoder, 12 memory tokens per 256-token
-    document chunk (12 x 576 fp16 = 13.5 KiB per SmolLM2 entry) and a 12-token prefix.
-    """
-
-    n_tokens: int = Field(12, description="memory tokens per document chunk = prefix length")
-    width: int = Field(384, description="width of the amortizer decoder (the encoder's hidden size)")
-    heads: int = Field(6, description="attention heads of the amortizer decoder and the aggregator")
-    decoder_layers: int = Field(2, description="cross-attention blocks turning encoder states into memory")
-    aggregator_layers: int = Field(2, description="cross-attention blocks of the aggregation network")
-    prefix_bottleneck: int = Field(512, description="hidden size of the P-tuning v2 reparameterisation MLP")
-    train_encoder_layers: int = Field(0, description="top encoder layers that train (0 = frozen encoder)")
-    chunk_tokens: int = Field(256, description="encoder tokens per document chunk")
+    doc_slots: int = Field(48, description="document key/value slots kept per chunk (per layer and KV head)")
+    memory_tokens: int = Field(8, description="learned memory tokens appended to each chunk (their slots are kept)")
+    chunk_tokens: int = Field(256, description="base-model tokens per document chunk")
     max_chunks: int = Field(4, description="chunks kept per document (long news articles)")
-    question_tokens: int = Field(64, description="encoder tokens kept from a question")
+    key_tokens: int = Field(256, description="encoder tokens read for a retrieval key")

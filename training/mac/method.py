@@ -1,10 +1,10 @@
 """``mac`` and ``mac_rag`` as evaluation-harness methods.
 
-Ingesting a document is one forward pass of the amortization network; its memory entry (and
-retrieval key) goes into a ``MemoryBank`` (the in-process one here; the service writes the same
-entries to Redis). Answering encodes the question, optionally pre-selects the top-k entries by key
-similarity, aggregates the chosen entries hierarchically (streamed out of the bank ``group_size``
-at a time, so peak memory does not grow with the bank), and generates under the prefix.
+Ingesting a document is one forward pass of the base model with the amortizer's memory tokens; its
+memory entry (and retrieval key) goes into a ``MemoryBank`` (the in-process one here; the service
+writes the same entries to Redis). Answering encodes the question, pre-selects the top-k entries
+by key similarity (all of them without ``top_k``), streams them out of the bank ``group_size`` at
+a time, and generates after them.
 ``mac_rag`` also puts the top BM25 passages in the prompt. Deleting a document is ``bank.delete``.
 """
 
@@ -18,9 +18,9 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import config_hash
-from training.mac.aggregator import iter_bank_entries, select_top_k
+from training.mac.aggregator import iter_bank_entries, select_top_k, stack_memories
 from training.mac.model import (
-    MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stack_prefixes, stop_token_ids, strip_head,
+    MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stop_token_ids, strip_head,
 )
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
 from training.memory_bank import InMemoryMemoryBank, MemoryBank
@@ -36,7 +36,7 @@ class MACMethodSettings(BaseModel):
 
     artifact: Path = Field(Path("var/artifacts/mac"), description="MAC artifact directory")
     top_k: int | None = Field(None, description="entries pre-selected by key similarity (None: all)")
-    group_size: int | None = Field(64, description="hierarchical aggregation group (None: flat)")
+    group_size: int | None = Field(64, description="entries read from the bank at a time")
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "MACMethodSettings":
@@ -87,7 +87,7 @@ class MACMethod:
 
     @torch.no_grad()
     def ingest(self, document: Document) -> None:
-        (memory, key), = self.mac.memorize([document.text])
+        (memory, key), = self.mac.memorize(self.model, self.tokenizer, self.head, [document.text])
         self.bank.put(document.id, memory, key)
         if self.rag:
             self.documents[document.id] = document
@@ -107,20 +107,18 @@ class MACMethod:
         return [p.text for p in self._index.search(question.question, self.ctx.config.rag_k)] or None
 
     @torch.no_grad()
-    def prefixes(self, questions: list[Question]) -> PrefixKV:
-        """One prefix per question, stacked into a batch."""
-        tokens, keys = self.mac.encode_questions([q.question for q in questions])
+    def memory(self, questions: list[Question]) -> tuple[PrefixKV | None, torch.Tensor | None]:
+        """Each question's entries (top-k or all), side by side, with the slot mask."""
+        keys = self.mac.keys([q.question for q in questions])
         key_ids, bank_keys = self.bank.keys() if self.settings.top_k else ([], None)
         all_ids = self.bank.ids()
-        group = self.settings.group_size
         per_question = []
         for i in range(len(questions)):
             ids = all_ids
             if self.settings.top_k and bank_keys is not None:
                 ids = select_top_k(keys[i].cpu(), key_ids, bank_keys, self.settings.top_k)
-            entries = iter_bank_entries(self.bank, ids, chunk=group or 64, device=self.mac.device)
-            per_question.append(self.mac.prefix_for(tokens[i : i + 1], entries, group))
-        return stack_prefixes(per_question)
+            per_question.append(list(iter_bank_entries(self.bank, ids, chunk=self.settings.group_size or 64)))
+        return stack_memories(per_question, self.model.device)
 
     @torch.no_grad()
     def answer(self, questions: list[Question]) -> list[str]:
@@ -130,9 +128,10 @@ class MACMethod:
             batch = questions[start : start + size]
             prompts = [strip_head(prompt_ids(self.tokenizer, q.question, self._passages(q)), self.head)
                        for q in batch]
-            outputs = greedy_generate(self.model, prompts, self.prefixes(batch), pad_id=self.tokenizer.pad_token_id,
-                                      stop_ids=stop_token_ids(self.tokenizer),
-                                      max_new_tokens=self.ctx.config.max_new_tokens, head=self.head)
+            memory, mask = self.memory(batch)
+            outputs = greedy_generate(self.model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
+                                      stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=self.ctx.config.max_new_tokens,
+                                      head=self.head, memory_mask=mask, start=self.mac.start(self.head))
             answers += [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
         return answers
 
@@ -140,12 +139,15 @@ class MACMethod:
     def choice_scores(self, question: Question) -> list[float]:
         """Mean per-token log-probability of each choice (as ``choice_logprobs``) under the prefix."""
         choices = list(question.choices or ())
-        prefix = self.prefixes([question])
-        prefix = [(k.expand(len(choices), -1, -1, -1), v.expand(len(choices), -1, -1, -1)) for k, v in prefix]
+        memory, mask = self.memory([question])
+        if memory is not None:
+            memory = [(k.expand(len(choices), -1, -1, -1), v.expand(len(choices), -1, -1, -1)) for k, v in memory]
+            mask = mask.expand(len(choices), -1)
         passages = self._passages(question)
-        ids, mask, labels = qa_batch(self.tokenizer, [question.question] * len(choices), choices,
+        ids, tokens_mask, labels = qa_batch(self.tokenizer, [question.question] * len(choices), choices,
                                      [passages] * len(choices), device=self.model.device, head=self.head)
-        return (-answer_nll(self.model, prefix, ids, mask, labels, head=self.head)).tolist()
+        return (-answer_nll(self.model, memory, ids, tokens_mask, labels, head=self.head, memory_mask=mask,
+                            start=self.mac.start(self.head))).tolist()
 
     def stored_bytes(self) -> int:
         return sum(self.bank.nbytes(i) for i in self.bank.ids())

@@ -1,12 +1,14 @@
-"""MAC as one module: amortizer + aggregator + prefix projection, and its artifact format.
+"""MAC as one module: the amortizer's learned memory tokens plus a retrieval encoder, and the
+artifact format.
 
 ``MAC`` holds no base model: the frozen base LM is passed in where it is used, so one base model
-can serve MAC, adapters and plain generation at once, and the artifact stays small.
+can serve MAC, adapters and plain generation at once, and the artifact stays small (the memory
+tokens; the encoder is named in the manifest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import Manifest, load_artifact, read_manifest, save_artifact
-from training.mac.aggregator import Aggregator, aggregate
-from training.mac.amortizer import Amortizer
+from training.mac.aggregator import stack_memories
+from training.mac.amortizer import SEGMENT_OVERHEAD, Amortizer
 from training.mac.config import MACConfig
-from training.mac.prefix import PrefixKV, PrefixProjection, PromptHead, encode_head, greedy_generate, prefixed_forward
-from training.models import ModelSettings, load_encoder
+from training.mac.prefix import PrefixKV, PromptHead, encode_head, greedy_generate, prefixed_forward
+from training.models import ModelSettings, embed_texts, load_encoder
 from training.prompts import extract_answer
 from training.token_batches import pad_rows, prompt_ids
 
@@ -36,48 +38,47 @@ class MAC(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        self.encoder = encoder.requires_grad_(False).eval()
         self.encoder_tokenizer = encoder_tokenizer
-        hidden = base_config.get_text_config(decoder=True).hidden_size
-        self.amortizer = Amortizer(encoder, config, out_dim=hidden)
-        self.aggregator = Aggregator(hidden, config.heads, config.aggregator_layers)
-        self.prefix = PrefixProjection(hidden, base_config, config.prefix_bottleneck)
+        self.amortizer = Amortizer(config, base_config.get_text_config(decoder=True).hidden_size)
 
     @property
     def device(self) -> torch.device:
-        return self.amortizer.device
+        return self.amortizer.memory_tokens.device
 
-    def memorize(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Memory entries ``(tokens [n, hidden], key [dim])`` of documents: one forward pass."""
-        return self.amortizer.memorize(self.encoder_tokenizer, texts)
+    def train(self, mode: bool = True) -> "MAC":
+        """The frozen encoder stays in eval mode (no dropout noise in retrieval keys)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
 
-    def encode_questions(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.amortizer.encode_questions(self.encoder_tokenizer, questions)
+    def keys(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised retrieval keys ``[B, dim]`` (documents and questions alike)."""
+        return embed_texts(self.encoder, self.encoder_tokenizer, texts, self.config.key_tokens)
 
-    def prefix_for(
-        self,
-        question_tokens: torch.Tensor,
-        entries: Iterable[torch.Tensor],
-        group_size: int | None = None,
-    ) -> PrefixKV:
-        """Aggregate the memory for each question and project it to prefix key/values."""
-        return self.prefix(aggregate(self.aggregator, question_tokens, entries, group_size))
+    def memorize(
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, texts: list[str]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Memory entries ``(slots [layers, 2, kv_heads, n, head_dim], key [dim])`` of documents,
+        one base-model forward pass per chunk, no gradient step."""
+        keys = self.keys(texts)
+        return [(self.amortizer(base, tokenizer, head, text), key) for text, key in zip(texts, keys)]
+
+    def start(self, head: PromptHead | None) -> int:
+        """Position of a question's first token: after the head and any chunk's slots."""
+        return (len(head) if head is not None else 0) + self.config.chunk_tokens + SEGMENT_OVERHEAD \
+            + self.config.memory_tokens
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        """What an artifact stores: every trainable parameter (not the frozen encoder layers)."""
+        """What an artifact stores: every trainable parameter (not the frozen encoder)."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def n_parameters(self) -> dict[str, int]:
-        count = lambda m, trainable: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)  # noqa: E731
-        return {
-            "amortizer_trainable": count(self.amortizer, True),
-            "encoder_total": count(self.amortizer.encoder, False),
-            "aggregator": count(self.aggregator, True),
-            "prefix_projection": count(self.prefix, True),
-            "trainable_total": count(self, True),
-        }
+        return {"memory_tokens": self.amortizer.memory_tokens.numel(),
+                "encoder_total": sum(p.numel() for p in self.encoder.parameters())}
 
 
-# --- QA sequences under a prefix -------------------------------------------------------------
+# --- QA sequences after a memory -------------------------------------------------------------
 
 
 def shared_head_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -126,19 +127,22 @@ def qa_batch(
 
 def answer_nll(
     base: PreTrainedModel,
-    prefix: PrefixKV | None,
+    memory: PrefixKV | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     head: PromptHead | None = None,
+    memory_mask: torch.Tensor | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
-    """Mean negative log-likelihood of the answer tokens under the prefix (per question ``[B]``).
+    """Mean negative log-likelihood of the answer tokens after ``[head, memory]`` (per question ``[B]``).
 
     Only positions that predict an answer token go through the LM head (``logits_to_keep``): with
     a 49k vocabulary the head would otherwise cost ~15% of the step for logits nobody reads."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero().flatten()
-    logits = prefixed_forward(base, input_ids, attention_mask, prefix, head=head, logits_to_keep=keep).logits.float()
+    logits = prefixed_forward(base, input_ids, attention_mask, memory, memory_mask, head=head, start=start,
+                              logits_to_keep=keep).logits.float()
     targets = targets[:, keep]
     nll = nn.functional.cross_entropy(
         logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
@@ -155,13 +159,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return stop
 
 
-def stack_prefixes(prefixes: list[PrefixKV]) -> PrefixKV:
-    return [
-        (torch.cat([p[layer][0] for p in prefixes]), torch.cat([p[layer][1] for p in prefixes]))
-        for layer in range(len(prefixes[0]))
-    ]
-
-
 @torch.no_grad()
 def answer_questions(
     mac: MAC,
@@ -170,19 +167,17 @@ def answer_questions(
     questions: list[str],
     entries_for: callable,
     passages: Sequence[list[str] | None] | None = None,
-    group_size: int | None = None,
     max_new_tokens: int = 24,
     head: PromptHead | None = None,
 ) -> list[str]:
     """Short answers for a batch of questions. ``entries_for(i, key)`` yields the memory entries
-    question ``i`` may use (all of them, a top-k selection, a stream from a bank, ...)."""
-    tokens, keys = mac.encode_questions(questions)
-    prefix = stack_prefixes([mac.prefix_for(tokens[i : i + 1], entries_for(i, keys[i]), group_size)
-                             for i in range(len(questions))])
+    question ``i`` reads (all of them, a top-k selection, a stream from a bank, ...)."""
+    keys = mac.keys(questions)
+    memory, mask = stack_memories([list(entries_for(i, keys[i])) for i in range(len(questions))], base.device)
     passages = passages or [None] * len(questions)
     prompts = [strip_head(prompt_ids(tokenizer, q, p), head) for q, p in zip(questions, passages)]
-    outputs = greedy_generate(base, prompts, prefix, pad_id=tokenizer.pad_token_id,
-                              stop_ids=stop_token_ids(tokenizer), max_new_tokens=max_new_tokens, head=head)
+    outputs = greedy_generate(base, prompts, memory, pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer),
+                              max_new_tokens=max_new_tokens, head=head, memory_mask=mask, start=mac.start(head))
     return [extract_answer(tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
 
 

@@ -1,24 +1,19 @@
-"""P-tuning v2 prefixes: a modulation becomes per-layer key/values of a frozen causal LM.
+"""Memory as key/values of a frozen causal LM, put in front of a prompt through the cache API.
 
-Works for any Hugging Face decoder through the cache API, the way PEFT's prefix tuning does:
-the prefix is put into a ``DynamicCache`` as if it were ``P`` already-processed tokens. Keys are
-injected as they are (no rotary rotation: the prefix has no position), with the model's number of
-key/value heads (GQA) and head dim. The real tokens get explicit ``position_ids`` that start at 0
-(``cumsum`` of their mask, so left padding is fine), hence models with absolute learned positions
-(GPT-2) see the same positions as without a prefix; the attention mask is
-``[prefix mask, token mask]`` and the causal offset comes from the cache length.
-
-Every QA prompt starts with the same tokens (chat template + system prompt, ~45 of ~70 prompt
-tokens for SmolLM2). A ``PromptHead`` holds their key/values, computed once *without* the prefix;
-the cache is then ``[MAC prefix, head]`` and only the question's own tokens are run, which halves
-the base model's work per question in training and at ask time. The head tokens do not see the
-prefix (they are the same for every question anyway); every later token sees both.
+A memory entry is a set of *slots*: per layer, key/value vectors the base model itself computed
+(``amortizer.py``), so the model reads them with its own attention. The cache of a question is
+``[prompt head, memory]``: the head is the token prefix every QA prompt shares (chat template +
+system prompt, ~45 of ~70 prompt tokens for SmolLM2), computed once; the memory slots follow it, as
+the document followed it when it was encoded; the question's own tokens come last, with explicit
+``position_ids`` from ``start`` (``cumsum`` of their mask, so left padding is fine). Keys keep the
+rotation of the position they were computed at, so ``start`` must lie after every slot's position
+(``MAC.start``). Works for any Hugging Face decoder (GQA, rotary or absolute positions): the
+attention mask is ``[head, memory mask, token mask]`` and the causal offset is the cache length.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from dataclasses import dataclass
 
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -35,28 +30,9 @@ def kv_geometry(config: PretrainedConfig) -> tuple[int, int, int]:
     return text.num_hidden_layers, kv_heads, head_dim
 
 
-class PrefixProjection(nn.Module):
-    """MLP reparameterisation (P-tuning v2): ``[B, P, dim]`` -> per-layer prefix keys/values."""
-
-    def __init__(self, dim: int, base_config: PretrainedConfig, bottleneck: int) -> None:
-        super().__init__()
-        self.layers, self.kv_heads, self.head_dim = kv_geometry(base_config)
-        self.net = nn.Sequential(
-            nn.Linear(dim, bottleneck),
-            nn.Tanh(),
-            nn.Linear(bottleneck, self.layers * 2 * self.kv_heads * self.head_dim),
-        )
-
-    def forward(self, modulation: torch.Tensor) -> PrefixKV:
-        batch, length, _ = modulation.shape
-        kv = self.net(modulation).view(batch, length, self.layers, 2, self.kv_heads, self.head_dim)
-        kv = kv.permute(2, 3, 0, 4, 1, 5)  # layers, k/v, B, kv_heads, P, head_dim
-        return [(layer[0], layer[1]) for layer in kv]
-
-
 @dataclass(frozen=True)
 class PromptHead:
-    """Key/values of the token prefix all prompts share, computed once without a MAC prefix."""
+    """Key/values of the token prefix all prompts share, computed once."""
 
     ids: tuple[int, ...]
     kv: PrefixKV  # per layer [1, kv_heads, S, head_dim]
@@ -75,26 +51,21 @@ def encode_head(model: PreTrainedModel, ids: list[int]) -> PromptHead | None:
 
 
 def build_cache(
-    model: PreTrainedModel, batch: int, prefix: PrefixKV | None, head: PromptHead | None
+    model: PreTrainedModel, batch: int, memory: PrefixKV | None, head: PromptHead | None
 ) -> DynamicCache:
-    """A fresh cache ``[prefix, head]`` for ``batch`` rows (the model appends to it: never reuse)."""
+    """A fresh cache ``[head, memory]`` for ``batch`` rows (the model appends to it: never reuse)."""
     dtype = model.get_input_embeddings().weight.dtype
     layers = []
     for layer in range(model.config.get_text_config(decoder=True).num_hidden_layers):
         parts = []
-        if prefix is not None:
-            parts.append(prefix[layer])
         if head is not None:
             k, v = head.kv[layer]
             parts.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
+        if memory is not None:
+            parts.append(memory[layer])
         layers.append((torch.cat([p[0].to(dtype) for p in parts], dim=2),
                        torch.cat([p[1].to(dtype) for p in parts], dim=2)))
     return DynamicCache(layers, config=model.config)
-
-
-def prefix_cache(model: PreTrainedModel, prefix: PrefixKV) -> DynamicCache:
-    """A fresh cache holding the prefix (the model appends to it, so never reuse one)."""
-    return build_cache(model, prefix[0][0].shape[0], prefix, None)
 
 
 def token_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -103,41 +74,46 @@ def token_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tenso
 
 
 def _context(
-    batch: int, prefix: PrefixKV | None, prefix_mask: torch.Tensor | None, head: PromptHead | None,
+    batch: int, memory: PrefixKV | None, memory_mask: torch.Tensor | None, head: PromptHead | None,
     like: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention-mask columns of the cached part: the prefix (``prefix_mask`` or ones), the head."""
+    """Attention-mask columns of the cached part: the head, then the memory (``memory_mask`` or ones)."""
     parts = []
-    if prefix is not None:
-        length = prefix[0][0].shape[2]
-        parts.append(prefix_mask.to(like.dtype) if prefix_mask is not None
-                     else torch.ones(batch, length, dtype=like.dtype, device=like.device))
     if head is not None:
         parts.append(torch.ones(batch, len(head), dtype=like.dtype, device=like.device))
+    if memory is not None:
+        length = memory[0][0].shape[2]
+        parts.append(memory_mask.to(like.dtype) if memory_mask is not None
+                     else torch.ones(batch, length, dtype=like.dtype, device=like.device))
     return torch.cat(parts, dim=1) if parts else like[:, :0]
+
+
+def default_start(memory: PrefixKV | None, head: PromptHead | None) -> int:
+    return (len(head) if head is not None else 0) + (memory[0][0].shape[2] if memory is not None else 0)
 
 
 def prefixed_forward(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    prefix: PrefixKV | None,
-    prefix_mask: torch.Tensor | None = None,
+    memory: PrefixKV | None,
+    memory_mask: torch.Tensor | None = None,
     head: PromptHead | None = None,
+    start: int | None = None,
     **kwargs,
 ):
-    """Forward pass of the (frozen) model under a prefix; ``input_ids`` continue ``head`` when one
-    is given. Returns the model output with its cache. Extra keyword arguments (e.g.
+    """Forward pass of the (frozen) model after ``[head, memory]``; the tokens' positions start at
+    ``start`` (default: right after the cached part). Extra keyword arguments (e.g.
     ``logits_to_keep``) go to the model."""
-    positions = token_positions(attention_mask, len(head) if head is not None else 0)
-    if prefix is None and head is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
+    positions = token_positions(attention_mask, default_start(memory, head) if start is None else start)
+    if memory is None and head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kwargs)
     batch = input_ids.shape[0]
     return model(
         input_ids=input_ids,
-        attention_mask=torch.cat([_context(batch, prefix, prefix_mask, head, attention_mask), attention_mask], 1),
+        attention_mask=torch.cat([_context(batch, memory, memory_mask, head, attention_mask), attention_mask], 1),
         position_ids=positions,
-        past_key_values=build_cache(model, batch, prefix, head),
+        past_key_values=build_cache(model, batch, memory, head),
         use_cache=True,
         **kwargs,
     )
@@ -147,16 +123,18 @@ def prefixed_forward(
 def greedy_generate(
     model: PreTrainedModel,
     prompts: list[list[int]],
-    prefix: PrefixKV | None,
+    memory: PrefixKV | None,
     *,
     pad_id: int,
     stop_ids: set[int],
     max_new_tokens: int = 24,
     head: PromptHead | None = None,
+    memory_mask: torch.Tensor | None = None,
+    start: int | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch under a prefix (``generate`` would restart positions
-    at the cache length, which is wrong for absolute-position models). ``prompts`` continue
-    ``head`` when one is given."""
+    """Greedy decoding of a left-padded batch after ``[head, memory]`` (``generate`` would restart
+    positions at the cache length, which is wrong for absolute-position models and for memory
+    slots that keep their own positions). ``prompts`` continue ``head`` when one is given."""
     device = model.device
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -165,12 +143,10 @@ def greedy_generate(
         input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
         mask[row, length - len(prompt) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    if prefix is None and head is None:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=token_positions(mask), use_cache=True)
-    else:
-        out = prefixed_forward(model, input_ids, mask, prefix, head=head)
-    full_mask = torch.cat([_context(len(prompts), prefix, None, head, mask), mask], dim=1)
-    positions = token_positions(mask, len(head) if head is not None else 0)
+    start = default_start(memory, head) if start is None else start
+    out = prefixed_forward(model, input_ids, mask, memory, memory_mask, head=head, start=start)
+    full_mask = torch.cat([_context(len(prompts), memory, memory_mask, head, mask), mask], dim=1)
+    positions = token_positions(mask, start)
     generated: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), device=device)

@@ -1,18 +1,19 @@
-"""MAC training recipe: end-to-end QA NLL of the frozen base model under the aggregated prefix.
+"""MAC training recipe: end-to-end QA NLL of the frozen base model reading the memory.
 
-Each step draws ``docs_per_step`` training paragraphs and one question about each. All paragraphs
-are amortized into one memory (so every question must find its document among distractors); with
-backprop dropout only a ``backprop_fraction`` of them carries gradients, the rest are amortized
-under ``no_grad`` (the paper's memory trick). Each question is encoded, aggregates the memory
-(flat, or sometimes hierarchically with a small group so the network also learns to read group
-results), and the frozen base model scores the gold answer under the resulting prefix (optionally,
-``reconstruction_weight``, also each gradient-carrying document's own text under its entry). Adam with
-linear warmup and cosine decay, gradient clipping, periodic validation (NLL and generated-answer
-F1 with the val paragraphs in memory) picks the best checkpoint, which is exported as an artifact.
-Training state is checkpointed and resumed; ``--max-minutes`` bounds the wall-clock budget.
+Each step draws ``docs_per_step`` training paragraphs and one question about each; each question
+reads its own paragraph's entry (plus ``entries_per_question - 1`` distractors, as after a top-k
+retrieval). With backprop dropout only a ``backprop_fraction`` of the entries carries gradients,
+the rest are amortized under ``no_grad`` (the paper's memory trick; cheap here anyway, since only
+the memory tokens' positions are on the autograd tape, ``amortizer.py``). The frozen base
+model scores the gold answers after the memory; the gradient reaches the learned memory tokens
+through the base model's forward pass over each document. Adam with linear warmup and cosine
+decay, gradient clipping, periodic validation (NLL and generated-answer F1 with the val paragraphs
+in memory, read through the same top-k retrieval as at ask time) picks the best checkpoint, which
+is exported as an artifact. Training state is checkpointed and resumed; ``--max-minutes`` bounds
+the wall-clock budget.
 
     python -m training.mac.train --squad ../shared/data/squad/dev-v1.1.json --out var/artifacts/mac \
-        --qa-tuning artifacts/qa-format/smollm2-135m-instruct --max-minutes 175 --threads 2
+        --qa-tuning artifacts/qa-format/smollm2-135m-instruct --max-minutes 60 --threads 1
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data.evalset import EvalSet
 from training.mac.config import MACConfig
-from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac, stack_prefixes
-from training.mac.prefix import PromptHead, prefixed_forward
+from training.mac.aggregator import select_top_k, stack_memories
+from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
+from training.mac.prefix import PromptHead
 from training.metrics import mean, squad_scores
-from training.token_batches import document_batch
 from training.types import Document, Question
 
 log = logging.getLogger(__name__)
@@ -44,24 +45,21 @@ log = logging.getLogger(__name__)
 class TrainConfig(BaseModel):
     """Optimisation settings of a MAC run (the architecture is ``MACConfig``)."""
 
-    steps: int = Field(3000, description="optimizer steps (the schedule length; --max-minutes may stop earlier)")
+    steps: int = Field(1500, description="optimizer steps (the schedule length; --max-minutes may stop earlier)")
     docs_per_step: int = Field(4, description="paragraphs amortized per step (one question each)")
-    backprop_fraction: float = Field(0.5, description="share of the step's documents that carry gradients")
-    hierarchical_prob: float = Field(0.25, description="share of steps that aggregate in groups of 2")
-    lr: float = 2e-4
-    warmup_steps: int = 100
+    backprop_fraction: float = Field(1.0, description="share of the step's documents that carry gradients")
+    entries_per_question: int = Field(1, description="entries a training question reads: its own plus distractors "
+                                                     "from the step (1 matches top-1 retrieval, the best on val)")
+    lr: float = 3e-3
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     max_answer_tokens: int = Field(24, description="skip training questions with longer answers")
-    reconstruction_weight: float = Field(
-        0.0, description="weight of the auxiliary loss: NLL of a document's own text under the prefix of "
-                         "its memory entry alone (in-context autoencoding; 0 = off; measured: it does not stop the prefix "
-                         "from losing its document dependence, docs/mac.md)")
-    reconstruction_tokens: int = Field(128, description="document tokens scored by the reconstruction loss")
-    eval_every: int = Field(200, description="steps between validations (~50 s each on a CPU)")
+    eval_every: int = Field(100, description="steps between validations")
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
-    checkpoint_every: int = 50
+    val_top_k: int = Field(1, description="entries each validation question reads (top-k by retrieval key)")
+    checkpoint_every: int = 25
     max_minutes: float | None = None
     seed: int = 0
 
@@ -90,33 +88,6 @@ def validation_set(val: EvalSet, cfg: TrainConfig) -> tuple[list[Document], list
 # --- one step ------------------------------------------------------------------------------------
 
 
-RECONSTRUCTION_QUERY = "What does the document say?"
-
-
-def reconstruction_nll(
-    mac: MAC,
-    base: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
-    entries: list[torch.Tensor],
-    max_tokens: int,
-) -> torch.Tensor:
-    """NLL per document ``[B]`` of the first ``max_tokens`` tokens of ``texts[i]`` (teacher forced,
-    no prompt) under the prefix aggregated from ``entries[i]`` alone.
-
-    The answer loss supervises a few answer tokens per document, and on its own the writer learnt
-    to memorise training paragraphs without learning to write unseen ones (docs/mac.md); scoring the
-    document's own text asks the entry to carry what the document says, densely (the in-context
-    autoencoder's pretraining objective)."""
-    query, _ = mac.encode_questions([RECONSTRUCTION_QUERY])
-    prefix = stack_prefixes([mac.prefix_for(query, [entry]) for entry in entries])
-    batch = document_batch(tokenizer, texts, max_tokens).to(base.device)
-    logits = prefixed_forward(base, batch.input_ids, batch.attention_mask, prefix).logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return nll.sum(1) / (targets != -100).sum(1).clamp(min=1)
-
-
 def mac_loss(
     mac: MAC,
     base: PreTrainedModel,
@@ -125,58 +96,37 @@ def mac_loss(
     questions: list[str],
     answers: list[str],
     backprop_mask: list[bool],
-    group_size: int | None = None,
     head: PromptHead | None = None,
-    cfg: TrainConfig | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean answer NLL over the questions with all ``texts`` in memory, plus the weighted
-    reconstruction NLL of the documents that carry gradients; documents whose ``backprop_mask`` is
-    False are amortized without gradients (backprop dropout). Returns the loss and its parts."""
-    cfg = cfg or TrainConfig()
-    with_grad = [t for t, keep in zip(texts, backprop_mask) if keep]
-    without = [t for t, keep in zip(texts, backprop_mask) if not keep]
-    entries = [memory for memory, _ in mac.memorize(with_grad)] if with_grad else []
-    if without:
-        with torch.no_grad():
-            entries += [memory for memory, _ in mac.memorize(without)]
-    query, _ = mac.encode_questions(questions)
-    prefix = mac.prefix_for(query, entries, group_size)
+    entries_per_question: int = 1,
+) -> torch.Tensor:
+    """Mean answer NLL over the questions (question ``i`` is about ``texts[i]``), each reading its
+    own entry and the next ``entries_per_question - 1`` ones; documents whose ``backprop_mask`` is
+    False are amortized without gradients (backprop dropout)."""
+    entries = []
+    for text, keep in zip(texts, backprop_mask):
+        with torch.set_grad_enabled(keep and torch.is_grad_enabled()):
+            entries.append(mac.memorize(base, tokenizer, head, [text])[0][0])
+    reads = [[entries[(i + j) % len(entries)] for j in range(min(entries_per_question, len(entries)))]
+             for i in range(len(questions))]
+    memory, memory_mask = stack_memories(reads, base.device)
     input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
-    loss = answer_nll(base, prefix, input_ids, mask, labels, head=head).mean()
-    parts = {"qa": loss.item()}
-    if cfg.reconstruction_weight > 0 and with_grad:
-        recon = reconstruction_nll(mac, base, tokenizer, with_grad, entries[: len(with_grad)],
-                                   cfg.reconstruction_tokens).mean()
-        parts["recon"] = recon.item()
-        loss = loss + cfg.reconstruction_weight * recon
-    return loss, parts
+    return answer_nll(base, memory, input_ids, mask, labels, head=head, memory_mask=memory_mask,
+                      start=mac.start(head)).mean()
 
 
 def sample_step(
     rng: random.Random, doc_texts: dict[str, str], pairs: dict[str, list[Question]], cfg: TrainConfig
-) -> tuple[list[str], list[str], list[str], list[bool], int | None]:
+) -> tuple[list[str], list[str], list[str], list[bool]]:
     doc_ids = rng.sample(sorted(pairs), cfg.docs_per_step)
     questions = [rng.choice(pairs[d]) for d in doc_ids]
     n_grad = max(1, round(cfg.backprop_fraction * len(doc_ids)))
     mask = [i < n_grad for i in range(len(doc_ids))]
     rng.shuffle(mask)
-    group = 2 if len(doc_ids) > 2 and rng.random() < cfg.hierarchical_prob else None
     return ([doc_texts[d] for d in doc_ids], [q.question for q in questions],
-            [q.answers[0] for q in questions], mask, group)
+            [q.answers[0] for q in questions], mask)
 
 
 # --- validation ----------------------------------------------------------------------------------
-
-
-def prefix_document_share(mac: MAC, memory: list[torch.Tensor]) -> float:
-    """Share of the prefix key/values' second moment that varies between documents, each entry
-    aggregated alone for one fixed query: near 0 means one prefix fits all documents and nothing
-    of a document reaches the base model, whatever the losses say (how the reconstruction loss
-    alone failed, docs/mac.md)."""
-    query, _ = mac.encode_questions([RECONSTRUCTION_QUERY])
-    kv = torch.stack([torch.cat([torch.cat([k, v]).flatten() for k, v in mac.prefix_for(query, [entry])])
-                      for entry in memory])
-    return round((kv.var(0, unbiased=False).sum() / kv.pow(2).mean(0).sum()).item(), 4)
 
 
 @torch.no_grad()
@@ -186,45 +136,36 @@ def validate(
     tokenizer: PreTrainedTokenizerBase,
     docs: list[Document],
     questions: list[Question],
+    top_k: int,
     batch_size: int = 8,
     head: PromptHead | None = None,
-    reconstruction_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Answer NLL and generated-answer F1/EM (percent) with all ``docs`` in memory, and the memory
-    probe: answer NLL with the question's own paragraph alone in memory (``nll_own``) and with
-    another one (``nll_other``). ``nll_other - nll_own`` is what reading memory is worth on unseen
-    paragraphs; near 0 means the network answers from the question alone; ``prefix_doc_share``
-    (``prefix_document_share``) says whether the prefix depends on the document at all. With
-    ``reconstruction_tokens``, the same probe for the reconstruction loss (``recon_own`` /
-    ``recon_other``: how much of an unseen paragraph's text its entry carries)."""
+    """Generated-answer F1/EM (percent) with ``docs`` in memory, each question reading its top-k
+    entries, and the memory probe: answer NLL with the question's own paragraph alone in memory
+    (``nll_own``) and with another one (``nll_other``); ``nll_other - nll_own`` is what reading
+    memory is worth on unseen paragraphs."""
     mac.eval()
-    memory = [m for m, _ in mac.memorize([d.text for d in docs])]
+    entries = mac.memorize(base, tokenizer, head, [d.text for d in docs])
+    memory = [m for m, _ in entries]
+    keys = torch.stack([k for _, k in entries])
+    ids = [d.id for d in docs]
     index = {d.id: i for i, d in enumerate(docs)}
-    losses, own, other, scores, samples = [], [], [], [], []
-    for start in range(0, len(questions), batch_size):
-        batch = questions[start : start + batch_size]
+    own, other, scores, samples = [], [], [], []
+    start = mac.start(head)
+    for first in range(0, len(questions), batch_size):
+        batch = questions[first : first + batch_size]
         texts = [q.question for q in batch]
-        query, _ = mac.encode_questions(texts)
-        ids, mask, labels = qa_batch(tokenizer, texts, [q.answers[0] for q in batch], device=base.device, head=head)
-        losses += answer_nll(base, mac.prefix_for(query, memory), ids, mask, labels, head=head).tolist()
-        for row, q in enumerate(batch):
-            mine = index[q.doc_ids[0]]
-            for entry, out in ((memory[mine], own), (memory[(mine + 1) % len(memory)], other)):
-                out += answer_nll(base, mac.prefix_for(query[row : row + 1], [entry]), ids[row : row + 1],
-                                  mask[row : row + 1], labels[row : row + 1], head=head).tolist()
-        predictions = answer_questions(mac, base, tokenizer, texts, lambda i, k: memory, head=head)
+        tokens, mask, labels = qa_batch(tokenizer, texts, [q.answers[0] for q in batch], device=base.device, head=head)
+        mine = [index[q.doc_ids[0]] for q in batch]
+        for choice, out in ((mine, own), ([(m + 1) % len(memory) for m in mine], other)):
+            kv, kv_mask = stack_memories([[memory[c]] for c in choice], base.device)
+            out += answer_nll(base, kv, tokens, mask, labels, head=head, memory_mask=kv_mask, start=start).tolist()
+        chosen = lambda i, key: [memory[index[d]] for d in select_top_k(key, ids, keys, top_k)]  # noqa: E731
+        predictions = answer_questions(mac, base, tokenizer, texts, chosen, head=head)
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
-    probe = {"prefix_doc_share": prefix_document_share(mac, memory)}
-    if reconstruction_tokens:
-        texts = [d.text for d in docs]
-        for name, entries in (("recon_own", memory), ("recon_other", memory[1:] + memory[:1])):
-            probe[name] = round(mean(torch.cat([
-                reconstruction_nll(mac, base, tokenizer, texts[i : i + batch_size], entries[i : i + batch_size],
-                                   reconstruction_tokens) for i in range(0, len(texts), batch_size)]).tolist()), 4)
     mac.train()
-    return {"loss": round(mean(losses), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4),
-            **probe,
+    return {"loss": round(mean(own), 4), "nll_own": round(mean(own), 4), "nll_other": round(mean(other), 4),
             "f1": round(100 * mean(s["f1"] for s in scores), 2),
             "em": round(100 * mean(s["em"] for s in scores), 2), "n": len(scores), "samples": samples[:4]}
 
@@ -291,9 +232,8 @@ def train_mac(
     head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
-        recon_tokens = cfg.reconstruction_tokens if cfg.reconstruction_weight > 0 else None
-        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions, head=head,
-                                                       reconstruction_tokens=recon_tokens)}
+        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions,
+                                                       cfg.val_top_k, head=head)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -313,22 +253,21 @@ def train_mac(
                disable=not progress)
     running: dict[str, float] = {}
     for step in bar:
-        texts, questions, answers, mask, group = sample_step(rng, doc_texts, pairs, cfg)
-        loss, parts = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, group, head=head, cfg=cfg)
+        texts, questions, answers, mask = sample_step(rng, doc_texts, pairs, cfg)
+        loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, head=head,
+                        entries_per_question=cfg.entries_per_question)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        parts = {"loss": loss.item(), **parts}
-        running = {k: v if k not in running else 0.95 * running[k] + 0.05 * v for k, v in parts.items()}
+        running = {"loss": loss.item() if not running else 0.95 * running["loss"] + 0.05 * loss.item()}
         state["step"] = step + 1
         state["seconds"] = time.time() - started
         bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"gnorm": f"{float(grad_norm):.2f}"})
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps or out_of_time:
             state["history"].append({"step": state["step"], "train_loss_ema": round(running["loss"], 4),
-                                     **{f"train_{k}_ema": round(v, 4) for k, v in running.items() if k != "loss"},
                                      "minutes": round(state["seconds"] / 60, 2)})
             run_validation()
             save_checkpoint()
@@ -399,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     base, tokenizer, encoder, enc_tokenizer = load_models(args.base_model, args.encoder, args.qa_tuning)
     torch.manual_seed(train_cfg.seed)
     mac = MAC(mac_cfg, encoder, enc_tokenizer, base.config).to(base.device)
+    mac.amortizer.init_memory_tokens(base, train_cfg.seed)
     log.info("MAC parameters: %s", mac.n_parameters())
     if args.warm_start and not checkpoint.exists():
         warm = Path(args.warm_start)
