@@ -8,7 +8,8 @@ import torch
 from tests.mac_helpers import TINY_MAC, tiny_encoder, tiny_mac
 from training.artifacts import ArtifactError
 from training.mac.aggregator import iter_bank_entries, stack_memories
-from training.mac.model import answer_nll, answer_questions, load_mac, prompt_head, qa_batch, save_mac
+from training.mac.config import MACConfig
+from training.mac.model import MAC, answer_nll, answer_questions, load_mac, prompt_head, qa_batch, save_mac
 from training.mac.train import mac_loss
 from training.memory_bank import InMemoryMemoryBank
 from training.models import tiny_causal_lm
@@ -177,3 +178,35 @@ def test_answer_questions_asks_entries_for_each_question_with_its_key():
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert [i for i, _ in asked] == [0, 1]
     torch.testing.assert_close(torch.stack([k for _, k in asked]), mac.keys(questions))
+
+
+@pytest.mark.real_model
+def test_smollm2_answer_from_memory_is_gone_after_deleting_its_document():
+    """Acceptance 4 on the real models: a fact only one document holds is answered from memory,
+    and not any more once that document's entry is deleted."""
+    from training.mac.aggregator import select_top_k
+    from training.models import load_causal_lm, load_encoder
+
+    base, tok = load_causal_lm()
+    base.requires_grad_(False)
+    encoder, enc_tok = load_encoder()
+    mac = MAC(MACConfig(), encoder, enc_tok, base.config).eval()
+    mac.amortizer.init_memory_tokens(base)
+    head = prompt_head(base, tok)
+    docs = {"norvale": "In 2031 the city of Norvale opened 12 libraries and 3 museums.",
+            "bridge": "The council of Eastport approved the new harbour bridge on Tuesday."}
+    bank = InMemoryMemoryBank()
+    with torch.no_grad():
+        for (doc_id, _), (memory, key) in zip(docs.items(), mac.memorize(base, tok, head, list(docs.values()))):
+            bank.put(doc_id, memory, key)
+
+    def ask() -> str:
+        def top_1(_i, key):
+            ids, keys = bank.keys()
+            return iter_bank_entries(bank, select_top_k(key, ids, keys, 1))
+        return answer_questions(mac, base, tok, ["How many libraries did Norvale open in 2031?"], top_1,
+                                max_new_tokens=16, head=head)[0]
+
+    assert "12" in ask()
+    assert bank.delete("norvale")
+    assert "12" not in ask()
