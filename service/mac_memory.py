@@ -7,7 +7,8 @@ read with another (a new artifact starts an empty bank, filled by the rebuild).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ from training.models import ModelSettings
 @dataclass
 class MacRuntime:
     """``base`` writes the memory (the amortizer runs it over each document); answers may come
-    from another instance of the same base model."""
+    from another instance of the same base model. ``model_lock`` is held while writing: when the
+    API's model is shared with an embedded worker, it is the lock asks hold, so a write never runs
+    under an ask's per-request adapter hooks."""
 
     mac: MAC
     bank: RedisMemoryBank
@@ -33,6 +36,7 @@ class MacRuntime:
     base: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     head: PromptHead | None = None
+    model_lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
         self.head = prompt_head(self.base, self.tokenizer)
@@ -40,7 +44,9 @@ class MacRuntime:
     @torch.no_grad()
     def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
         """One base-model forward pass per document chunk; each entry replaces any earlier one (idempotent)."""
-        for doc_id, (memory, key) in zip(doc_ids, self.mac.memorize(self.base, self.tokenizer, self.head, texts)):
+        with self.model_lock:
+            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts)
+        for doc_id, (memory, key) in zip(doc_ids, entries):
             self.bank.put(doc_id, memory, key)
 
     def selected_ids(self, question_key: torch.Tensor) -> list[str]:

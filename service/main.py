@@ -78,6 +78,8 @@ async def lifespan(app: FastAPI):
             log.error("MAC artifact %s not loaded: %s", settings.mac_artifact, state.mac_error)
     adapters_ = LiveAdapters(model, settings.adapters_dir, settings.adapters_loaded)
     state.answerer = Answerer(model, tokenizer, state.sessions, adapters_, state.mac, settings.rag_min_score_ratio)
+    if state.mac is not None:  # the embedded worker writes memory with this model: not during an ask
+        state.mac.model_lock = adapters_.lock
     stop = threading.Event()
     state.worker_thread = None
     if settings.embedded_worker:

@@ -134,3 +134,29 @@ def test_mac_runtime_writes_reads_and_answers_without_a_cached_head(tiny_model_d
     runtime.bank.delete(used[0])
     _, after = runtime.answer(base, tok, question, None, max_new_tokens=4, head=runtime.head)
     assert used[0] not in after and len(after) == 2
+
+
+def test_memory_writes_wait_for_the_model_lock(tiny_model_dir, mac_artifact_dir, redis_client):
+    """The embedded worker shares the API's model: a write waits while an ask holds the lock
+    (``service/main.py`` hands the runtime the adapters' lock), then goes through."""
+    import threading
+
+    from service.mac_memory import load_mac_runtime
+    from training.models import ModelSettings, load_causal_lm
+
+    settings = ModelSettings(base_model=str(tiny_model_dir), device="cpu")
+    base, tok = load_causal_lm(str(tiny_model_dir), settings)
+    runtime = load_mac_runtime(mac_artifact_dir, base, tok, redis_client, settings, top_k=1, group_size=1)
+    runtime.bank.delete("lock-1")
+    written = threading.Event()
+
+    def write() -> None:
+        runtime.memorize(["lock-1"], [DOCS[0]["text"]])
+        written.set()
+
+    with runtime.model_lock:  # what an ask holds while it generates
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not written.wait(0.5) and "lock-1" not in runtime.bank
+    writer.join(60)
+    assert written.is_set() and "lock-1" in runtime.bank
