@@ -25,7 +25,6 @@ from service.db import DocumentRecord, corpus_version
 from service.live_adapter import LiveAdapters
 from service.mac_memory import MacRuntime
 from training.generation import generate_answer
-from training.mac.model import prompt_head
 from training.prompts import qa_messages
 from training.retrieval import BM25Index, Passage
 from training.types import Document
@@ -73,7 +72,6 @@ class Answerer:
         self._index = BM25Index([])
         self._index_version: tuple | None = None
         self._index_lock = threading.Lock()
-        self._head = prompt_head(model, tokenizer) if mac is not None else None
 
     def index(self) -> BM25Index:
         with self.sessions() as session:
@@ -127,7 +125,7 @@ class Answerer:
                         text, memory_ids = self.mac.answer(self.model, self.tokenizer, question, texts, max_new_tokens)
                 else:
                     text, memory_ids = self.mac.answer(self.model, self.tokenizer, question, texts,
-                                                       max_new_tokens, head=self._head)
+                                                       max_new_tokens, head=self.mac.head)
             else:
                 kwargs = {"adapter_names": [name]} if name else {}
                 if name is None and self.adapters.peft is not None:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.memory_bank import RedisMemoryBank
-from training.mac.aggregator import iter_bank_entries, select_top_k
+from training.mac.aggregator import entry_ids, iter_bank_entries
 from training.mac.model import MAC, answer_questions, load_mac, prompt_head
 from training.mac.prefix import PromptHead
 from training.models import ModelSettings
@@ -35,7 +35,7 @@ class MacRuntime:
     group_size: int
     base: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    head: PromptHead | None = None
+    head: PromptHead | None = field(init=False)
     model_lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -49,13 +49,6 @@ class MacRuntime:
         for doc_id, (memory, key) in zip(doc_ids, entries):
             self.bank.put(doc_id, memory, key)
 
-    def selected_ids(self, question_key: torch.Tensor) -> list[str]:
-        if self.top_k:
-            ids, keys = self.bank.keys()
-            if keys is not None:
-                return select_top_k(question_key.cpu(), ids, keys, self.top_k)
-        return self.bank.ids()
-
     @torch.no_grad()
     def answer(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str,
@@ -67,11 +60,12 @@ class MacRuntime:
         used: list[str] = []
 
         def entries_for(_i: int, key: torch.Tensor):
-            used.extend(self.selected_ids(key))
+            used.extend(entry_ids(self.bank, key, self.top_k))
             return iter_bank_entries(self.bank, used, chunk=self.group_size, device=self.mac.device)
 
         (text,) = answer_questions(self.mac, base, tokenizer, [question], entries_for, passages=[passages],
-                                   max_new_tokens=max_new_tokens, head=head or prompt_head(base, tokenizer))
+                                   max_new_tokens=max_new_tokens,
+                                   head=head if head is not None else prompt_head(base, tokenizer))
         return text, used
 
 

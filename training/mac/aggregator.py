@@ -45,6 +45,17 @@ def select_top_k(query_key: torch.Tensor, ids: Sequence[str], keys: torch.Tensor
     return [ids[i] for i in torch.topk(scores, k).indices.tolist()]
 
 
+def entry_ids(bank, query_key: torch.Tensor, top_k: int | None, bank_keys=None) -> list[str]:
+    """The ids of the entries a question reads from a ``MemoryBank``: its top-k by key similarity,
+    or every entry without ``top_k`` (or without keys). ``bank_keys`` = ``bank.keys()`` when the
+    caller already holds them (one read for a batch of questions)."""
+    if top_k:
+        ids, keys = bank_keys if bank_keys is not None else bank.keys()
+        if keys is not None:
+            return select_top_k(query_key.cpu(), ids, keys, top_k)
+    return bank.ids()
+
+
 def iter_bank_entries(
     bank, ids: Sequence[str], chunk: int = 64, device: torch.device | str | None = None
 ) -> Iterator[torch.Tensor]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import config_hash
-from training.mac.aggregator import iter_bank_entries, select_top_k, stack_memories
+from training.mac.aggregator import entry_ids, iter_bank_entries, stack_memories
 from training.mac.model import (
     MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stop_token_ids, strip_head,
 )
@@ -110,14 +110,10 @@ class MACMethod:
     def memory(self, questions: list[Question]) -> tuple[PrefixKV | None, torch.Tensor | None]:
         """Each question's entries (top-k or all), side by side, with the slot mask."""
         keys = self.mac.keys([q.question for q in questions])
-        key_ids, bank_keys = self.bank.keys() if self.settings.top_k else ([], None)
-        all_ids = self.bank.ids()
-        per_question = []
-        for i in range(len(questions)):
-            ids = all_ids
-            if self.settings.top_k and bank_keys is not None:
-                ids = select_top_k(keys[i].cpu(), key_ids, bank_keys, self.settings.top_k)
-            per_question.append(list(iter_bank_entries(self.bank, ids, chunk=self.settings.group_size or 64)))
+        top_k = self.settings.top_k
+        bank_keys = self.bank.keys() if top_k else None
+        per_question = [list(iter_bank_entries(self.bank, entry_ids(self.bank, key, top_k, bank_keys),
+                                               chunk=self.settings.group_size or 64)) for key in keys]
         return stack_memories(per_question, self.model.device)
 
     @torch.no_grad()

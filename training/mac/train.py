@@ -105,7 +105,7 @@ def mac_loss(
     entries = []
     for text, keep in zip(texts, backprop_mask):
         with torch.set_grad_enabled(keep and torch.is_grad_enabled()):
-            entries.append(mac.memorize(base, tokenizer, head, [text])[0][0])
+            entries.append(mac.amortizer(base, tokenizer, head, text))  # no retrieval key: nothing selects
     reads = [[entries[(i + j) % len(entries)] for j in range(min(entries_per_question, len(entries)))]
              for i in range(len(questions))]
     memory, memory_mask = stack_memories(reads, base.device)
