@@ -4,25 +4,12 @@ BF16) and when its slots are stored as int8 with one scale per slot vector (half
 
     SQUAD=../shared/data/squad/dev-v1.1.json .venv/bin/python scripts/probes/precision_probe.py
 """
-import os, time, torch
-torch.set_num_threads(1)
-from training.models import load_causal_lm, ModelSettings, DEFAULT_BASE_MODEL
-from training.qa_tuning import apply_qa_tuning
-from training.mac.method import MACMethod, MACMethodSettings
-from training.mac.model import load_mac
-from training.methods import MethodConfig, MethodContext
-from training.data.squad import load_squad_seq
-from training.metrics import squad_scores
+import time
 
-SQUAD = os.environ.get("SQUAD", "../shared/data/squad/dev-v1.1.json")  # SQuAD v1.1 dev JSON
-QA_TUNING = os.environ.get("QA_TUNING", "artifacts/qa-format/smollm2-135m-instruct")
-base, tok = load_causal_lm(DEFAULT_BASE_MODEL, ModelSettings())
-base = apply_qa_tuning(base, QA_TUNING)
-mac, _ = load_mac(os.environ.get("MAC_ARTIFACT", "var/artifacts/mac-kv"), base.config)
-ev = load_squad_seq(SQUAD, "val")
-docs = ev.documents[:64]
-qs = ev.questions_about({d.id for d in docs})[:120]
-ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=24, batch_size=8))
+import torch
+
+from mac_val_setup import ctx, docs, f1, mac, qs
+from training.mac.method import MACMethod, MACMethodSettings
 
 
 def int8_round_trip(entry: torch.Tensor) -> torch.Tensor:
@@ -42,9 +29,7 @@ def run(name: str, bf16: bool = False, int8: bool = False) -> None:
         key_of = dict(zip(*method.bank.keys()))
         for i, entry in zip(ids, method.bank.get(ids)):
             method.bank.put(i, int8_round_trip(entry), key_of[i])
-    preds = method.answer(qs)
-    f1 = 100 * sum(squad_scores(p, q.answers)["f1"] for p, q in zip(preds, qs)) / len(qs)
-    print(f"{name}: F1 {f1:.2f}, ingest {ingest:.3f} s/doc", flush=True)
+    print(f"{name}: F1 {f1(method.answer(qs)):.2f}, ingest {ingest:.3f} s/doc", flush=True)
 
 
 run("fp32 ingest, fp16 storage")
