@@ -72,7 +72,7 @@ def build_worker(
         base, tokenizer = load_base_model(settings)
     if mac is None and settings.mac_artifact is not None:
         mac = load_mac_runtime(settings.mac_artifact, base, tokenizer, redis_client, settings.model_settings(),
-                               settings.mac_top_k, settings.mac_group_size)
+                               settings.mac_top_k, settings.mac_group_size, settings.mac_storage)
     worker = Worker(settings, sessions, mac=mac)
     if settings.updater:
         spec = load_updater(settings.updater, base, settings.adapter_rank, settings.adapter_lr)

@@ -18,6 +18,7 @@ from service.memory_bank import RedisMemoryBank
 from training.mac.aggregator import entry_ids, iter_bank_entries
 from training.mac.model import MAC, answer_questions, load_mac, prompt_head
 from training.mac.prefix import PromptHead
+from training.memory_bank import Storage
 from training.models import ModelSettings
 
 
@@ -76,8 +77,8 @@ def bank_name(artifact: Path) -> str:
 
 def load_mac_runtime(
     artifact: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, client, model_settings: ModelSettings,
-    top_k: int | None, group_size: int,
+    top_k: int | None, group_size: int, storage: Storage = "float16",
 ) -> MacRuntime:
     mac, _ = load_mac(artifact, base.config, settings=model_settings)
-    bank = RedisMemoryBank(client, bank=bank_name(artifact))
+    bank = RedisMemoryBank(client, bank=bank_name(artifact), storage=storage)
     return MacRuntime(mac.to(base.device).eval(), bank, Path(artifact), top_k, group_size, base, tokenizer)

@@ -72,7 +72,7 @@ async def lifespan(app: FastAPI):
     if settings.mac_artifact is not None:
         try:
             state.mac = load_mac_runtime(settings.mac_artifact, model, tokenizer, state.redis, settings.model_settings(),
-                                         settings.mac_top_k, settings.mac_group_size)
+                                         settings.mac_top_k, settings.mac_group_size, settings.mac_storage)
         except Exception as exc:  # serve without it; /readyz reports the reason
             state.mac_error = f"{exc.__class__.__name__}: {exc}"
             log.error("MAC artifact %s not loaded: %s", settings.mac_artifact, state.mac_error)

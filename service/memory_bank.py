@@ -3,7 +3,11 @@
 Key layout, all under one hash tag so multi-key transactions work on Redis Cluster:
 
 * ``{prefix}:{<bank>}:ids``           set of document ids
-* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``memory`` (fp16 bytes), ``shape``, ``key`` (fp16 bytes)
+* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``memory`` (fp16 bytes, or int8 bytes with ``scale``: fp16
+  bytes, one per last-axis vector), ``shape``, ``key`` (fp16 bytes)
+
+Each entry says how it is stored (``scale`` present or not), so a bank switched to ``int8`` storage
+keeps reading the fp16 entries written before.
 
 ``<bank>`` names the artifact that produced the modulations, so memory written by one MAC
 artifact is never read with another.
@@ -15,17 +19,23 @@ import numpy as np
 import redis
 import torch
 
+from training.memory_bank import Storage, decode_entry, encode_entry
+
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+    return tensor.detach().cpu().contiguous().numpy().tobytes()
 
 
-def _from_bytes(payload: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(payload, dtype=np.float16).reshape(shape).copy()).float()
+def _from_bytes(payload: bytes, dtype: type, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(payload, dtype=dtype).reshape(shape).copy())
 
 
 class RedisMemoryBank:
-    def __init__(self, client: redis.Redis, bank: str = "default", prefix: str = "freshlm") -> None:
+    def __init__(
+        self, client: redis.Redis, bank: str = "default", prefix: str = "freshlm", storage: Storage = "float16"
+    ) -> None:
+        encode_entry(torch.zeros(1), storage)  # an unknown storage fails here, not at the first put
+        self.storage = storage
         self.client = client
         self.bank = bank
         self._base = f"{prefix}:{{{bank}}}"
@@ -35,9 +45,12 @@ class RedisMemoryBank:
         return f"{self._base}:m:{doc_id}"
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
-        fields = {"memory": _to_bytes(memory), "shape": ",".join(map(str, memory.shape))}
+        values, scale = encode_entry(memory, self.storage)
+        fields = {"memory": _to_bytes(values), "shape": ",".join(map(str, memory.shape))}
+        if scale is not None:
+            fields["scale"] = _to_bytes(scale)
         if key is not None:
-            fields["key"] = _to_bytes(key.reshape(-1))
+            fields["key"] = _to_bytes(key.detach().reshape(-1).to(torch.float16))
         entry = self._entry_key(doc_id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(entry)  # replace, never merge with a stale key field
@@ -50,14 +63,19 @@ class RedisMemoryBank:
             return []
         with self.client.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
-                pipe.hmget(self._entry_key(doc_id), ["memory", "shape"])
+                pipe.hmget(self._entry_key(doc_id), ["memory", "shape", "scale"])
             rows = pipe.execute()
         out: list[torch.Tensor | None] = []
-        for payload, shape in rows:
+        for payload, shape, scale in rows:
             if payload is None:
                 out.append(None)
+                continue
+            shape = tuple(int(s) for s in shape.decode().split(","))
+            if scale is None:
+                out.append(decode_entry(_from_bytes(payload, np.float16, shape), None))
             else:
-                out.append(_from_bytes(payload, tuple(int(s) for s in shape.decode().split(","))))
+                out.append(decode_entry(_from_bytes(payload, np.int8, shape),
+                                        _from_bytes(scale, np.float16, (*shape[:-1], 1))))
         return out
 
     def delete(self, doc_id: str) -> bool:
@@ -98,4 +116,4 @@ class RedisMemoryBank:
 
     def nbytes(self, doc_id: str) -> int:
         entry = self._entry_key(doc_id)
-        return int(self.client.hstrlen(entry, "memory")) + int(self.client.hstrlen(entry, "key"))
+        return sum(int(self.client.hstrlen(entry, field)) for field in ("memory", "scale", "key"))

@@ -68,6 +68,21 @@ def test_harness_runs_mac_methods_from_an_artifact(ctx_and_artifact, name):
     assert run.memory_bytes_per_doc == pytest.approx(expected)
 
 
+def test_int8_storage_halves_the_bytes_per_document(ctx_and_artifact):
+    """``mac_storage="int8"``: one byte per value plus one fp16 scale per head_dim-long slot vector."""
+    ctx, _ = ctx_and_artifact
+    int8 = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={"mac_storage": "int8"}))
+    method = build_method("mac", int8)
+    assert method.bank.storage == "int8"
+    run = run_method(method, EvalSet("tiny", "test", DOCS, QUESTIONS), ProtocolConfig(latency_samples=2),
+                     progress=False)
+    _, _, head_dim = kv_geometry(ctx.model.config)
+    fp16 = sum(_entry_bytes(ctx, d.text) for d in DOCS) / len(DOCS)
+    values = (fp16 - 32 * 2) / 2  # the fp16 entry's values, without the key
+    assert run.memory_bytes_per_doc == pytest.approx(values + values / head_dim * 2 + 32 * 2)
+    assert 0 <= run.f1 <= 100 and len(run.predictions) == 2
+
+
 def test_top_k_reads_only_the_nearest_entry(ctx_and_artifact):
     ctx, mac = ctx_and_artifact
     method = _ingested(ctx, mac, MACMethodSettings(top_k=1, group_size=2))

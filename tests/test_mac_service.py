@@ -13,6 +13,19 @@ DOCS = [
 ]
 
 
+def test_int8_storage_setting_reaches_the_redis_bank(make_client, tiny_model_dir, mac_artifact_dir, redis_client):
+    client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), mac_storage="int8")
+    client.post("/documents", json={"documents": [{"id": "s-1", "text": DOCS[1]["text"]}]})
+    (record,) = wait_ingested(client, ["s-1"])
+    assert record["memory_written"]
+    bank = RedisMemoryBank(redis_client, bank=bank_name(mac_artifact_dir))
+    entry = redis_client.hgetall(bank._entry_key("s-1"))
+    assert b"scale" in entry and len(entry[b"memory"]) == bank.get(["s-1"])[0].numel()  # one byte per value
+    body = client.post("/ask", json={"question": "How many libraries opened?", "strategy": "mac",
+                                     "max_new_tokens": 3}).json()
+    assert body["strategy"] == "mac" and body["memory_documents"] == ["s-1"]
+
+
 def test_mac_memory_round_trip_and_delete(make_client, tiny_model_dir, mac_artifact_dir, redis_client):
     client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), mac_top_k=2)
     ready = client.get("/readyz").json()

@@ -74,3 +74,40 @@ def test_redis_entries_survive_a_new_connection_and_use_one_hash_tag(redis_url, 
     assert keys == ["freshlm:{shared}:ids", "freshlm:{shared}:m:doc-9"]
     # banks of different artifacts never see each other's entries
     assert len(RedisMemoryBank(redis_client, bank="other")) == 0
+
+
+@pytest.fixture(params=["in_memory", "redis"])
+def int8_bank(request) -> MemoryBank:
+    if request.param == "in_memory":
+        return InMemoryMemoryBank(storage="int8")
+    return RedisMemoryBank(request.getfixturevalue("redis_client"), bank="test-int8", storage="int8")
+
+
+def test_int8_storage_is_within_half_a_step_and_about_half_the_bytes(int8_bank):
+    memory = torch.randn(3, 4, 64) * torch.tensor([0.01, 1.0, 100.0])[:, None, None]  # scales far apart
+    memory[0, 0] = 0.0  # an all-zero vector must survive too
+    int8_bank.put("doc-1", memory, key=torch.randn(8))
+    (restored,) = int8_bank.get(["doc-1"])
+    assert restored.dtype == torch.float32 and restored.shape == memory.shape
+    step = memory.abs().amax(-1, keepdim=True) / 127
+    assert ((restored - memory).abs() <= step * 0.51 + 1e-6).all()
+    assert torch.equal(restored[0, 0], torch.zeros(64))
+    assert int8_bank.nbytes("doc-1") == 3 * 4 * 64 + 3 * 4 * 2 + 8 * 2  # int8 values, fp16 scales, fp16 key
+    assert int8_bank.nbytes("doc-1") < 0.55 * (3 * 4 * 64 + 8) * 2
+
+
+def test_a_redis_bank_switched_to_int8_still_reads_its_fp16_entries(redis_client):
+    memory = torch.randn(2, 64)
+    RedisMemoryBank(redis_client, bank="switch").put("old", memory)
+    switched = RedisMemoryBank(redis_client, bank="switch", storage="int8")
+    switched.put("new", memory)
+    old, new = switched.get(["old", "new"])
+    assert torch.equal(old, memory.half().float())  # written as fp16, read as fp16
+    assert not torch.equal(new, old) and torch.allclose(new, memory, atol=memory.abs().max().item() / 127)
+
+
+@pytest.mark.parametrize("make", [lambda: InMemoryMemoryBank(storage="int4"),
+                                  lambda: RedisMemoryBank(redis.Redis(), storage="bf16")])
+def test_an_unknown_storage_is_refused_up_front(make):
+    with pytest.raises(ValueError, match="unknown memory storage"):
+        make()

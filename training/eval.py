@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAC: memory entries each question reads, by key similarity (0: all)")
     p.add_argument("--mac-group-size", type=int, default=MethodConfig().mac_group_size,
                    help="MAC: memory entries read from the bank at a time (0: all at once)")
+    p.add_argument("--mac-storage", choices=["float16", "int8"], default=MethodConfig().mac_storage,
+                   help="MAC: how the bank stores entries")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
     p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_base(args)
     method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
                                  mac_artifact=args.mac_artifact, mac_top_k=args.mac_top_k or None,
-                                 mac_group_size=args.mac_group_size or None,
+                                 mac_group_size=args.mac_group_size or None, mac_storage=args.mac_storage,
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step)
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,

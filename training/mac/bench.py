@@ -41,7 +41,7 @@ class SharedCopiesBank(InMemoryMemoryBank):
     """An in-process bank whose entries are stored without copying (copies share storage)."""
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
-        self._memory[doc_id] = memory
+        self._memory[doc_id] = (memory, None)  # fp16, as encode_entry stores it
         if key is not None:
             self._keys[doc_id] = key
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
                "memory_bytes_per_doc_max": max(entry_bytes), "sizes": {}}
     key_ids, keys = bank.keys()
     key_of = dict(zip(key_ids, keys.half())) if keys is not None else {}
-    memories = {i: m.half() for i, m in zip(real_ids, bank.get(real_ids))}  # the bank's fp16
+    memories = {i: bank.get([i])[0].half() for i in real_ids}  # the bank's fp16, one entry at a time
+    bank.clear()  # the copies above are all the sized banks need: do not hold the entries twice
     for size in sizes:
         sized = SharedCopiesBank()
         for n in range(size):  # real entries first, then copies of them under new ids (cost only)

@@ -23,7 +23,7 @@ from training.mac.model import (
     MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stop_token_ids, strip_head,
 )
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
-from training.memory_bank import InMemoryMemoryBank, MemoryBank
+from training.memory_bank import InMemoryMemoryBank, MemoryBank, Storage
 from training.methods import MethodContext, register_method
 from training.prompts import extract_answer
 from training.retrieval import BM25Index
@@ -37,11 +37,12 @@ class MACMethodSettings(BaseModel):
     artifact: Path = Field(Path("var/artifacts/mac"), description="MAC artifact directory")
     top_k: int | None = Field(None, description="entries pre-selected by key similarity (None: all)")
     group_size: int | None = Field(64, description="entries read from the bank at a time")
+    storage: Storage = Field("float16", description="how the bank stores entries (float16 or int8)")
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "MACMethodSettings":
         artifact = ctx.config.mac_artifact or os.environ.get("FRESHLM_MAC_ARTIFACT")
-        return cls(top_k=ctx.config.mac_top_k, group_size=ctx.config.mac_group_size,
+        return cls(top_k=ctx.config.mac_top_k, group_size=ctx.config.mac_group_size, storage=ctx.config.mac_storage,
                    **({"artifact": artifact} if artifact else {}))
 
 
@@ -69,7 +70,7 @@ class MACMethod:
         rag: bool = False,
     ) -> None:
         self.ctx, self.mac, self.settings = ctx, mac, settings
-        self.bank = bank if bank is not None else InMemoryMemoryBank()
+        self.bank = bank if bank is not None else InMemoryMemoryBank(settings.storage)
         self.rag = rag
         self.documents: dict[str, Document] = {}
         self._index: BM25Index | None = None
