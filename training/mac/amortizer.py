@@ -15,15 +15,14 @@ No gradient step happens at ingest; the only trained parameters are the memory t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.config import MACConfig
-from training.mac.prefix import PromptHead, kv_geometry
-from training.mac.pruning import pruned_upper_layers, recorded_attention
+from training.mac.prefix import PromptHead
 from training.token_batches import prompt_ids
 
 SEGMENT_QUESTION = "?"
@@ -93,48 +92,28 @@ class Amortizer(nn.Module):
 
         Two passes over one cache: the document without autograd (its slots depend on nothing
         trainable), then the memory tokens after it, so training back-propagates through the
-        memory tokens' positions only. With ``prune_after_layer``, only the ``prune_keep`` tokens
-        that drew the most attention below that layer continue above it (``pruning.py``)."""
+        memory tokens' positions only."""
         start = len(head) if head is not None else 0
-        device, length, config = base.device, len(segment), self.config
-        prune_at = config.prune_after_layer if config.prune_after_layer is not None and config.prune_keep < length \
-            else None
-        cache = DynamicCache([(k.clone(), v.clone()) for k, v in head.kv] if head else None, config=base.config)
-        kv_heads = kv_geometry(base.config)[1]
-        survivors: list[torch.Tensor] = []
-
-        def kept_rows() -> torch.Tensor:
-            received = sum(s.sum(0) for s in heavy_hitter_scores(weights[:prune_at], start, length, kv_heads))
-            survivors.append(torch.topk(received, config.prune_keep).indices.sort().values)
-            return survivors[0]
-
-        def dropped_columns() -> torch.Tensor:
-            dropped = torch.ones(length, dtype=torch.bool, device=survivors[0].device)
-            dropped[survivors[0]] = False
-            return start + dropped.nonzero().flatten().cpu()
-
-        def pruned(q_len: int, kv_len: int, rows) -> AbstractContextManager:
-            if prune_at is None:
-                return nullcontext()
-            return pruned_upper_layers(base, prune_at, q_len, kv_len, dropped_columns, rows)
-
-        with torch.no_grad(), eager_attention(base), recorded_attention(base) as weights, \
-                pruned(length, start + length, kept_rows):  # the decoder without its LM head: no logits needed
-            base.base_model(input_ids=torch.tensor([segment], device=device), past_key_values=cache, use_cache=True,
-                            position_ids=torch.arange(start, start + length, device=device)[None])
-            scores = [heavy_hitter_scores([w], start, w.shape[2], kv_heads)[0] for w in weights]
+        device, length = base.device, len(segment)
+        cache = DynamicCache([(k.clone(), v.clone()) for k, v in head.kv], config=base.config) if head else None
+        with torch.no_grad(), eager_attention(base):  # the decoder without its LM head: no logits needed
+            out = base.base_model(input_ids=torch.tensor([segment], device=device), past_key_values=cache,
+                                  use_cache=True, output_attentions=True,
+                                  position_ids=torch.arange(start, start + length, device=device)[None])
+        cache = out.past_key_values
+        kv_heads = cache.layers[0].keys.shape[1]
+        scores = heavy_hitter_scores(out.attentions, start, length, kv_heads)
         n_tokens = self.memory_tokens.shape[0]
         if n_tokens:
             tokens = self.memory_tokens.to(base.get_input_embeddings().weight.dtype).unsqueeze(0)
-            with pruned(n_tokens, start + length + n_tokens, lambda: None):
-                base.base_model(inputs_embeds=tokens, past_key_values=cache, use_cache=True,
-                                position_ids=torch.arange(start + length, start + length + n_tokens, device=device)[None])
+            base.base_model(inputs_embeds=tokens, past_key_values=cache, use_cache=True,
+                            position_ids=torch.arange(start + length, start + length + n_tokens, device=device)[None])
+        keep = min(self.config.doc_slots, length)
         slots = []
         for layer, score in zip(cache.layers, scores):
-            kept = score.shape[-1]  # the chunk's tokens this layer holds (all of them below a pruning point)
-            keys, values = layer.keys[0, :, start:], layer.values[0, :, start:]  # [kv_heads, kept + tokens, d]
-            chosen = torch.topk(score, min(config.doc_slots, kept), dim=-1).indices.sort(-1).values
-            chosen = torch.cat([chosen, torch.arange(kept, kept + n_tokens, device=device).expand(kv_heads, -1)], 1)
+            keys, values = layer.keys[0, :, start:], layer.values[0, :, start:]  # [kv_heads, length + tokens, d]
+            chosen = torch.topk(score, keep, dim=-1).indices.sort(-1).values
+            chosen = torch.cat([chosen, torch.arange(length, length + n_tokens, device=device).expand(kv_heads, -1)], 1)
             index = chosen.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
             slots.append(torch.stack([keys.gather(1, index), values.gather(1, index)]))
         return torch.stack(slots)

@@ -14,8 +14,4 @@ class MACConfig(BaseModel):
     memory_tokens: int = Field(8, description="learned memory tokens appended to each chunk (their slots are kept)")
     chunk_tokens: int = Field(256, description="base-model tokens per document chunk")
     max_chunks: int = Field(4, description="chunks kept per document (long news articles)")
-    prune_after_layer: int | None = Field(
-        None, description="layers that see every token of a chunk; above them only prune_keep tokens go on "
-                          "(None: no pruning)")
-    prune_keep: int = Field(64, description="tokens of a chunk that continue above prune_after_layer")
     key_tokens: int = Field(256, description="encoder tokens read for a retrieval key")
