@@ -19,7 +19,7 @@ import numpy as np
 import redis
 import torch
 
-from training.memory_bank import Storage, decode_entry, encode_entry
+from training.memory_bank import Storage, check_storage, decode_entry, encode_entry
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
@@ -34,8 +34,7 @@ class RedisMemoryBank:
     def __init__(
         self, client: redis.Redis, bank: str = "default", prefix: str = "freshlm", storage: Storage = "float16"
     ) -> None:
-        encode_entry(torch.zeros(1), storage)  # an unknown storage fails here, not at the first put
-        self.storage = storage
+        self.storage = check_storage(storage)
         self.client = client
         self.bank = bank
         self._base = f"{prefix}:{{{bank}}}"

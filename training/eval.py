@@ -27,6 +27,7 @@ import torch
 
 from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
 from training.harness import ProtocolConfig, run_method
+from training.memory_bank import STORAGES
 from training.methods import BASELINES, FINE_TUNING_METHODS, META_FT_STREAM_METHODS, MethodConfig, MethodContext, build_method
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
 from training.qa_tuning import apply_qa_tuning
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAC: memory entries each question reads, by key similarity (0: all)")
     p.add_argument("--mac-group-size", type=int, default=MethodConfig().mac_group_size,
                    help="MAC: memory entries read from the bank at a time (0: all at once)")
-    p.add_argument("--mac-storage", choices=["float16", "int8"], default=MethodConfig().mac_storage,
+    p.add_argument("--mac-storage", choices=STORAGES, default=MethodConfig().mac_storage,
                    help="MAC: how the bank stores entries")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")

@@ -10,21 +10,27 @@ come back as fp32. Deleting an entry is exact: the document's memory is gone.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
 Storage = Literal["float16", "int8"]
+STORAGES: tuple[str, ...] = get_args(Storage)
+
+
+def check_storage(storage: str) -> Storage:
+    """``storage`` if a bank can store entries that way (so a bad setting fails at start, not at the first put)."""
+    if storage not in STORAGES:
+        raise ValueError(f"unknown memory storage {storage!r} ({' or '.join(STORAGES)})")
+    return storage
 
 
 def encode_entry(memory: torch.Tensor, storage: Storage = "float16") -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a bank stores for an entry: fp16 values, or int8 values and their fp16 scales
     ``[..., 1]`` (absmax / 127 of each last-axis vector)."""
     memory = memory.detach().to("cpu", torch.float32)
-    if storage == "float16":
+    if check_storage(storage) == "float16":
         return memory.half(), None
-    if storage != "int8":
-        raise ValueError(f"unknown memory storage {storage!r} (float16 or int8)")
     scale = (memory.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=torch.finfo(torch.float16).tiny)
     return (memory / scale).round().clamp(-127, 127).to(torch.int8), scale.half()
 
@@ -65,8 +71,7 @@ class InMemoryMemoryBank:
     """A dict-backed bank with the same storage precision as the Redis one."""
 
     def __init__(self, storage: Storage = "float16") -> None:
-        encode_entry(torch.zeros(1), storage)  # an unknown storage fails here, not at the first put
-        self.storage = storage
+        self.storage = check_storage(storage)
         self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._keys: dict[str, torch.Tensor] = {}
 

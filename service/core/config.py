@@ -5,11 +5,11 @@ from __future__ import annotations
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.memory_bank import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 
 
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     mac_artifact: Path | None = Field(None, description="MAC artifact directory (memory tokens per document)")
     mac_top_k: int | None = Field(1, ge=1, description="memory entries each question reads, by key similarity (None: all)")
     mac_group_size: int = Field(16, ge=1, description="memory entries read from Redis at a time")
-    mac_storage: Literal["float16", "int8"] = Field(
+    mac_storage: Storage = Field(
         "float16", description="how new memory entries are stored in Redis: int8 (one scale per 64-value slot "
                                "vector) takes ~52 % of the fp16 bytes for ~1 F1 point (docs/mac.md)")
     updater: str | None = Field(
