@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.qa_tuning import linear_module_names
+from training.lora import linear_module_names
 from training.token_batches import document_batch
 
 ADAPTER = "live"
@@ -84,7 +84,7 @@ def load_updater(spec: str, base: PreTrainedModel, rank: int, lr: float) -> Upda
         from peft import get_peft_model_state_dict as state_of
 
         from training.meta_ft.adapter import load_meta_adapter
-        from training.proxy import top_layers
+        from training.lora import top_layers
 
         peft, _params, config = load_meta_adapter(spec, copy.deepcopy(base))
         if config.variant != "lora":

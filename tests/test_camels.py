@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from training.artifacts import ArtifactError
 from training.camels.train import CamelsTrainConfig, build_proxy, camels_objective, evaluate, main
@@ -65,7 +66,13 @@ def test_artifact_round_trip_and_refuses_another_base_model(tmp_path):
     base, tok = tiny_causal_lm("llama")
     model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
     torch.nn.init.normal_(model.head[2].weight)
+    for name, p in model.named_parameters():  # a trained LoRA: B away from zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
     save_weighting_model(tmp_path / "w", model, base_model_id="tiny-llama", base_config=base.config)
+    stored = load_file(tmp_path / "w" / "weights.safetensors")
+    # only what was trained: the head and the backbone's LoRA, never a copy of the base's blocks
+    assert stored and all(k.startswith("head.") or "lora_" in k for k in stored)
     loaded = load_weighting_model(tmp_path / "w", base)
     batch = document_batch(tok, [DOC])
     torch.testing.assert_close(loaded(batch.input_ids), model(batch.input_ids))

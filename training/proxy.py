@@ -38,12 +38,3 @@ def _tied_keys(model: PreTrainedModel) -> set[str]:
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied) if not isinstance(tied, dict) else set(tied.keys())
 
-
-def top_layers(model: PreTrainedModel, count: int | None) -> list[int] | None:
-    """Indices of the last ``count`` blocks (``None``: all), for PEFT's ``layers_to_transform``.
-
-    Adapting only the top blocks stops (second-order) backpropagation there, which is most of the
-    cost of a meta-gradient on CPU.
-    """
-    depth = model.config.num_hidden_layers
-    return None if count is None or count >= depth else list(range(depth - count, depth))

@@ -34,7 +34,7 @@ from training.data.evalset import EvalSet
 from training.generation import chat_input_ids, generate_answer
 from training.metrics import mean, squad_scores
 from training.prompts import qa_messages
-from training.proxy import top_layers
+from training.lora import LoraSpec
 from training.token_batches import pad_rows
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,11 @@ class QATuningConfig(BaseModel):
     checkpoint_every: int = 20  # optimizer steps
 
 
-def linear_module_names(model: PreTrainedModel) -> list[str]:
-    """Short names of the linear layers inside the transformer blocks (PEFT's "all-linear",
-    spelled out because ``layers_to_transform`` needs an explicit list)."""
-    from transformers.pytorch_utils import Conv1D
-
-    output = model.get_output_embeddings()
-    return sorted({
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
-    })
 
 
 def lora_config(cfg: QATuningConfig, model: PreTrainedModel) -> LoraConfig:
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=linear_module_names(model),
-                      layers_to_transform=top_layers(model, cfg.lora_top_layers), task_type="CAUSAL_LM")
+    return LoraSpec(rank=cfg.lora_r, alpha=cfg.lora_alpha, top_layers=cfg.lora_top_layers,
+                    dropout=cfg.lora_dropout).peft_config(model)
 
 
 def length_bucketed_batches(rows: list, batch_size: int, seed: int) -> list[list]:

@@ -46,7 +46,8 @@ from training.inner_loop import (
 from training.meta_examples import paragraph_examples
 from training.meta_loop import MetaParameters, OuterLoopConfig, append_metrics, run_outer_loop
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
-from training.proxy import top_layers, truncated_causal_lm
+from training.lora import top_layers
+from training.proxy import truncated_causal_lm
 from training.qa_tuning import apply_qa_tuning
 from training.recipe_args import parse_config
 from training.token_batches import TokenBatch, document_batch, qa_batch

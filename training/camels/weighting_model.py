@@ -6,8 +6,11 @@ is not available offline here, and any model with another tokenizer would need a
 between its tokens and the base model's. So the backbone is the base model's own first layers
 (embeddings + ``num_layers`` blocks + final norm, copied): same tokens by construction, features
 the base model itself computes, and (4 of SmolLM2's 30 layers) a size close to DistilGPT2's
-transformer. The embeddings stay frozen (they are the base model's and are not saved); the blocks
-and the head are meta-trained and saved in the artifact.
+transformer. The embeddings stay frozen (they are the base model's and are not saved). What the
+backbone learns is a LoRA on its blocks (``backbone = "lora"``, the default): the artifact then
+holds the head and the LoRA matrices, well under a megabyte, never a copy of the base model's
+blocks; ``"full"`` meta-trains (and stores) the copied blocks themselves, ``"frozen"`` the head
+alone.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from typing import Literal
+
+from peft import LoraConfig, inject_adapter_in_model
 from pydantic import BaseModel, Field
 from torch import nn
 from transformers import PreTrainedModel
 
 from training.artifacts import load_artifact, save_artifact
+from training.lora import linear_module_names
 from training.proxy import truncated_causal_lm
 
 ARTIFACT_KIND = "camels_weighting_model"
@@ -29,7 +36,9 @@ class WeightingModelConfig(BaseModel):
     num_layers: int = Field(4, ge=1, description="base-model blocks in the backbone")
     head_hidden: int = Field(128, ge=1)
     softplus_beta: float = Field(3.0, gt=0)
-    train_backbone: bool = Field(True, description="meta-train the copied blocks (else head only)")
+    backbone: Literal["lora", "full", "frozen"] = Field(
+        "lora", description="what of the copied blocks is meta-trained: a LoRA on them, all their weights, or nothing")
+    backbone_lora_rank: int = Field(8, ge=1)
 
 
 class TokenWeightingModel(nn.Module):
@@ -51,9 +60,14 @@ class TokenWeightingModel(nn.Module):
         nn.init.zeros_(self.head[2].bias)
         self.softplus = nn.Softplus(beta=config.softplus_beta)
         self.head.to(device=next(backbone.parameters()).device, dtype=next(backbone.parameters()).dtype)
-        self.backbone.get_input_embeddings().requires_grad_(False)
-        if not config.train_backbone:
+        if config.backbone == "lora":
             self.backbone.requires_grad_(False)
+            rank = config.backbone_lora_rank
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                               target_modules=linear_module_names(self.backbone)), self.backbone)
+        elif config.backbone == "frozen":
+            self.backbone.requires_grad_(False)
+        self.backbone.get_input_embeddings().requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -24,8 +24,7 @@ from transformers import PreTrainedModel
 
 from training.artifacts import load_artifact, save_artifact
 from training.inner_loop import Params, select_params
-from training.proxy import top_layers
-from training.qa_tuning import linear_module_names
+from training.lora import linear_module_names, top_layers
 
 ARTIFACT_KIND = "meta_ft_init"
 Variant = Literal["lora", "rank1_full"]

@@ -20,8 +20,8 @@ from training.batch_generation import generate_answers
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
 from training.prompts import qa_messages
-from training.proxy import top_layers
-from training.qa_tuning import linear_module_names
+from training.lora import top_layers
+from training.lora import linear_module_names
 from training.salient_spans import salient_token_mask
 from training.types import Document, Question
 
