@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.memory_bank import RedisMemoryBank
+from training.memory import RedisMemoryBank
 from training.mac.aggregator import entry_ids, iter_bank_entries
 from training.mac.model import MAC, answer_questions, load_mac, prompt_head
 from training.mac.prefix import PromptHead
-from training.memory_bank import Storage
+from training.memory import Storage
 from training.models import ModelSettings
 
 

@@ -20,6 +20,7 @@ from service.core.config import Settings
 from service.main import create_app
 from service.redis_server import start_embedded_redis
 from tests.postgres_server import start_postgres
+import training.methods.builtin  # noqa: F401  (registers every built-in method)
 from training.models import tiny_causal_lm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

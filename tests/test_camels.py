@@ -117,7 +117,7 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
 
 
 def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
-    from training.harness import ProtocolConfig, run_method
+    from training.eval.harness import ProtocolConfig, run_method
     from training.data.evalset import EvalSet
     from training.methods import MethodConfig, MethodContext, build_method
     from training.types import Document, Question
@@ -130,13 +130,13 @@ def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     method = build_method("camels_ft", ctx)
     doc = Document("d1", DOC)
-    ids, weights = method.token_weights(doc)
+    ids, weights = method.updater.token_weights(doc.text)
     expected = model(ids[None])[0].detach()
     torch.testing.assert_close(weights, expected)
     assert weights.std() > 0  # not uniform: the artifact's weights, not ones
     evalset = EvalSet("tiny", "test", [doc], [Question("q", "How many libraries?", ("12",), ("d1",))])
     run = run_method(method, evalset, ProtocolConfig(latency_samples=1, score_choices=False), progress=False)
-    assert method.steps == 1 and 0.0 <= run.f1 <= 100.0
+    assert method.updater.steps == 1 and 0.0 <= run.f1 <= 100.0
     for name, p in base.named_parameters():  # closed: the base model is handed back unchanged
         torch.testing.assert_close(p, before[name])
 

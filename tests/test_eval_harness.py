@@ -5,8 +5,8 @@ import json
 import pytest
 
 from training.data.evalset import EvalSet
-from training.eval import main as eval_main
-from training.harness import ProtocolConfig, run_method
+from training.eval.cli import main as eval_main
+from training.eval.harness import ProtocolConfig, run_method
 from training.types import Document, Question
 
 from tests.test_data_loaders import squad_fixture
@@ -121,7 +121,7 @@ def test_cli_quick_mode_on_own_jsonl_with_choices(tmp_path):
 
 
 def test_results_table_renders_every_method_and_the_retention_curve(tmp_path):
-    from training.results_table import describe
+    from training.eval.results_table import describe
 
     result = {"dataset": "toy", "split": "test", "base_model": "tiny", "n_documents": 8, "n_questions": 8,
               "config": {"protocol": {"retention_k": 2}, "lr_selection": {"b": {"chosen": 0.0005}}},
@@ -137,7 +137,7 @@ def test_results_table_renders_every_method_and_the_retention_curve(tmp_path):
 
 
 def test_results_merge_joins_parts_of_one_run_and_refuses_others(tmp_path):
-    from training.results_merge import main as merge_main, merge_results
+    from training.eval.results_merge import main as merge_main, merge_results
 
     def part(method, n_questions=8, retention=None):
         r = {"dataset": "toy", "split": "test", "base_model": "tiny", "n_documents": 8,

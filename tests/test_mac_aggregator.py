@@ -10,7 +10,7 @@ from tests.mac_helpers import tiny_mac
 from training.mac.aggregator import iter_bank_entries, select_top_k, stack_memories
 from training.mac.model import answer_nll, prompt_head, qa_batch
 from training.mac.prefix import prefixed_forward
-from training.memory_bank import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank
 
 DOCS = [
     "The council approved the new harbour bridge on Tuesday.",

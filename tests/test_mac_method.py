@@ -7,12 +7,12 @@ import torch
 
 from tests.mac_helpers import TINY_MAC, expected_slots, tiny_encoder, tiny_mac
 from training.data.evalset import EvalSet
-from training.harness import ProtocolConfig, run_method
+from training.eval.harness import ProtocolConfig, run_method
 from training.mac.aggregator import stack_memories
 from training.mac.method import MACMethod, MACMethodSettings
 from training.mac.model import prompt_head, save_mac
 from training.mac.prefix import kv_geometry
-from training.memory_bank import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank
 from training.methods import MethodConfig, MethodContext, build_method
 from training.types import Document, Question
 

@@ -11,7 +11,7 @@ from training.mac.aggregator import iter_bank_entries, stack_memories
 from training.mac.config import MACConfig
 from training.mac.model import MAC, answer_nll, answer_questions, load_mac, prompt_head, qa_batch, save_mac
 from training.mac.train import mac_loss
-from training.memory_bank import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank
 from training.models import tiny_causal_lm
 
 DOCS = [

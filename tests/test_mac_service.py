@@ -2,7 +2,7 @@
 and a Redis that comes back empty is refilled from SQL with unchanged answers."""
 
 from service.mac_memory import bank_name
-from service.memory_bank import RedisMemoryBank
+from training.memory import RedisMemoryBank
 from service.redis_server import start_embedded_redis
 from tests.conftest import wait_for, wait_ingested
 

@@ -4,8 +4,8 @@ import pytest
 import redis
 import torch
 
-from service.memory_bank import RedisMemoryBank
-from training.memory_bank import InMemoryMemoryBank, MemoryBank
+from training.memory import RedisMemoryBank
+from training.memory import InMemoryMemoryBank, MemoryBank
 
 
 @pytest.fixture(params=["in_memory", "redis"])

@@ -112,7 +112,7 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
 @pytest.mark.parametrize("variant", ["lora", "rank1_full"])
 def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, variant):
     from training.data.evalset import EvalSet
-    from training.harness import ProtocolConfig, run_method
+    from training.eval.harness import ProtocolConfig, run_method
     from training.methods import MethodConfig, MethodContext, build_method
     from training.types import Document, Question
 
@@ -127,15 +127,15 @@ def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, 
     docs = [Document(f"d{i}", text) for i, (_, text, _) in enumerate(FACTS[:5])]
     questions = [Question("q", "How many libraries?", ("12",), ("d0",))]
     method = build_method("meta_ft_4", ctx)
-    start = [p.detach().clone() for p in method.params]
+    start = [p.detach().clone() for p in method.updater.params]
     for doc in docs[:4]:
         method.ingest(doc)
-    assert method.steps == 1  # four documents, one pooled SGD step
-    assert any(not torch.equal(a, p) for a, p in zip(start, method.params))
+    assert method.updater.steps == 1  # four documents, one pooled SGD step
+    assert any(not torch.equal(a, p) for a, p in zip(start, method.updater.params))
     method.ingest(docs[4])
-    assert method.steps == 1 and len(method.pending) == 1
+    assert method.updater.steps == 1 and len(method.pending) == 1
     method.answer(questions)  # a partial group is learned before answering
-    assert method.steps == 2
+    assert method.updater.steps == 2
     method.close()
     for name, p in base.named_parameters():
         torch.testing.assert_close(p, before[name])
@@ -160,13 +160,13 @@ def test_meta_ft_isolated_answers_each_question_from_its_own_document_then_resto
                  Question("q0", "Who won?", ("x",), ("d0",))]
 
     isolated = build_method("meta_ft_isolated", ctx)
-    init = [p.detach().clone() for p in isolated.params]
+    init = [p.detach().clone() for p in isolated.updater.params]
     for doc in docs:
         isolated.ingest(doc)
-    assert isolated.steps == 0  # nothing is learned until a question about a document comes
+    assert isolated.updater.steps == 0  # nothing is learned until a question about a document comes
     answers = isolated.answer(questions)
-    assert isolated.steps == 2  # one step per question's document, from the init each time
-    assert all(torch.equal(a, p) for a, p in zip(init, isolated.params))
+    assert isolated.updater.steps == 2  # one step per question's document, from the init each time
+    assert all(torch.equal(a, p) for a, p in zip(init, isolated.updater.params))
     isolated.close()
 
     # the same as a stream method that saw only that one document
@@ -178,7 +178,7 @@ def test_meta_ft_isolated_answers_each_question_from_its_own_document_then_resto
 
 
 def test_harness_chooses_the_meta_ft_sgd_lr_on_the_validation_stream(tmp_path):
-    from training.eval import main as eval_main
+    from training.eval.cli import main as eval_main
 
     model, _, meta, config = _model("lora")
     save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
@@ -196,5 +196,5 @@ def test_harness_chooses_the_meta_ft_sgd_lr_on_the_validation_stream(tmp_path):
     for lr, expected in ((None, config.inner_lr), (0.05, 0.05)):
         method = build_method("meta_ft", MethodContext(base, tok, MethodConfig(
             meta_ft_artifact=str(tmp_path / "m"), meta_ft_lr=lr)))
-        assert method.optimizer.param_groups[0]["lr"] == expected
+        assert method.updater.optimizer.param_groups[0]["lr"] == expected
         method.close()

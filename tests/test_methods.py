@@ -9,7 +9,8 @@ import training.generation as generation
 from training.batch_generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import answer_token_ids, choice_logprobs
 from training.generation import chat_input_ids, generate_answer
-from training.methods import BASELINES, METHODS, Method, MethodConfig, MethodContext, build_method, register_method
+from training.methods import METHODS, Method, MethodConfig, MethodContext, build_method, register_method
+from training.methods.builtin import BASELINES
 from training.models import tiny_causal_lm
 from training.prompts import qa_messages
 from training.salient_spans import salient_char_spans, salient_token_mask
@@ -67,7 +68,7 @@ def test_online_fine_tuning_learns_and_restores_the_base(ctx, name):
     method = build_method(name, ctx)
     for _ in range(5):
         method.ingest(DOCS[1])
-    assert method.steps == 5 and method.skipped_documents == 0
+    assert method.updater.steps == 5 and method.updater.skipped == 0
     with torch.no_grad():
         loss_after = method.model(input_ids=ids, labels=ids).loss.item()
     assert loss_after < loss_before  # the adapter learned the document
@@ -93,7 +94,7 @@ def test_salient_ft_skips_documents_without_entities(ctx):
     ctx.config.ner_backend = "heuristic"
     method = build_method("salient_spans_ft", ctx)
     method.ingest(Document("x", "nothing to see here at all"))
-    assert method.skipped_documents == 1 and method.steps == 0
+    assert method.updater.skipped == 1 and method.updater.steps == 0
     method.close()
 
 

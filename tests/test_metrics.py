@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.metrics import (
+from training.eval.metrics import (
     best_over_golds, exact_match, mean, normalize_answer, percentile, squad_scores, token_f1,
 )
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from service import adapter_store
 from service.db import DocumentRecord, make_engine, session_factory
 from service.mac_memory import bank_name
-from service.memory_bank import RedisMemoryBank
+from training.memory import RedisMemoryBank
 from tests.conftest import REPO_ROOT, wait_for
 
 N = 200

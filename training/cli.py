@@ -12,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("training.eval", "measure methods with the stream-then-ask protocol"),
+    "eval": ("training.eval.cli", "measure methods with the stream-then-ask protocol"),
     "qa-tune": ("training.qa_tuning", "QA-format tuning of a base model (a qa_lora artifact)"),
-    "results-table": ("training.results_table", "markdown tables from result JSONs"),
-    "results-merge": ("training.results_merge", "join result parts of one evaluation"),
+    "results-table": ("training.eval.results_table", "markdown tables from result JSONs"),
+    "results-merge": ("training.eval.results_merge", "join result parts of one evaluation"),
 }
 
 

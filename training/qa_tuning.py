@@ -32,7 +32,7 @@ from training.artifacts import WEIGHTS, load_artifact, save_artifact
 from training.choice_scoring import answer_token_ids
 from training.data.evalset import EvalSet
 from training.generation import chat_input_ids, generate_answer
-from training.metrics import mean, squad_scores
+from training.eval.metrics import mean, squad_scores
 from training.prompts import qa_messages
 from training.lora import LoraSpec
 from training.token_batches import pad_rows

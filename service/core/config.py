@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.memory_bank import Storage
+from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 
 

@@ -1,6 +1,6 @@
 """``camels_ft`` in the evaluation harness: online fine-tuning with meta-learned token weights.
 
-Exactly the online adaptation of ``uniform_ft`` (``OnlineFineTuning``: one Adam step per document,
+Exactly the online adaptation of ``uniform_ft`` (``training.updates``: one Adam step per document,
 batch 1, LoRA, lr from the same validation grid); only the per-token weights differ, read from
 the CaMeLS weighting model artifact (``MethodConfig.camels_artifact``, else
 ``$FRESHLM_CAMELS_ARTIFACT``, else ``var/artifacts/camels``).
@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 
 from training.artifacts import config_hash
 from training.camels.weighting_model import TokenWeightingModel, load_weighting_model
-from training.methods import MethodContext, register_method
-from training.methods.online_ft import OnlineFineTuning, TokenWeights
-from training.types import Document
+from training.methods.protocol import MethodContext
+from training.methods.registry import register_method
+from training.methods.online_ft import OnlineFineTuning
+from training.updates import model_weights
 
 DEFAULT_ARTIFACT = Path("var/artifacts/camels")
 _LOADED: dict[tuple[str, str, str], TokenWeightingModel] = {}
@@ -37,17 +37,7 @@ def cached_weighting_model(path: Path, base: PreTrainedModel) -> TokenWeightingM
     return _LOADED[key]
 
 
-def learned_weights(ctx: MethodContext, weighting_model: TokenWeightingModel) -> TokenWeights:
-    def weights(document: Document) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ctx.tokenizer(document.text, add_special_tokens=False, truncation=True,
-                            max_length=ctx.config.ft_max_tokens, return_tensors="pt")["input_ids"][0]
-        with torch.no_grad():
-            w = weighting_model(ids[None].to(ctx.model.device))[0].cpu()
-        return ids, w
-    return weights
-
-
-@register_method("camels_ft")
+@register_method("camels_ft", lr_field="ft_lr")
 def camels_ft(ctx: MethodContext) -> OnlineFineTuning:
     weighting_model = cached_weighting_model(camels_artifact_path(ctx), ctx.model)
-    return OnlineFineTuning(ctx, "camels_ft", learned_weights(ctx, weighting_model))
+    return OnlineFineTuning(ctx, "camels_ft", model_weights(ctx.tokenizer, ctx.config.ft_max_tokens, weighting_model))

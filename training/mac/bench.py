@@ -28,11 +28,11 @@ from tqdm import tqdm
 from training.data.news_stream import load_news_stream
 from training.mac.method import MACMethod, MACMethodSettings
 from training.mac.model import load_mac
-from training.memory_bank import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank
 from training.methods import MethodConfig, MethodContext
-from training.metrics import percentile
+from training.eval.metrics import percentile
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
-from training.resources import peak_rss_mb, reset_peak_rss
+from training.eval.resources import peak_rss_mb, reset_peak_rss
 from training.types import Question
 
 log = logging.getLogger(__name__)

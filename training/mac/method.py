@@ -23,8 +23,9 @@ from training.mac.model import (
     MAC, answer_nll, load_mac, prompt_head, prompt_ids, qa_batch, stop_token_ids, strip_head,
 )
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
-from training.memory_bank import InMemoryMemoryBank, MemoryBank, Storage
-from training.methods import MethodContext, register_method
+from training.memory import InMemoryMemoryBank, MemoryBank, Storage
+from training.methods.protocol import MethodContext
+from training.methods.registry import register_method
 from training.prompts import extract_answer
 from training.retrieval import BM25Index
 from training.types import Document, Question

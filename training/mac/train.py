@@ -36,7 +36,7 @@ from training.mac.config import MACConfig
 from training.mac.aggregator import select_top_k, stack_memories
 from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
 from training.mac.prefix import PromptHead
-from training.metrics import mean, squad_scores
+from training.eval.metrics import mean, squad_scores
 from training.types import Document, Question
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from training.artifacts import load_artifact, save_artifact
 from training.inner_loop import Params, select_params
-from training.lora import linear_module_names, top_layers
+from training.lora import LoraSpec, linear_module_names, top_layers
 
 ARTIFACT_KIND = "meta_ft_init"
 Variant = Literal["lora", "rank1_full"]
@@ -109,6 +109,17 @@ def save_meta_adapter(
     )
 
 
+def lora_spec(config: MetaAdapterConfig) -> LoraSpec:
+    """The LoRA of a ``lora``-variant init, as every other adapter of this project is built."""
+    return LoraSpec(rank=config.rank, alpha=config.alpha, top_layers=config.top_layers, targets=config.targets)
+
+
+def read_meta_init(path: str | Path, base_config) -> tuple[MetaAdapterConfig, dict[str, torch.Tensor]]:
+    """The init's config and tensors; refuses an artifact trained for another base model."""
+    manifest, tensors = load_artifact(path, kind=ARTIFACT_KIND, base_config=base_config)
+    return MetaAdapterConfig.model_validate(manifest.config["adapter"]), tensors
+
+
 def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Module, Params, MetaAdapterConfig]:
     """Attach a saved init to ``model``: returns (model to run, the online parameters, config).
 
@@ -116,8 +127,7 @@ def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Modu
     ``rank1_full``: the model with the rank-1 deltas merged in place, parameters = the adapted
     weight matrices (full SGD steps on them online).
     """
-    manifest, tensors = load_artifact(path, kind=ARTIFACT_KIND, base_config=model.config)
-    config = MetaAdapterConfig.model_validate(manifest.config["adapter"])
+    config, tensors = read_meta_init(path, model.config)
     if config.variant == "lora":
         peft, params = attach(model, config)
         dtype = next(model.parameters()).dtype

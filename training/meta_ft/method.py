@@ -1,7 +1,7 @@
 """``meta_ft`` in the evaluation harness: plain SGD steps from the meta-trained init.
 
 Each document (or each group of ``docs_per_step`` documents, pooled into one loss: the
-multi-document case) is ONE SGD step at the learning rate the init was meta-trained for (or
+multi-document case) is ONE SGD step of ``training.updates`` (the service's update) at the learning rate the init was meta-trained for (or
 ``MethodConfig.meta_ft_lr``, which the harness can choose on val like ``uniform_ft``'s), on the
 LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-1 init merged
 (variant ``rank1_full``): exactly the inner step of meta-training, taken with a plain optimizer.
@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 
-from training.artifacts import read_manifest
 from training.batch_generation import generate_answers
 from training.choice_scoring import choice_logprobs
-from training.inner_loop import weighted_nll
-from training.meta_ft.adapter import load_meta_adapter
-from training.methods import MethodContext, register_method
+from training.meta_ft.adapter import load_meta_adapter, lora_spec, read_meta_init
+from training.methods.protocol import MethodContext
+from training.methods.registry import register_method
 from training.prompts import qa_messages
-from training.token_batches import document_batch
 from training.types import Document, Question
+from training.updates import LoraUpdater, OnlineUpdater, UpdateConfig, uniform_weights
 
 DEFAULT_ARTIFACT = Path("var/artifacts/meta_ft")
 
@@ -38,23 +37,32 @@ def meta_ft_artifact_path(ctx: MethodContext) -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_ARTIFACT
 
 
+def meta_update(ctx: MethodContext, path: Path) -> UpdateConfig:
+    """SGD at the lr the init was meta-trained for (or ``MethodConfig.meta_ft_lr``), uniform weights."""
+    config, _ = read_meta_init(path, ctx.model.config)
+    lr = ctx.config.meta_ft_lr if ctx.config.meta_ft_lr is not None else config.inner_lr
+    return UpdateConfig(optimizer="sgd", lr=lr, max_tokens=ctx.config.ft_max_tokens, max_drift=ctx.config.ft_max_drift,
+                        lora=lora_spec(config))
+
+
 class MetaFineTuning:
     def __init__(self, ctx: MethodContext, name: str, docs_per_step: int, isolated: bool = False) -> None:
         self.ctx, self.name, self.docs_per_step, self.isolated = ctx, name, docs_per_step, isolated
         self.documents: dict[str, Document] = {}  # isolated: kept until their questions come
         path = meta_ft_artifact_path(ctx)
-        self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
-        in_place = read_manifest(path).config.get("adapter", {}).get("variant") == "rank1_full"
-        # the rank-1 variant merges into and then steps the base weights in place: keep the originals
-        self._original = {n: p.detach().clone() for n, p in ctx.model.named_parameters()} if in_place else {}
-        self.model, params, self.adapter = load_meta_adapter(path, ctx.model)
-        self.model.eval()
-        self.params = list(params.values())
-        self._changed = list(params)  # names of base weights the rank-1 variant edits in place
-        lr = ctx.config.meta_ft_lr
-        self.optimizer = torch.optim.SGD(self.params, lr=self.adapter.inner_lr if lr is None else lr)
+        self.adapter, tensors = read_meta_init(path, ctx.model.config)
+        update = meta_update(ctx, path)
+        weights = uniform_weights(ctx.tokenizer, ctx.config.ft_max_tokens)
+        self._original: dict[str, torch.Tensor] = {}
+        if self.adapter.variant == "lora":
+            self.updater: OnlineUpdater = LoraUpdater(ctx.model, ctx.tokenizer, weights, update, initial=tensors)
+        else:  # rank1_full merges into and then steps the base weights in place: keep the originals
+            self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
+            self._original = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+            model, params, _ = load_meta_adapter(path, ctx.model)
+            self.updater = OnlineUpdater(model, list(params.values()), ctx.tokenizer, weights, update)
+        self.model = self.updater.model
         self.pending: list[Document] = []
-        self.steps = 0
 
     def ingest(self, document: Document) -> None:
         if self.isolated:
@@ -66,31 +74,22 @@ class MetaFineTuning:
 
     def _step(self) -> None:
         """One SGD step on the pooled LM loss of the pending documents (the meta-trained update)."""
-        if not self.pending:
-            return
-        batch = document_batch(self.ctx.tokenizer, [d.text for d in self.pending],
-                               self.ctx.config.ft_max_tokens).to(self.model.device)
-        self.pending = []
-        loss = weighted_nll(self.model, {}, batch)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        if self.pending:
+            self.updater.step([d.text for d in self.pending])
+            self.pending = []
 
     def _each_from_own_document(self, questions: list[Question], ask) -> list:
         """Isolated protocol: per supporting document(s), one step from the init, ask, restore the init."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, q in enumerate(questions):
             groups.setdefault(tuple(q.doc_ids), []).append(i)
-        init = [p.detach().clone() for p in self.params]
+        init = self.updater.snapshot()
         out: dict[int, object] = {}
         for doc_ids, idx in groups.items():
             self.pending = [self.documents[d] for d in doc_ids if d in self.documents]
             self._step()
             out.update(zip(idx, ask([questions[i] for i in idx])))
-            with torch.no_grad():  # plain SGD keeps no state: restoring the parameters is a full reset
-                for p, start in zip(self.params, init):
-                    p.copy_(start)
+            self.updater.restore(init)
         return [out[i] for i in range(len(questions))]
 
     def answer(self, questions: list[Question]) -> list[str]:
@@ -116,17 +115,20 @@ class MetaFineTuning:
 
     def stored_bytes(self) -> int:
         """What differs from the base model: the adapter, or the edited weight matrices."""
-        return sum(p.numel() * p.element_size() for p in self.params)
+        return sum(p.numel() * p.element_size() for p in self.updater.params)
+
+    def report(self) -> dict[str, int]:
+        return {"steps": self.updater.steps, "skipped_documents": self.updater.skipped,
+                "rejected_updates": self.updater.rejected}
 
     def close(self) -> None:
-        if self.adapter.variant == "lora":
-            self.model.unload()  # removes the LoRA layers
+        if isinstance(self.updater, LoraUpdater):
+            self.updater.unload()  # removes the LoRA layers
+            return
         with torch.no_grad():  # the rank-1 variant edited weights in place: put them back
-            named = dict(self.ctx.model.named_parameters())
-            for name in self._changed:
-                if name in named and name in self._original:
-                    named[name].copy_(self._original[name])
             for n, p in self.ctx.model.named_parameters():
+                if n in self._original:
+                    p.copy_(self._original[n])
                 p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
 
 
@@ -137,7 +139,7 @@ def _builder(name: str, docs_per_step: int | None, isolated: bool = False):
     return build
 
 
-register_method("meta_ft")(_builder("meta_ft", None))
-register_method("meta_ft_4")(_builder("meta_ft_4", 4))
-register_method("meta_ft_16")(_builder("meta_ft_16", 16))
+register_method("meta_ft", lr_field="meta_ft_lr")(_builder("meta_ft", None))
+register_method("meta_ft_4", lr_field="meta_ft_lr")(_builder("meta_ft_4", 4))
+register_method("meta_ft_16", lr_field="meta_ft_lr")(_builder("meta_ft_16", 16))
 register_method("meta_ft_isolated")(_builder("meta_ft_isolated", 1, isolated=True))

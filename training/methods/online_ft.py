@@ -1,6 +1,6 @@
 """Online fine-tuning baselines (the CaMeLS paper's comparisons): each ingested document is one
-Adam step (batch 1) on a LoRA adapter of the base model, in stream order, with one optimizer for the
-whole stream.
+optimizer step (batch 1) on a LoRA adapter of the base model, in stream order, with one optimizer
+for the whole stream: ``training.updates.LoraUpdater``, the update the service runs.
 
 * ``uniform_ft``: the plain next-token loss, every token weighted 1.
 * ``salient_spans_ft``: the loss only on tokens inside named entities and numbers.
@@ -10,63 +10,37 @@ whole stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
 from training.batch_generation import generate_answers
 from training.choice_scoring import choice_logprobs
-from training.methods.protocol import MethodContext
+from training.methods.protocol import MethodConfig, MethodContext
+from training.methods.registry import register_method
 from training.prompts import qa_messages
-from training.lora import top_layers
-from training.lora import linear_module_names
 from training.salient_spans import salient_token_mask
 from training.types import Document, Question
-
-# (document) -> (token ids [T], weight per token [T]); weight t scales the loss of predicting token t.
-TokenWeights = Callable[[Document], tuple[torch.Tensor, torch.Tensor]]
+from training.updates import LoraUpdater, TokenWeights, UpdateConfig, uniform_weights
 
 
-def online_lora_config(ctx: MethodContext) -> LoraConfig:
-    cfg, model = ctx.config, ctx.model
-    return LoraConfig(r=cfg.ft_lora_r, lora_alpha=cfg.ft_lora_alpha, lora_dropout=0.0,
-                      target_modules=linear_module_names(model),
-                      layers_to_transform=top_layers(model, cfg.ft_lora_top_layers), task_type="CAUSAL_LM")
+def update_config(config: MethodConfig) -> UpdateConfig:
+    """The harness's ``ft_*`` settings as the update the service would run."""
+    return UpdateConfig(optimizer="adam", lr=config.ft_lr, steps_per_document=config.ft_steps_per_doc,
+                        max_tokens=config.ft_max_tokens, max_drift=config.ft_max_drift,
+                        lora={"rank": config.ft_lora_r, "alpha": config.ft_lora_alpha,
+                              "top_layers": config.ft_lora_top_layers})
 
 
 class OnlineFineTuning:
-    def __init__(self, ctx: MethodContext, name: str, token_weights: TokenWeights) -> None:
+    def __init__(self, ctx: MethodContext, name: str, token_weights: TokenWeights,
+                 config: UpdateConfig | None = None, initial: dict[str, torch.Tensor] | None = None) -> None:
         self.ctx = ctx
         self.name = name
-        self.token_weights = token_weights
-        torch.manual_seed(0)  # the LoRA A matrices are random: same init for every run
-        self.model = get_peft_model(ctx.model, online_lora_config(ctx))
-        self.model.eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=ctx.config.ft_lr)
-        self.steps = 0
-        self.skipped_documents = 0  # documents with no weighted token (nothing to learn)
-        self.last_loss: float | None = None
+        self.updater = LoraUpdater(ctx.model, ctx.tokenizer, token_weights, config or update_config(ctx.config),
+                                   initial=initial)
+        self.model = self.updater.model
 
     def ingest(self, document: Document) -> None:
-        ids, weights = self.token_weights(document)
-        targets, target_weights = ids[1:], weights[1:].float()
-        if targets.numel() == 0 or target_weights.sum() <= 0:
-            self.skipped_documents += 1
-            return
-        device = self.model.device
-        ids, targets, target_weights = ids.to(device), targets.to(device), target_weights.to(device)
-        for _ in range(self.ctx.config.ft_steps_per_doc):
-            logits = self.model(input_ids=ids[None]).logits[0, :-1].float()
-            token_loss = F.cross_entropy(logits, targets, reduction="none")
-            loss = (token_loss * target_weights).sum() / target_weights.sum()
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.steps += 1
-            self.last_loss = loss.item()
+        self.updater.step(document.text)
 
     def answer(self, questions: list[Question]) -> list[str]:
         prompts = [qa_messages(q.question) for q in questions]
@@ -78,34 +52,27 @@ class OnlineFineTuning:
                                list(question.choices or ()))
 
     def stored_bytes(self) -> int:
-        """The adapter and the optimizer state carried along the stream."""
-        adapter = sum(p.numel() * p.element_size() for p in self.params)
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                    for t in s.values() if torch.is_tensor(t))
-        return adapter + state
+        return self.updater.adapter_bytes()
+
+    def report(self) -> dict[str, int]:
+        return {"steps": self.updater.steps, "skipped_documents": self.updater.skipped,
+                "rejected_updates": self.updater.rejected}
 
     def close(self) -> None:
-        self.model.unload()  # removes the LoRA layers: the base model is as before
-
-
-def uniform_weights(ctx: MethodContext) -> TokenWeights:
-    def weights(document: Document) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ctx.tokenizer(document.text, add_special_tokens=False, truncation=True,
-                            max_length=ctx.config.ft_max_tokens, return_tensors="pt")["input_ids"][0]
-        return ids, torch.ones(len(ids))
-    return weights
+        self.updater.unload()
 
 
 def salient_weights(ctx: MethodContext) -> TokenWeights:
-    def weights(document: Document) -> tuple[torch.Tensor, torch.Tensor]:
-        return salient_token_mask(ctx.tokenizer, document.text, ctx.config.ft_max_tokens,
-                                  ctx.config.ner_backend)
+    def weights(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return salient_token_mask(ctx.tokenizer, text, ctx.config.ft_max_tokens, ctx.config.ner_backend)
     return weights
 
 
+@register_method("uniform_ft", lr_field="ft_lr")
 def uniform_ft(ctx: MethodContext) -> OnlineFineTuning:
-    return OnlineFineTuning(ctx, "uniform_ft", uniform_weights(ctx))
+    return OnlineFineTuning(ctx, "uniform_ft", uniform_weights(ctx.tokenizer, ctx.config.ft_max_tokens))
 
 
+@register_method("salient_spans_ft", lr_field="ft_lr")
 def salient_spans_ft(ctx: MethodContext) -> OnlineFineTuning:
     return OnlineFineTuning(ctx, "salient_spans_ft", salient_weights(ctx))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from training.batch_generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
+from training.methods.registry import register_method
 from training.prompts import qa_messages
 from training.retrieval import BM25Index
 from training.types import Document, Question
@@ -48,6 +49,7 @@ class _PromptedMethod:
         self.documents.clear()
 
 
+@register_method("no_context")
 class NoContext(_PromptedMethod):
     """The base model as it is: what it knows without reading the stream."""
 
@@ -57,6 +59,7 @@ class NoContext(_PromptedMethod):
         pass
 
 
+@register_method("oracle_prompt")
 class OraclePrompt(_PromptedMethod):
     """The question's own gold document(s) in the prompt: an upper bound for every method."""
 
@@ -73,6 +76,7 @@ class OraclePrompt(_PromptedMethod):
         return [_cut(d.text, self.ctx.config.max_passage_words) for d in docs] or None
 
 
+@register_method("rag_bm25")
 class RagBM25(_PromptedMethod):
     """Top-k BM25 passages over everything ingested so far; the index is rebuilt lazily."""
 

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.memory_bank import Storage
+from training.memory import Storage
 from training.types import Document, Question
 
 
@@ -32,11 +32,12 @@ class MethodConfig(BaseModel):
     ft_lora_alpha: int = 32
     ft_lora_top_layers: int | None = None  # None: every layer
     ft_max_tokens: int = 512
+    ft_max_drift: float | None = None  # guard of the online update (training.updates.UpdateConfig.max_drift)
     ner_backend: str = "auto"  # auto | spacy | heuristic
     mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
     mac_top_k: int | None = 1  # MAC: entries each question reads, by key similarity (None: all); 1 is best on val
     mac_group_size: int | None = 64  # MAC: memory entries read from the bank at a time (None: all)
-    mac_storage: Storage = "float16"  # MAC: how the bank stores entries: float16 or int8 (training.memory_bank)
+    mac_storage: Storage = "float16"  # MAC: how the bank stores entries: float16 or int8 (training.memory)
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step

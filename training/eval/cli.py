@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
-from training.harness import ProtocolConfig, run_method
-from training.memory_bank import STORAGES
-from training.methods import BASELINES, FINE_TUNING_METHODS, META_FT_STREAM_METHODS, MethodConfig, MethodContext, build_method
+from training.eval.harness import ProtocolConfig, run_method
+from training.memory import STORAGES
+from training.methods import MethodConfig, MethodContext, build_method, method_info
+from training.methods.builtin import BASELINES
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
 from training.qa_tuning import apply_qa_tuning
-from training.results_plot import plot_results
+from training.eval.results_plot import plot_results
 
 log = logging.getLogger("training.eval")
 DATASETS = ("squad-seq", "realtimeqa", "news-stream", "jsonl")
@@ -198,12 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
             log.info("%s: already in %s, skipped (--resume)", name, out)
             continue
         ctx = MethodContext(model, tokenizer, method_config)
-        if name in FINE_TUNING_METHODS:
-            field, values = "ft_lr", grid
-        elif name in META_FT_STREAM_METHODS:
-            field, values = "meta_ft_lr", meta_grid
-        else:
-            field, values = None, []
+        field = method_info(name).lr_field
+        values = {"ft_lr": grid, "meta_ft_lr": meta_grid}.get(field, [])
         if field and len(values) == 1:
             ctx = MethodContext(model, tokenizer, method_config.model_copy(update={field: values[0]}))
         elif field and values:

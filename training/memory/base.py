@@ -1,8 +1,8 @@
-"""The memory bank: one entry of MAC memory tokens per document.
+"""The memory bank: one entry per document (a MAC memory entry), kept, read by id, deleted exactly.
 
-``MemoryBank`` is the interface both the evaluation harness and the service write through. This
-module has the in-process implementation; ``service.memory_bank.RedisMemoryBank`` is the
-production one. Entries are stored as fp16 (half the bytes of fp32, no measurable loss) or, with
+``MemoryBank`` is the interface the evaluation harness and the service write through; the
+implementations are ``in_memory.InMemoryMemoryBank`` (the harness) and
+``redis_bank.RedisMemoryBank`` (the service). Entries are stored as fp16 (half the bytes of fp32, no measurable loss) or, with
 ``storage="int8"``, as int8 with one fp16 scale per vector of the last axis (about half the bytes
 of fp16 for MAC's 64-value slot vectors; squad-seq val F1 21.44 vs 22.55 in fp16, docs/mac.md), and
 come back as fp32. Deleting an entry is exact: the document's memory is gone.
@@ -65,47 +65,3 @@ class MemoryBank(Protocol):
 
     def nbytes(self, doc_id: str) -> int:
         """Bytes the entry occupies in storage (memory + key payloads)."""
-
-
-class InMemoryMemoryBank:
-    """A dict-backed bank with the same storage precision as the Redis one."""
-
-    def __init__(self, storage: Storage = "float16") -> None:
-        self.storage = check_storage(storage)
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._keys: dict[str, torch.Tensor] = {}
-
-    def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
-        self._memory[doc_id] = encode_entry(memory, self.storage)
-        if key is not None:
-            self._keys[doc_id] = key.detach().to("cpu", torch.float16).clone()
-        else:
-            self._keys.pop(doc_id, None)
-
-    def get(self, doc_ids: list[str]) -> list[torch.Tensor | None]:
-        return [decode_entry(*m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
-
-    def delete(self, doc_id: str) -> bool:
-        self._keys.pop(doc_id, None)
-        return self._memory.pop(doc_id, None) is not None
-
-    def ids(self) -> list[str]:
-        return list(self._memory)
-
-    def keys(self) -> tuple[list[str], torch.Tensor | None]:
-        ids = list(self._keys)
-        return ids, torch.stack([self._keys[i] for i in ids]).float() if ids else None
-
-    def __len__(self) -> int:
-        return len(self._memory)
-
-    def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._memory
-
-    def clear(self) -> None:
-        self._memory.clear()
-        self._keys.clear()
-
-    def nbytes(self, doc_id: str) -> int:
-        stored = (*self._memory.get(doc_id, ()), self._keys.get(doc_id))
-        return sum(t.numel() * t.element_size() for t in stored if t is not None)

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from training.data.evalset import EvalSet
 from training.methods.protocol import Method
-from training.metrics import mean, percentile, squad_scores
-from training.resources import peak_rss_mb, reset_peak_rss
+from training.eval.metrics import mean, percentile, squad_scores
+from training.eval.resources import peak_rss_mb, reset_peak_rss
 from training.types import Question
 
 
@@ -130,10 +130,7 @@ def run_method(
             curve.append([len(docs) - k, round(100 * final, 2)])
     finally:
         method.close()
-    extra = {}
-    for attr in ("skipped_documents", "steps"):
-        if hasattr(method, attr):
-            extra[attr] = getattr(method, attr)
+    extra = method.report() if hasattr(method, "report") else {}  # e.g. update steps taken / rejected
     return MethodRun(
         name=method.name, f1=f1, em=em, accuracy=accuracy,
         ingest_seconds_per_doc=ingest_seconds / max(len(docs), 1),

@@ -1,6 +1,6 @@
 """Markdown tables from result JSONs, for docs/BENCHMARKS.md (numbers are never typed by hand).
 
-    python -m training.results_table docs/results/squad-seq-test.json docs/results/realtimeqa-2024.json
+    python -m training.eval.results_table docs/results/squad-seq-test.json docs/results/realtimeqa-2024.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Redis implementation of the memory bank (see ``training.memory_bank.MemoryBank``).
+"""Redis implementation of the memory bank (see ``training.memory.base.MemoryBank``): the service's.
 
 Key layout, all under one hash tag so multi-key transactions work on Redis Cluster:
 
@@ -19,7 +19,7 @@ import numpy as np
 import redis
 import torch
 
-from training.memory_bank import Storage, check_storage, decode_entry, encode_entry
+from training.memory.base import Storage, check_storage, decode_entry, encode_entry
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:

@@ -1,7 +1,7 @@
 """Merge result JSONs of the same evaluation run in parts (methods in separate processes) into
 one, and redraw its plot.
 
-    python -m training.results_merge var/results/squad-seq-test.*.json --out docs/results/squad-seq-test.json
+    python -m training.eval.results_merge var/results/squad-seq-test.*.json --out docs/results/squad-seq-test.json
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.results_plot import plot_results
+from training.eval.results_plot import plot_results
 
 _SAME = ("dataset", "split", "n_documents", "n_questions", "base_model")
 

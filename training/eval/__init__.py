@@ -1,0 +1,2 @@
+"""Evaluation: the stream-then-ask harness, SQuAD metrics, the ``python -m training.eval`` CLI and
+the result tables / plots / merges."""

@@ -1,0 +1,51 @@
+"""The in-process memory bank (the evaluation harness's): a dict with the Redis bank's storage codec."""
+
+from __future__ import annotations
+
+import torch
+
+from training.memory.base import Storage, check_storage, decode_entry, encode_entry
+
+
+class InMemoryMemoryBank:
+    """A dict-backed bank with the same storage precision as the Redis one."""
+
+    def __init__(self, storage: Storage = "float16") -> None:
+        self.storage = check_storage(storage)
+        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._keys: dict[str, torch.Tensor] = {}
+
+    def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
+        self._memory[doc_id] = encode_entry(memory, self.storage)
+        if key is not None:
+            self._keys[doc_id] = key.detach().to("cpu", torch.float16).clone()
+        else:
+            self._keys.pop(doc_id, None)
+
+    def get(self, doc_ids: list[str]) -> list[torch.Tensor | None]:
+        return [decode_entry(*m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
+
+    def delete(self, doc_id: str) -> bool:
+        self._keys.pop(doc_id, None)
+        return self._memory.pop(doc_id, None) is not None
+
+    def ids(self) -> list[str]:
+        return list(self._memory)
+
+    def keys(self) -> tuple[list[str], torch.Tensor | None]:
+        ids = list(self._keys)
+        return ids, torch.stack([self._keys[i] for i in ids]).float() if ids else None
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._memory
+
+    def clear(self) -> None:
+        self._memory.clear()
+        self._keys.clear()
+
+    def nbytes(self, doc_id: str) -> int:
+        stored = (*self._memory.get(doc_id, ()), self._keys.get(doc_id))
+        return sum(t.numel() * t.element_size() for t in stored if t is not None)
