@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec "${FRESHLM_VENV:-.venv}/bin/freshlm-serve"
+# python -m from the checkout's root: this checkout's code serves, whichever one the venv was set up from
+exec "${FRESHLM_VENV:-.venv}/bin/python" -m service.main

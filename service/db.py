@@ -15,6 +15,10 @@ from sqlalchemy import JSON, Boolean, DateTime, Engine, TypeDecorator, Float, In
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 DOCUMENT_STATUSES = ("pending", "ingested", "failed", "deleted")
+# service_state keys shared by the API and the worker
+ACTIVE_ADAPTER_KEY = "active_adapter"
+REBUILD_ADAPTER_KEY = "adapter_rebuild_requested"
+REBUILD_MEMORY_KEY = "memory_rebuild_requested"
 
 
 class UTCDateTime(TypeDecorator):

@@ -1,5 +1,6 @@
-"""App factory and lifespan: database (migrated), Redis, model and artifacts are opened once and
-put on ``app.state``; the ingest worker runs as a thread unless it runs as its own process."""
+"""App factory and lifespan: the runtime (database, Redis, model, artifacts; ``service.runtime``) is
+opened once and put on ``app.state`` with the answerer; the ingest worker runs as a thread unless
+it runs as its own process."""
 
 from __future__ import annotations
 
@@ -9,104 +10,74 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-import redis
 import uvicorn
 from fastapi import FastAPI, Request
 
-from service import adapter_store
+from service import documents
+from service.adapters import store
+from service.adapters.live import LiveAdapters
 from service.answerer import Answerer
-from service.base_model import load_base_model
-from service.api.routes import adapters, ask, documents, health, memory
+from service.api.routes import adapters, ask, health, memory
+from service.api.routes import documents as documents_routes
 from service.core.config import Settings
 from service.core.errors import SafeJSONResponse, ServiceError, error_body, install_error_handlers
 from service.core.logging import configure_logging, request_id_var
 from service.core.security import check_api_key
-from service.db import make_engine, session_factory
-from service.ingest_queue import queue_depth, status_counts
-from service.ingest_worker import build_worker, run_worker
-from service.live_adapter import LiveAdapters
-from service.mac_memory import load_mac_runtime
 from service.metrics import Metrics
-from service.migrate import upgrade_database
-from service.redis_server import EmbeddedRedis, start_embedded_redis
+from service.runtime import Runtime, open_runtime
+from service.worker.pipeline import build_worker, run_worker
 
 log = logging.getLogger("freshlm")
 
 
-def open_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None]:
-    embedded = None
-    url = settings.redis_url
-    if url is None:
-        embedded = start_embedded_redis(settings.data_dir / "redis")
-        url = embedded.url
-    return redis.Redis.from_url(url, health_check_interval=10, retry_on_timeout=True), embedded
-
-
-def _state_reader(app: FastAPI):
+def _state_reader(rt: Runtime):
     def read() -> dict:
-        state = app.state
-        with state.sessions() as session:
-            out = {"queue_depth": queue_depth(session), "documents": status_counts(session),
-                   "adapter_version": adapter_store.active_version(session)}
-        out["memory_bank_entries"] = len(state.mac.bank) if state.mac is not None else None
+        with rt.sessions() as session:
+            out = {"queue_depth": documents.queue_depth(session), "documents": documents.status_counts(session),
+                   "adapter_version": store.active_version(session)}
+        out["memory_bank_entries"] = len(rt.mac.bank) if rt.mac is not None else None
         return out
     return read
+
+
+def start_worker_thread(rt: Runtime, metrics: Metrics, stop: threading.Event) -> threading.Thread | None:
+    """The embedded worker (the zero-configuration default); on failure ``rt.errors["worker"]``."""
+    try:
+        worker = build_worker(rt)
+    except Exception as exc:
+        rt.errors["worker"] = f"{exc.__class__.__name__}: {exc}"
+        if rt.settings.updater_spec:
+            rt.errors["updater"] = rt.errors["worker"]
+        log.error("ingest worker not started: %s", rt.errors["worker"])
+        return None
+    worker.on_ingested = metrics.ingest_seconds.observe
+    worker.on_swap = metrics.adapter_swaps.inc
+    thread = threading.Thread(target=run_worker, args=(worker, stop), name="ingest-worker", daemon=True)
+    thread.start()
+    return thread
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     state = app.state
     settings: Settings = state.settings
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    state.redis, embedded = open_redis(settings)
-    state.engine = make_engine(settings.sqlalchemy_url)
-    if settings.auto_migrate:
-        revision = upgrade_database(state.engine)
-        log.info("database schema at revision %s", revision)
-    state.sessions = session_factory(state.engine)
-    state.metrics.add_state_collector(_state_reader(app))
-    state.mac = state.answerer = None
-    state.model_error = state.mac_error = state.updater_error = state.worker_error = None
-    log.info("loading base model %s", settings.base_model)
-    model, tokenizer = load_base_model(settings)
-    if settings.mac_artifact is not None:
+    with open_runtime(settings) as rt:
+        state.runtime = rt
+        state.metrics.add_state_collector(_state_reader(rt))
+        live = LiveAdapters(rt.model, settings.adapters_dir, settings.adapters_loaded)
+        state.answerer = Answerer(rt.model, rt.tokenizer, rt.sessions, live, settings.pipeline_config(), rt.mac)
+        if rt.mac is not None:  # the embedded worker writes memory with this model: not during an ask
+            rt.mac.model_lock = live.lock
+        stop = threading.Event()
+        state.worker_thread = start_worker_thread(rt, state.metrics, stop) if settings.embedded_worker else None
+        log.info("FreshLM ready: database %s, redis %s", rt.engine.url.render_as_string(),
+                 settings.redis_url or "embedded")
         try:
-            state.mac = load_mac_runtime(settings.mac_artifact, model, tokenizer, state.redis, settings.model_settings(),
-                                         settings.mac_top_k, settings.mac_group_size, settings.mac_storage)
-        except Exception as exc:  # serve without it; /readyz reports the reason
-            state.mac_error = f"{exc.__class__.__name__}: {exc}"
-            log.error("MAC artifact %s not loaded: %s", settings.mac_artifact, state.mac_error)
-    adapters_ = LiveAdapters(model, settings.adapters_dir, settings.adapters_loaded)
-    state.answerer = Answerer(model, tokenizer, state.sessions, adapters_, state.mac, settings.rag_min_score_ratio)
-    if state.mac is not None:  # the embedded worker writes memory with this model: not during an ask
-        state.mac.model_lock = adapters_.lock
-    stop = threading.Event()
-    state.worker_thread = None
-    if settings.embedded_worker:
-        try:
-            worker = build_worker(settings, state.sessions, state.redis, model, tokenizer, mac=state.mac)
-            worker.on_ingested = state.metrics.ingest_seconds.observe
-            worker.on_swap = state.metrics.adapter_swaps.inc
-            state.worker_thread = threading.Thread(target=run_worker, args=(worker, stop), name="ingest-worker",
-                                                   daemon=True)
-            state.worker_thread.start()
-        except Exception as exc:
-            state.worker_error = f"{exc.__class__.__name__}: {exc}"
-            if settings.updater:
-                state.updater_error = state.worker_error
-            log.error("ingest worker not started: %s", state.worker_error)
-    log.info("FreshLM ready: database %s, redis %s", state.engine.url.render_as_string(),
-             settings.redis_url or "embedded")
-    try:
-        yield
-    finally:
-        stop.set()
-        if state.worker_thread is not None:
-            state.worker_thread.join(timeout=60)
-        state.redis.close()
-        state.engine.dispose()
-        if embedded is not None:
-            embedded.stop()
+            yield
+        finally:
+            stop.set()
+            if state.worker_thread is not None:
+                state.worker_thread.join(timeout=60)
 
 
 def install_middleware(app: FastAPI) -> None:
@@ -152,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     install_middleware(app)
-    for module in (documents, ask, adapters, memory, health):
+    for module in (documents_routes, ask, adapters, memory, health):
         app.include_router(module.router)
     return app
 

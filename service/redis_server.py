@@ -69,7 +69,11 @@ def _ping(url: str) -> bool:
 
 
 def start_embedded_redis(data_dir: Path, timeout: float = 10.0, persist: bool = True) -> EmbeddedRedis:
-    """Start (or reuse) a redis-server whose socket and append-only file live in ``data_dir``."""
+    """Start (or reuse) a redis-server whose socket and append-only file live in ``data_dir``.
+
+    Every path handed to redis-server is absolute: it changes into ``--dir`` before it opens its
+    log file, so a relative path would point somewhere else."""
+    data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     socket_path = data_dir / "redis.sock"
     url = f"unix://{socket_path}"

@@ -5,11 +5,12 @@ import threading
 
 import torch
 
-from service import adapter_store
-from service.adapter_updater import AdapterUpdater, UpdaterSpec, lora_config_dict, uniform_weights
+from service.adapters import store as adapter_store
 from service.db import make_engine, session_factory
 from tests.conftest import wait_for, wait_ingested
+from training.lora import LoraSpec
 from training.models import ModelSettings, load_causal_lm
+from training.updates import LoraUpdater, UpdateConfig, uniform_weights
 
 DOCS = [
     {"id": "a-1", "text": "The council approved the new harbour bridge on Tuesday."},
@@ -63,15 +64,15 @@ def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, ti
 def _distinct_versions(tiny_model_dir, data_dir, count: int) -> list[str]:
     """Versions written with the store's own functions: random LoRA weights, far apart."""
     base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
-    updater = AdapterUpdater(base, tokenizer, UpdaterSpec(uniform_weights, lora_config_dict(base, 4), 1e-3),
-                             max_tokens=64, max_drift=1.0)
+    config = UpdateConfig(lora=LoraSpec(rank=4).resolved(base), max_tokens=64)
+    updater = LoraUpdater(base, tokenizer, uniform_weights(tokenizer, 64), config)
     engine = make_engine(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
     versions = []
     with session_factory(engine).begin() as session:
         for seed in range(count):
             gen = torch.Generator().manual_seed(seed)
-            tensors = {k: torch.randn(v.shape, generator=gen) for k, v in updater.tensors().items()}
-            version = adapter_store.save_weights(data_dir / "adapters", tensors, updater.config)
+            tensors = {k: torch.randn(v.shape, generator=gen) for k, v in updater.adapter_tensors().items()}
+            version = adapter_store.save_weights(data_dir / "adapters", tensors, config.lora.model_dump())
             adapter_store.record_version(session, version, parent=None, kind="update", documents=[], metrics={})
             versions.append(version)
     engine.dispose()
@@ -150,8 +151,8 @@ def test_camels_weighting_model_drives_the_updates(make_client, tiny_model_dir, 
 def test_meta_trained_init_is_the_first_version(make_client, tiny_model_dir, tmp_path):
     from peft import get_peft_model_state_dict
 
-    from service.adapter_updater import load_updater
     from training.meta_ft.adapter import MetaAdapterConfig, attach, save_meta_adapter
+    from training.updaters import load_updater
 
     base = _loaded_tiny(tiny_model_dir)
     config = MetaAdapterConfig(variant="lora", rank=2, alpha=4.0, top_layers=1, inner_lr=0.01)
@@ -162,14 +163,16 @@ def test_meta_trained_init_is_the_first_version(make_client, tiny_model_dir, tmp
     save_meta_adapter(tmp_path / "meta", peft, meta, config, base_model_id=str(tiny_model_dir),
                       base_config=base.config)
     saved = {k: v.clone() for k, v in get_peft_model_state_dict(peft).items()}
-    spec = load_updater(str(tmp_path / "meta"), _loaded_tiny(tiny_model_dir), rank=4, lr=1.0)
-    assert spec.lr == 0.01 and spec.lora["r"] == 2 and spec.lora["layers_to_transform"] == [1]
+    fresh = _loaded_tiny(tiny_model_dir)
+    spec = load_updater(str(tmp_path / "meta"), fresh, None, UpdateConfig(lr=1.0))
+    assert spec.config.optimizer == "sgd" and spec.config.lr == 0.01  # the init's own step, not the setting's
+    assert spec.config.lora.rank == 2 and spec.config.lora.top_layers == 1
     client = make_client(base_model=str(tiny_model_dir), updater=str(tmp_path / "meta"))
     client.post("/documents", json={"documents": DOCS[:1]})
     wait_ingested(client, ["a-1"])
     initial = client.get("/adapters").json()["versions"][0]
     assert initial["kind"] == "initial" and initial["metrics"]["updater"] == "meta_ft_init"
-    assert initial["version"] == adapter_store.version_of(saved, spec.lora)
+    assert initial["version"] == adapter_store.version_of(saved, spec.config.lora.resolved(fresh).model_dump())
 
 
 def test_an_updater_for_another_base_model_is_refused(make_client, tiny_model_dir, tmp_path):
@@ -186,7 +189,7 @@ def test_an_updater_for_another_base_model_is_refused(make_client, tiny_model_di
 
 def test_mac_and_adapter_combine_with_a_pinned_version(make_client, tiny_model_dir, mac_artifact_dir):
     client = make_client(base_model=str(tiny_model_dir), mac_artifact=str(mac_artifact_dir), updater="uniform",
-                         adapter_lr=0.05, mac_top_k=2)
+                         adapter_lr=0.05, mac_top_k=2, strategy="mac+adapter+rag")
     client.post("/documents", json={"documents": DOCS})
     records = wait_ingested(client, ["a-1", "a-2"])
     assert sorted(client.get("/readyz").json()["strategies"]) == ["adapter", "mac", "rag"]
@@ -213,13 +216,18 @@ def test_the_guard_rejects_an_update_that_drifts_and_keeps_the_live_version(make
 
 def test_a_non_finite_update_is_rejected(tiny_model_dir):
     base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
-    spec = UpdaterSpec(lambda ids: torch.full((ids.shape[-1],), float("nan")), lora_config_dict(base, 2), 1e-3)
-    updater = AdapterUpdater(base, tokenizer, spec, max_tokens=64, max_drift=1.0)
-    before = updater.tensors()
+
+    def nan_weights(text):
+        ids = uniform_weights(tokenizer, 64)(text)[0]
+        return ids, torch.full((len(ids),), float("nan"))
+
+    updater = LoraUpdater(base, tokenizer, nan_weights, UpdateConfig(lora=LoraSpec(rank=2), max_drift=1.0))
+    before = updater.adapter_tensors()
     result = updater.step("The council approved the harbour bridge.")
-    assert result.tensors is None and "not finite" in result.rejected
-    after = updater.tensors()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the shadow step was undone
+    assert not result.accepted and "not finite" in result.reason
+    after = updater.adapter_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the step was undone
+    assert updater.optimizer_tensors() == {}  # optimizer state too: Adam never stepped
 
 
 def test_old_adapter_weights_are_pruned_outside_the_rollback_window(make_client, tiny_model_dir, tmp_path):

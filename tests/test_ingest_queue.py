@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from service.db import DocumentRecord, make_engine, session_factory, utcnow
-from service.ingest_queue import claim_batch, fail_attempt, finish, queue_depth, release_claims
+from service.documents import claim_batch, fail_attempt, finish, queue_depth, release_claims
 from service.migrate import upgrade_database
 
 

@@ -9,8 +9,9 @@ from tests.mac_helpers import TINY_MAC, expected_slots, tiny_encoder, tiny_mac
 from training.data.evalset import EvalSet
 from training.eval.harness import ProtocolConfig, run_method
 from training.mac.aggregator import stack_memories
-from training.mac.method import MACMethod, MACMethodSettings
+from training.mac.method import MACMethod
 from training.mac.model import prompt_head, save_mac
+from training.mac.runtime import MacReadConfig, MacRuntime
 from training.mac.prefix import kv_geometry
 from training.memory import InMemoryMemoryBank
 from training.methods import MethodConfig, MethodContext, build_method
@@ -37,7 +38,7 @@ def ctx_and_artifact(tmp_path):
     save_mac(tmp_path / "mac", mac, base_model="tiny-llama", base_config=base.config,
              encoder=str(tmp_path / "encoder"))
     config = MethodConfig(max_new_tokens=4, batch_size=2, rag_k=1, mac_artifact=str(tmp_path / "mac"),
-                          mac_group_size=2)
+                          mac=MacReadConfig(group_size=2))
     return MethodContext(base, tok, config), mac.eval()
 
 
@@ -48,19 +49,24 @@ def _entry_bytes(ctx, text):
     return (layers * 2 * kv_heads * slots * head_dim + 32) * 2
 
 
-def _ingested(ctx, mac, settings, docs=DOCS):
-    method = MACMethod(ctx, mac, settings, bank=InMemoryMemoryBank())
+def _ingested(ctx, mac, settings, docs=DOCS, rag=False):
+    method = MACMethod(ctx, MacRuntime(mac, ctx.model, ctx.tokenizer, InMemoryMemoryBank(), settings), rag=rag)
     for doc in docs:
         method.ingest(doc)
     return method
+
+
+def _memory(method, questions):
+    memory, mask, _ = method.runtime.read([q.question for q in questions], method.ctx.model.device)
+    return memory, mask
 
 
 @pytest.mark.parametrize("name", ["mac", "mac_rag"])
 def test_harness_runs_mac_methods_from_an_artifact(ctx_and_artifact, name):
     ctx, mac = ctx_and_artifact
     method = build_method(name, ctx)
-    assert method.name == name and method.mac is not mac  # loaded from the artifact
-    torch.testing.assert_close(method.mac.amortizer.memory_tokens, mac.amortizer.memory_tokens)
+    assert method.name == name and method.runtime.mac is not mac  # loaded from the artifact
+    torch.testing.assert_close(method.runtime.mac.amortizer.memory_tokens, mac.amortizer.memory_tokens)
     run = run_method(method, EvalSet("tiny", "test", DOCS, QUESTIONS), ProtocolConfig(latency_samples=2),
                      progress=False)
     assert 0 <= run.f1 <= 100 and run.accuracy is not None and len(run.predictions) == 2
@@ -71,9 +77,10 @@ def test_harness_runs_mac_methods_from_an_artifact(ctx_and_artifact, name):
 def test_int8_storage_halves_the_bytes_per_document(ctx_and_artifact):
     """``mac_storage="int8"``: one byte per value plus one fp16 scale per head_dim-long slot vector."""
     ctx, _ = ctx_and_artifact
-    int8 = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={"mac_storage": "int8"}))
+    int8 = MethodContext(ctx.model, ctx.tokenizer,
+                         ctx.config.model_copy(update={"mac": MacReadConfig(group_size=2, storage="int8")}))
     method = build_method("mac", int8)
-    assert method.bank.storage == "int8"
+    assert method.runtime.bank.storage == "int8"
     run = run_method(method, EvalSet("tiny", "test", DOCS, QUESTIONS), ProtocolConfig(latency_samples=2),
                      progress=False)
     _, _, head_dim = kv_geometry(ctx.model.config)
@@ -85,24 +92,25 @@ def test_int8_storage_halves_the_bytes_per_document(ctx_and_artifact):
 
 def test_top_k_reads_only_the_nearest_entry(ctx_and_artifact):
     ctx, mac = ctx_and_artifact
-    method = _ingested(ctx, mac, MACMethodSettings(top_k=1, group_size=2))
-    memory, mask = method.memory([QUESTIONS[0]])
-    entries = dict(zip(method.bank.ids(), method.bank.get(method.bank.ids())))
+    method = _ingested(ctx, mac, MacReadConfig(top_k=1, group_size=2))
+    bank = method.runtime.bank
+    memory, mask = _memory(method, [QUESTIONS[0]])
+    entries = dict(zip(bank.ids(), bank.get(bank.ids())))
     key = mac.keys([QUESTIONS[0].question])[0]
-    ids, keys = method.bank.keys()
+    ids, keys = bank.keys()
     nearest = ids[int((keys @ key).argmax())]
     expected, expected_mask = stack_memories([[entries[nearest]]], ctx.model.device)
     assert mask.tolist() == expected_mask.tolist()
     for (k, v), (ek, ev) in zip(memory, expected):
         torch.testing.assert_close(k, ek)
         torch.testing.assert_close(v, ev)
-    _, all_mask = _ingested(ctx, mac, MACMethodSettings(group_size=2)).memory([QUESTIONS[0]])
+    _, all_mask = _memory(_ingested(ctx, mac, MacReadConfig(top_k=None, group_size=2)), [QUESTIONS[0]])
     assert all_mask.sum() == sum(e.shape[3] for e in entries.values()) > mask.sum()
 
 
 def test_group_size_only_changes_how_entries_are_read(ctx_and_artifact):
     ctx, mac = ctx_and_artifact
-    results = [_ingested(ctx, mac, MACMethodSettings(group_size=g)).memory(QUESTIONS) for g in (1, 2, None)]
+    results = [_memory(_ingested(ctx, mac, MacReadConfig(top_k=None, group_size=g)), QUESTIONS) for g in (1, 2, 16)]
     for memory, mask in results[1:]:
         assert torch.equal(mask, results[0][1])
         for (k, v), (k0, v0) in zip(memory, results[0][0]):
@@ -113,26 +121,24 @@ def test_deleting_a_document_removes_its_influence_exactly(ctx_and_artifact):
     """Scores of a question only d0 supports change when d0 is deleted, and equal those of a
     method that never ingested it."""
     ctx, mac = ctx_and_artifact
-    full = _ingested(ctx, mac, MACMethodSettings(group_size=2))
-    never = _ingested(ctx, mac, MACMethodSettings(group_size=2), DOCS[1:])
+    full = _ingested(ctx, mac, MacReadConfig(top_k=None, group_size=2))
+    never = _ingested(ctx, mac, MacReadConfig(top_k=None, group_size=2), DOCS[1:])
     before_bytes = full.stored_bytes()
     before = full.choice_scores(QUESTIONS[0])
-    assert full.delete("d0") and "d0" not in full.bank and not full.delete("d0")
+    assert full.delete("d0") and "d0" not in full.runtime.bank and not full.delete("d0")
     after = full.choice_scores(QUESTIONS[0])
     assert len(before) == 3 and max(abs(a - b) for a, b in zip(before, after)) > 1e-6
     assert after == never.choice_scores(QUESTIONS[0])
     assert before_bytes - full.stored_bytes() == _entry_bytes(ctx, DOCS[0].text)
     assert full.answer(QUESTIONS) == never.answer(QUESTIONS)
     full.close()
-    assert len(full.bank) == 0 and full.stored_bytes() == 0
+    assert len(full.runtime.bank) == 0 and full.stored_bytes() == 0
 
 
 def test_mac_rag_puts_the_best_passage_in_the_prompt(ctx_and_artifact):
     ctx, mac = ctx_and_artifact
-    rag = MACMethod(ctx, mac, MACMethodSettings(group_size=2), bank=InMemoryMemoryBank(), rag=True)
-    plain = _ingested(ctx, mac, MACMethodSettings(group_size=2))
-    for doc in DOCS:
-        rag.ingest(doc)
+    rag = _ingested(ctx, mac, MacReadConfig(group_size=2), rag=True)
+    plain = _ingested(ctx, mac, MacReadConfig(group_size=2))
     assert rag.name == "mac_rag" and rag._passages(QUESTIONS[1]) == [DOCS[1].text]
     assert plain._passages(QUESTIONS[1]) is None
     assert rag.choice_scores(QUESTIONS[1]) != plain.choice_scores(QUESTIONS[1])

@@ -9,7 +9,8 @@ from tests.mac_helpers import TINY_MAC, tiny_encoder, tiny_mac
 from training.artifacts import ArtifactError
 from training.mac.aggregator import iter_bank_entries, stack_memories
 from training.mac.config import MACConfig
-from training.mac.model import MAC, answer_nll, answer_questions, load_mac, prompt_head, qa_batch, save_mac
+from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, save_mac
+from training.mac.runtime import MacReadConfig, MacRuntime
 from training.mac.train import mac_loss
 from training.memory import InMemoryMemoryBank
 from training.models import tiny_causal_lm
@@ -156,35 +157,29 @@ def test_deleting_an_entry_removes_its_influence_exactly():
         after = answer_nll_from(full)
         assert abs(before.item() - after.item()) > 1e-6  # a random tiny model is near-uniform: small but real
         torch.testing.assert_close(after, answer_nll_from(without), atol=0, rtol=0)
-        # generation runs on the bank after deletion too
-        answers = answer_questions(mac, base, tok, [question], lambda i, key: iter_bank_entries(full, full.ids()),
-                                   max_new_tokens=3, head=head)
-        assert len(answers) == 1 and isinstance(answers[0], str)
+        # generation runs on the bank after deletion too, and reads none of the deleted entry
+        runtime = MacRuntime(mac, base, tok, full, MacReadConfig(top_k=None))
+        ((answer_text, read),) = runtime.answer(base, [question], max_new_tokens=3)
+        assert isinstance(answer_text, str) and "d0" not in read and sorted(read) == ["d1", "d2"]
 
 
-def test_answer_questions_asks_entries_for_each_question_with_its_key():
+def test_runtime_reads_each_question_s_nearest_entries_by_key():
     mac, base, tok = tiny_mac()
-    head = prompt_head(base, tok)
-    with torch.no_grad():
-        entries = [m for m, _ in mac.memorize(base, tok, head, DOCS)]
-    asked = []
-
-    def entries_for(i, key):
-        asked.append((i, key))
-        return [entries[i]]
-
+    runtime = MacRuntime(mac, base, tok, InMemoryMemoryBank(), MacReadConfig(top_k=2))
+    runtime.memorize([f"d{i}" for i in range(len(DOCS))], DOCS)
     questions = ["Who approved the bridge?", "How many libraries opened?"]
-    answers = answer_questions(mac, base, tok, questions, entries_for, max_new_tokens=4, head=head)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    assert [i for i, _ in asked] == [0, 1]
-    torch.testing.assert_close(torch.stack([k for _, k in asked]), mac.keys(questions))
+    _, mask, read = runtime.read(questions, base.device)
+    ids, keys = runtime.bank.keys()
+    for question, chosen in zip(mac.keys(questions), read):
+        assert chosen == [ids[i] for i in torch.topk(keys @ question, 2).indices.tolist()]
+    answers = runtime.answer(base, questions, max_new_tokens=4)
+    assert [r for _, r in answers] == read and all(isinstance(a, str) for a, _ in answers)
 
 
 @pytest.mark.real_model
 def test_smollm2_answer_from_memory_is_gone_after_deleting_its_document():
     """Acceptance 4 on the real models: a fact only one document holds is answered from memory,
     and not any more once that document's entry is deleted."""
-    from training.mac.aggregator import select_top_k
     from training.models import load_causal_lm, load_encoder
 
     base, tok = load_causal_lm()
@@ -192,21 +187,13 @@ def test_smollm2_answer_from_memory_is_gone_after_deleting_its_document():
     encoder, enc_tok = load_encoder()
     mac = MAC(MACConfig(), encoder, enc_tok, base.config).eval()
     mac.amortizer.init_memory_tokens(base)
-    head = prompt_head(base, tok)
-    docs = {"norvale": "In 2031 the city of Norvale opened 12 libraries and 3 museums.",
-            "bridge": "The council of Eastport approved the new harbour bridge on Tuesday."}
-    bank = InMemoryMemoryBank()
-    with torch.no_grad():
-        for (doc_id, _), (memory, key) in zip(docs.items(), mac.memorize(base, tok, head, list(docs.values()))):
-            bank.put(doc_id, memory, key)
+    runtime = MacRuntime(mac, base, tok, InMemoryMemoryBank(), MacReadConfig(top_k=1))
+    runtime.memorize(["norvale", "bridge"], ["In 2031 the city of Norvale opened 12 libraries and 3 museums.",
+                                             "The council of Eastport approved the new harbour bridge on Tuesday."])
 
     def ask() -> str:
-        def top_1(_i, key):
-            ids, keys = bank.keys()
-            return iter_bank_entries(bank, select_top_k(key, ids, keys, 1))
-        return answer_questions(mac, base, tok, ["How many libraries did Norvale open in 2031?"], top_1,
-                                max_new_tokens=16, head=head)[0]
+        return runtime.answer(base, ["How many libraries did Norvale open in 2031?"], max_new_tokens=16)[0][0]
 
     assert "12" in ask()
-    assert bank.delete("norvale")
+    assert runtime.delete("norvale")
     assert "12" not in ask()

@@ -1,7 +1,7 @@
 """MAC in the service: memory written by the worker to Redis, answers read it, deletes remove it,
 and a Redis that comes back empty is refilled from SQL with unchanged answers."""
 
-from service.mac_memory import bank_name
+from training.mac.runtime import bank_name
 from training.memory import RedisMemoryBank
 from service.redis_server import start_embedded_redis
 from tests.conftest import wait_for, wait_ingested
@@ -96,7 +96,7 @@ def test_rebuild_memory_command_rewrites_every_entry_from_sql(make_client, tiny_
     env = {**os.environ, "FRESHLM_DATA_DIR": str(data_dir), "FRESHLM_REDIS_URL": redis_url,
            "FRESHLM_BASE_MODEL": str(tiny_model_dir), "FRESHLM_MAC_ARTIFACT": str(mac_artifact_dir),
            "FRESHLM_LOG_JSON": "false", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "service.ingest_worker", "--rebuild-memory"], cwd=REPO_ROOT,
+    out = subprocess.run([sys.executable, "-m", "service.worker", "--rebuild-memory"], cwd=REPO_ROOT,
                          env=env, capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"written": 3, "removed": 0}
     for doc_id, memory in original.items():
@@ -114,13 +114,15 @@ def test_mac_runtime_writes_reads_and_answers_without_a_cached_head(tiny_model_d
     with the model: the same answer as with the cached one."""
     import torch
 
-    from service.mac_memory import load_mac_runtime
     from training.mac.aggregator import iter_bank_entries
+    from training.mac.runtime import MacReadConfig, load_mac_runtime
+    from training.memory import RedisMemoryBank
     from training.models import ModelSettings, load_causal_lm
 
     settings = ModelSettings(base_model=str(tiny_model_dir), device="cpu")
     base, tok = load_causal_lm(str(tiny_model_dir), settings)
-    runtime = load_mac_runtime(mac_artifact_dir, base, tok, redis_client, settings, top_k=2, group_size=1)
+    bank = RedisMemoryBank(redis_client, bank=bank_name(mac_artifact_dir))
+    runtime = load_mac_runtime(mac_artifact_dir, base, tok, bank, MacReadConfig(top_k=2, group_size=1), settings)
     assert runtime.head is not None and runtime.bank.bank == bank_name(mac_artifact_dir)
     runtime.memorize([d["id"] for d in DOCS], [d["text"] for d in DOCS])
     assert runtime.bank.ids() == ["m-1", "m-2", "m-3"]
@@ -136,16 +138,16 @@ def test_mac_runtime_writes_reads_and_answers_without_a_cached_head(tiny_model_d
         lambda module, args, kwargs: fed.append((kwargs["input_ids"].tolist(), kwargs["position_ids"].tolist()))
         if kwargs.get("position_ids") is not None else None, with_kwargs=True)
     try:
-        cached, used = runtime.answer(base, tok, question, None, max_new_tokens=4, head=runtime.head)
+        ((cached, used),) = runtime.answer(base, [question], max_new_tokens=4)
         with_cached_head, fed[:] = list(fed), []
-        computed, used_again = runtime.answer(base, tok, question, None, max_new_tokens=4)
+        ((computed, used_again),) = runtime.answer(base, [question], max_new_tokens=4, head=None)
     finally:
         hook.remove()
     assert computed == cached and used_again == used and len(used) == 2
     assert fed == with_cached_head and fed
     assert fed[0][1][0][0] == runtime.mac.start(runtime.head)  # the question starts after every slot
     runtime.bank.delete(used[0])
-    _, after = runtime.answer(base, tok, question, None, max_new_tokens=4, head=runtime.head)
+    ((_, after),) = runtime.answer(base, [question], max_new_tokens=4)
     assert used[0] not in after and len(after) == 2
 
 
@@ -154,12 +156,14 @@ def test_memory_writes_wait_for_the_model_lock(tiny_model_dir, mac_artifact_dir,
     (``service/main.py`` hands the runtime the adapters' lock), then goes through."""
     import threading
 
-    from service.mac_memory import load_mac_runtime
+    from training.mac.runtime import MacReadConfig, load_mac_runtime
+    from training.memory import RedisMemoryBank
     from training.models import ModelSettings, load_causal_lm
 
     settings = ModelSettings(base_model=str(tiny_model_dir), device="cpu")
     base, tok = load_causal_lm(str(tiny_model_dir), settings)
-    runtime = load_mac_runtime(mac_artifact_dir, base, tok, redis_client, settings, top_k=1, group_size=1)
+    bank = RedisMemoryBank(redis_client, bank=bank_name(mac_artifact_dir))
+    runtime = load_mac_runtime(mac_artifact_dir, base, tok, bank, MacReadConfig(top_k=1, group_size=1), settings)
     runtime.bank.delete("lock-1")
     written = threading.Event()
 

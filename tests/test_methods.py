@@ -4,11 +4,9 @@ methods really train and then hand the base model back unchanged."""
 import pytest
 import torch
 
-import training.batch_generation as batch_generation
 import training.generation as generation
-from training.batch_generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import answer_token_ids, choice_logprobs
-from training.generation import chat_input_ids, generate_answer
+from training.generation import chat_input_ids, generate_answer, generate_answers, generate_answers_shared_prefix
 from training.methods import METHODS, Method, MethodConfig, MethodContext, build_method, register_method
 from training.methods.builtin import BASELINES
 from training.models import tiny_causal_lm
@@ -104,8 +102,7 @@ def test_batched_and_prefix_cached_generation_match_single_generation(kind, monk
     with torch.no_grad():  # sharper logits: a random tiny model otherwise repeats one token
         for p in model.parameters():
             p.mul_(8)
-    for module in (batch_generation, generation):  # compare raw text, not extracted answers
-        monkeypatch.setattr(module, "extract_answer", lambda text: text)
+    monkeypatch.setattr(generation, "extract_answer", lambda text: text)  # compare raw text, not extracted answers
     context = DOCS[0].text * 4
     prompts = [qa_messages(q, [context]) for q in ("Who approved it?", "When?", "What was approved?")]
     prompts += [qa_messages("Why?"), qa_messages("How many?", [DOCS[1].text])]

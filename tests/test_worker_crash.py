@@ -10,9 +10,9 @@ from collections import Counter
 import redis
 from sqlalchemy import func, select
 
-from service import adapter_store
+from service.adapters import store as adapter_store
 from service.db import DocumentRecord, make_engine, session_factory
-from service.mac_memory import bank_name
+from training.mac.runtime import bank_name
 from training.memory import RedisMemoryBank
 from tests.conftest import REPO_ROOT, wait_for
 
@@ -20,7 +20,7 @@ N = 200
 
 
 def _start_worker(env: dict, log_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.ingest_worker"], cwd=REPO_ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "service.worker"], cwd=REPO_ROOT, env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 

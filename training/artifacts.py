@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +27,9 @@ from transformers import PretrainedConfig
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+# Trained artifacts that ship with the project: artifacts/<kind>/<built-in base model name>/
+SHIPPED_DIR = Path(os.environ.get("FRESHLM_ARTIFACTS_DIR", Path(__file__).resolve().parent.parent / "artifacts"))
+SHIPPED_KINDS = ("qa-format", "mac", "camels", "meta-ft")
 # Config fields that change between saves of the same network and must not change its identity.
 _VOLATILE_CONFIG_KEYS = {
     "transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype",
@@ -46,6 +51,7 @@ class Manifest(BaseModel):
     training_data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     git_commit: str | None = None
+    command: str | None = Field(None, description="the command line that produced the artifact")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
@@ -66,6 +72,13 @@ def git_commit() -> str | None:
         return None
 
 
+def invocation() -> str:
+    """This process's command line as one would type it (``python -m module args``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0]).name
+    return " ".join([head, *map(shlex.quote, sys.argv[1:])])
+
+
 def save_artifact(
     path: str | Path,
     *,
@@ -79,10 +92,11 @@ def save_artifact(
 ) -> Manifest:
     """Write an artifact directory atomically (weights first, manifest last, then rename)."""
     path = Path(path)
+    training_data = {"qa_tuning_fingerprint": getattr(base_config, "qa_tuning", None), **(training_data or {})}
     manifest = Manifest(
         kind=kind, base_model=base_model, base_model_config_hash=config_hash(base_config),
-        config=config or {}, training_data=training_data or {}, metrics=metrics or {},
-        git_commit=git_commit(),
+        config=config or {}, training_data=training_data, metrics=metrics or {},
+        git_commit=git_commit(), command=invocation(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -121,9 +135,76 @@ def load_artifact(
         )
     expected = config_hash(base_config)
     if manifest.base_model_config_hash != expected:
+        trained_tuning = manifest.training_data.get("qa_tuning_fingerprint")
+        loaded_tuning = getattr(base_config, "qa_tuning", None)
+        if trained_tuning is not None and trained_tuning != loaded_tuning:
+            raise ArtifactError(
+                f"{path} was trained on {manifest.base_model!r} with QA-format tuning {trained_tuning}, but the "
+                f"loaded base model has {'QA-format tuning ' + loaded_tuning if loaded_tuning else 'no QA-format tuning'}: "
+                "merge the same tuning (FRESHLM_QA_TUNING / --qa-tuning) or retrain the artifact on this base"
+            )
         raise ArtifactError(
             f"{path} was trained for base model {manifest.base_model!r} (config hash "
             f"{manifest.base_model_config_hash}), but the loaded base model has config hash "
             f"{expected}: retrain the artifact for this base model or load the matching one"
         )
     return manifest, load_file(Path(path) / WEIGHTS)
+
+
+def shipped_artifact(kind: str, base_model: str) -> Path | None:
+    """The artifact of ``kind`` that ships for the built-in ``base_model``, if there is one."""
+    if kind not in SHIPPED_KINDS:
+        raise ValueError(f"unknown shipped artifact kind {kind!r} ({', '.join(SHIPPED_KINDS)})")
+    if not base_model or "/" in base_model or base_model.startswith("."):  # a path or a hub id: nothing ships
+        return None
+    path = SHIPPED_DIR / kind / base_model
+    return path if (path / MANIFEST).is_file() else None
+
+
+def configured_artifact(kind: str, explicit: str | Path | None, env_var: str, base_model: str) -> Path:
+    """``explicit``, else ``$env_var``, else the shipped artifact for ``base_model``."""
+    value = explicit or os.environ.get(env_var)
+    if value:
+        return Path(value).expanduser()
+    shipped = shipped_artifact(kind, base_model)
+    if shipped is None:
+        raise ArtifactError(f"no {kind} artifact given ({env_var} or the method config) and none ships for "
+                            f"base model {base_model!r} in {SHIPPED_DIR}")
+    return shipped
+
+
+
+def export_artifact(src: str | Path, dst: str | Path, dtype: str = "float16") -> Manifest:
+    """Copy an artifact with its floating-point tensors cast to ``dtype`` (loading casts them back to
+    the model's dtype); the manifest is kept and says where the copy came from."""
+    manifest = read_manifest(src)
+    cast = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in load_file(Path(src) / WEIGHTS).items()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
+    exported = manifest.model_copy(update={"config": {**manifest.config, "stored_dtype": dtype}})
+    (tmp / MANIFEST).write_text(exported.model_dump_json(indent=2))
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return exported
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``freshlm export-artifact SRC DST [--dtype float16]``: the copy that ships under artifacts/."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="freshlm export-artifact", description=main.__doc__)
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    args = parser.parse_args(argv)
+    manifest = export_artifact(args.src, args.dst, args.dtype)
+    size = (Path(args.dst) / WEIGHTS).stat().st_size
+    print(f"{args.dst}: {manifest.kind}, {size / 2**20:.2f} MiB of {args.dtype} tensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qa-tune": ("training.qa_tuning", "QA-format tuning of a base model (a qa_lora artifact)"),
     "results-table": ("training.eval.results_table", "markdown tables from result JSONs"),
     "results-merge": ("training.eval.results_merge", "join result parts of one evaluation"),
+    "export-artifact": ("training.artifacts", "copy an artifact with fp16 tensors (what ships in artifacts/)"),
 }
 
 

@@ -24,6 +24,10 @@ class LoraSpec(BaseModel):
     targets: list[str] | None = Field(None, description="linear module names (none: every linear layer in the blocks)")
     dropout: float = Field(0.0, ge=0, lt=1)
 
+    def resolved(self, model: nn.Module) -> "LoraSpec":
+        """The same spec with the target layers spelled out for ``model`` (what a stored version records)."""
+        return self.model_copy(update={"targets": self.targets or linear_module_names(model)})
+
     def peft_config(self, model: nn.Module, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha or 2 * self.rank, lora_dropout=self.dropout,
                           target_modules=self.targets or linear_module_names(model),
@@ -39,6 +43,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted({
         name.rsplit(".", 1)[-1] for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+        and not any(part.startswith("lora_") for part in name.split("."))  # an adapter's own layers
     })
 
 

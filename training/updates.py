@@ -111,7 +111,8 @@ class OnlineUpdater:
         kept only if the guard accepts them."""
         texts = [texts] if isinstance(texts, str) else texts
         rows = [self.token_weights(t) for t in texts]
-        rows = [(ids, w.float()) for ids, w in rows if len(ids) >= 2 and float(w[1:].sum()) > 0]
+        # a document is skipped only if no weight is positive; NaN weights go on to be rejected as a non-finite loss
+        rows = [(ids, w.float()) for ids, w in rows if len(ids) >= 2 and not float(w[1:].sum()) <= 0]
         if not rows:
             self.skipped += 1
             return UpdateResult(False, reason="no token to learn from (document too short or no weighted token)")

@@ -20,7 +20,7 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+    with request.app.state.runtime.sessions() as session:
         yield session
 
 

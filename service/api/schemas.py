@@ -116,7 +116,7 @@ class AskIn(BaseModel):
     )
 
     question: str = Field(min_length=1, description="limit: FRESHLM_MAX_QUESTION_CHARS")
-    strategy: Strategy = Field("auto", description="auto: every available component; see /readyz")
+    strategy: Strategy = Field("auto", description="auto: the default strategy (FRESHLM_STRATEGY) over the deployed components; see /readyz")
     top_k: int | None = Field(None, ge=1, le=20, description="passages to retrieve")
     max_new_tokens: int | None = Field(None, ge=1, le=512)
 

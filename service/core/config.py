@@ -1,16 +1,28 @@
-"""Service settings, read from ``FRESHLM_*`` environment variables (or a ``.env`` file)."""
+"""Service settings, read from ``FRESHLM_*`` environment variables (or a ``.env`` file).
+
+Answering, memory and update defaults are the training package's own config defaults
+(``PipelineConfig``, ``MacReadConfig``, ``UpdateConfig``): the values the harness chose on the
+validation streams, so the service runs what docs/BENCHMARKS.md measures.
+"""
 
 from __future__ import annotations
 
 import socket
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.artifacts import shipped_artifact
+from training.mac.runtime import MacReadConfig
 from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
+from training.pipeline import PipelineConfig
+from training.updates import UpdateConfig
+
+_PIPELINE, _MAC, _UPDATE = PipelineConfig(), MacReadConfig(), UpdateConfig()
 
 
 class Settings(BaseSettings):
@@ -19,7 +31,6 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="SQLite file, embedded Redis, adapter versions")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
     redis_url: str | None = Field(None, description="Redis URL; default: an embedded redis-server")
-    memory_bank_name: str = Field("default", description="bank name when no MAC artifact names it")
     auto_migrate: bool = Field(True, description="run Alembic migrations to head on start")
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -28,24 +39,34 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     cache_dir: Path | None = Field(None, description="converted-model cache (default ~/.cache/freshlm)")
 
-    qa_tuning: Path | None = Field(
-        None, description="qa_lora artifact merged into the base model at start (short-span answers; the base "
-                          "the MAC / CaMeLS artifacts were trained on), e.g. artifacts/qa-format/smollm2-135m-instruct")
-
-    # artifacts (none configured: the service answers with retrieval and says so in /readyz)
-    mac_artifact: Path | None = Field(None, description="MAC artifact directory (memory tokens per document)")
-    mac_top_k: int | None = Field(1, ge=1, description="memory entries each question reads, by key similarity (None: all)")
-    mac_group_size: int = Field(16, ge=1, description="memory entries read from Redis at a time")
-    mac_storage: Storage = Field(
-        "float16", description="how new memory entries are stored in Redis: int8 (one scale per 64-value slot "
-                               "vector) takes ~52 % of the fp16 bytes for ~1 F1 point (docs/mac.md)")
+    # artifacts: "auto" = the one that ships for the built-in base model (artifacts/), "none" = off
+    qa_tuning: str = Field("auto", description="qa_lora artifact merged into the base model at start (short-span "
+                                                "answers; the base every shipped artifact was trained on), auto or none")
+    mac_artifact: str = Field("auto", description="MAC artifact directory (memory entries per document), auto or none")
     updater: str | None = Field(
-        None, description="adapter updates per document: a CaMeLS weighting-model artifact path, or 'uniform'"
-    )
-    adapter_rank: int = Field(4, ge=1, description="LoRA rank of the live adapter")
-    adapter_lr: float = Field(5e-4, gt=0, description="SGD learning rate of the single-step update")
-    adapter_max_tokens: int = Field(256, ge=8, description="document tokens one update reads")
-    adapter_max_drift: float = Field(0.5, gt=0, description="guard: max KL(old || new) on the locality probe")
+        None, description="adapter updates per document: 'uniform', a CaMeLS weighting-model artifact or a "
+                          "meta-trained init artifact (none: documents do not update the adapter)")
+
+    # answering (training.pipeline.PipelineConfig)
+    strategy: str = Field(_PIPELINE.strategy, description="components `auto` uses (those deployed), e.g. mac+rag")
+    rag_top_k: int = Field(_PIPELINE.rag_top_k, ge=1, le=20)
+    rag_min_score_ratio: float = Field(_PIPELINE.rag_min_score_ratio, ge=0.0, le=1.0,
+                                       description="drop passages scoring below this fraction of the best")
+    rag_passage_words: int = Field(_PIPELINE.rag_passage_words, ge=10)
+    max_new_tokens: int = Field(24, ge=1, le=512)
+
+    # memory (training.mac.runtime.MacReadConfig)
+    mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
+    mac_group_size: int = Field(_MAC.group_size, ge=1, description="memory entries read from Redis at a time")
+    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16 or int8")
+
+    # adapter updates (training.updates.UpdateConfig; a meta-trained init brings its own rank, optimizer and lr)
+    adapter_optimizer: Literal["adam", "sgd"] = _UPDATE.optimizer
+    adapter_lr: float | None = Field(None, gt=0, description=f"step size (none: {_UPDATE.lr}, or a meta-trained init's own)")
+    adapter_rank: int = Field(_UPDATE.lora.rank, ge=1, description="LoRA rank of the live adapter")
+    adapter_max_tokens: int = Field(_UPDATE.max_tokens, ge=8, description="document tokens one update reads")
+    adapter_max_drift: float | None = Field(_UPDATE.max_drift, gt=0,
+                                            description="guard: max KL(old || new) on the locality probe (none: no bound)")
     adapters_loaded: int = Field(4, ge=1, description="adapter versions kept loaded for answering")
     adapter_keep_versions: int = Field(
         50, ge=2, description="adapter versions whose weights stay on disk (the newest, plus the active and "
@@ -63,9 +84,6 @@ class Settings(BaseSettings):
     max_batch_documents: int = Field(64, ge=1)
     max_document_chars: int = Field(100_000, ge=1)
     max_question_chars: int = Field(2_000, ge=1)
-    rag_top_k: int = Field(3, ge=1, le=20)
-    rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this fraction of the best")
-    max_new_tokens: int = Field(32, ge=1, le=512)
 
     # security and serving
     api_keys: list[str] = Field(default_factory=list, description="if set, every API call needs one of these keys")
@@ -74,9 +92,43 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    @field_validator("data_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Resolved at start: child processes (the embedded redis-server changes into its --dir) and
+        later working-directory changes see the same place."""
+        return value.expanduser().resolve() if value is not None else None
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        return PipelineConfig(strategy=value).strategy
+
+    def _artifact(self, value: str | None, kind: str) -> Path | None:
+        if value is None or value == "none":
+            return None
+        if value == "auto":
+            return shipped_artifact(kind, self.base_model)
+        return Path(value).expanduser().resolve()
+
+    @cached_property
+    def qa_tuning_path(self) -> Path | None:
+        return self._artifact(self.qa_tuning, "qa-format")
+
+    @cached_property
+    def mac_artifact_path(self) -> Path | None:
+        return self._artifact(self.mac_artifact, "mac")
+
+    @cached_property
+    def updater_spec(self) -> str | None:
+        """``uniform``, an artifact path, or None (no updates)."""
+        if self.updater in (None, "none"):
+            return None
+        return "uniform" if self.updater == "uniform" else str(Path(self.updater).expanduser().resolve())
+
     @cached_property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'freshlm.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'freshlm.db'}"
 
     @property
     def adapters_dir(self) -> Path:
@@ -87,3 +139,15 @@ class Settings(BaseSettings):
         return ModelSettings(
             base_model=self.base_model, encoder=self.encoder, device=self.device, dtype=self.dtype, **extra
         )
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(strategy=self.strategy, rag_top_k=self.rag_top_k,
+                              rag_min_score_ratio=self.rag_min_score_ratio, rag_passage_words=self.rag_passage_words)
+
+    def mac_read_config(self) -> MacReadConfig:
+        return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage)
+
+    def update_config(self) -> UpdateConfig:
+        return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,
+                            lora=_UPDATE.lora.model_copy(update={"rank": self.adapter_rank, "alpha": None}),
+                            max_tokens=self.adapter_max_tokens, max_drift=self.adapter_max_drift)

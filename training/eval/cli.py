@@ -27,6 +27,7 @@ import torch
 
 from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
 from training.eval.harness import ProtocolConfig, run_method
+from training.mac.runtime import MacReadConfig
 from training.memory import STORAGES
 from training.methods import MethodConfig, MethodContext, build_method, method_info
 from training.methods.builtin import BASELINES
@@ -111,11 +112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
     p.add_argument("--max-new-tokens", type=int, default=MethodConfig().max_new_tokens)
     p.add_argument("--mac-artifact", help="MAC artifact directory (methods mac, mac_rag)")
-    p.add_argument("--mac-top-k", type=int, default=MethodConfig().mac_top_k,
+    p.add_argument("--mac-top-k", type=int, default=MacReadConfig().top_k,
                    help="MAC: memory entries each question reads, by key similarity (0: all)")
-    p.add_argument("--mac-group-size", type=int, default=MethodConfig().mac_group_size,
-                   help="MAC: memory entries read from the bank at a time (0: all at once)")
-    p.add_argument("--mac-storage", choices=STORAGES, default=MethodConfig().mac_storage,
+    p.add_argument("--mac-group-size", type=int, default=MacReadConfig().group_size,
+                   help="MAC: memory entries read from the bank at a time")
+    p.add_argument("--mac-storage", choices=STORAGES, default=MacReadConfig().storage,
                    help="MAC: how the bank stores entries")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
@@ -166,9 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
     evalset = load_dataset(args.dataset, args.data, args.split, args.seed, args.questions)
     evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
     model, tokenizer = load_base(args)
-    method_config = MethodConfig(rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
-                                 mac_artifact=args.mac_artifact, mac_top_k=args.mac_top_k or None,
-                                 mac_group_size=args.mac_group_size or None, mac_storage=args.mac_storage,
+    method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
+                                 mac_artifact=args.mac_artifact,
+                                 mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
+                                                   storage=args.mac_storage),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step)
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,

@@ -26,10 +26,8 @@ import torch
 from tqdm import tqdm
 
 from training.data.news_stream import load_news_stream
-from training.mac.method import MACMethod, MACMethodSettings
-from training.mac.model import load_mac
+from training.mac.runtime import MacReadConfig, MacRuntime, load_mac_runtime
 from training.memory import InMemoryMemoryBank
-from training.methods import MethodConfig, MethodContext
 from training.eval.metrics import percentile
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
 from training.eval.resources import peak_rss_mb, reset_peak_rss
@@ -47,9 +45,9 @@ class SharedCopiesBank(InMemoryMemoryBank):
 
 
 MODES = {
-    "all": MACMethodSettings(top_k=None),
-    "top_k4": MACMethodSettings(top_k=4),
-    "top_k32": MACMethodSettings(top_k=32),
+    "all": MacReadConfig(top_k=None),
+    "top_k4": MacReadConfig(top_k=4),
+    "top_k32": MacReadConfig(top_k=32),
 }
 
 
@@ -77,16 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
         from training.qa_tuning import apply_qa_tuning
 
         base = apply_qa_tuning(base, args.qa_tuning)
-    mac, manifest = load_mac(args.artifact, base.config)
-    ctx = MethodContext(base, tokenizer, MethodConfig(max_new_tokens=16, batch_size=1))
     bank = InMemoryMemoryBank()
-    method = MACMethod(ctx, mac, MODES["top_k4"], bank=bank)
+    runtime = load_mac_runtime(args.artifact, base, tokenizer, bank, MODES["top_k4"])
 
     real = stream.documents[: min(args.max_ingest, max(sizes))]
     ingest_seconds = []
     for doc in tqdm(real, desc="ingest"):
         started = time.perf_counter()
-        method.ingest(doc)
+        runtime.memorize([doc.id], [doc.text])
         ingest_seconds.append(time.perf_counter() - started)
     entry_bytes = [bank.nbytes(i) for i in bank.ids()]
     real_ids = bank.ids()
@@ -113,13 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes.split(","):
             if mode == "all" and size > args.all_max:
                 continue
-            runner = MACMethod(ctx, mac, MODES[mode], bank=sized)
+            runner = MacRuntime(runtime.mac, base, tokenizer, sized, MODES[mode])
             reset_peak_rss()
             before = peak_rss_mb()  # right after the reset the high-water mark is the current RSS
             latencies = []
             for q in tqdm(questions, desc=f"{size} {mode}", leave=False):
                 started = time.perf_counter()
-                runner.answer([q])
+                runner.answer(base, [q.question], max_new_tokens=16)
                 latencies.append(time.perf_counter() - started)
             row[mode] = {"ask_seconds_p50": round(percentile(latencies, 50), 3),
                          "ask_seconds_p95": round(percentile(latencies, 95), 3),

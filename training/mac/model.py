@@ -159,28 +159,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return stop
 
 
-@torch.no_grad()
-def answer_questions(
-    mac: MAC,
-    base: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: list[str],
-    entries_for: callable,
-    passages: Sequence[list[str] | None] | None = None,
-    max_new_tokens: int = 24,
-    head: PromptHead | None = None,
-) -> list[str]:
-    """Short answers for a batch of questions. ``entries_for(i, key)`` yields the memory entries
-    question ``i`` reads (all of them, a top-k selection, a stream from a bank, ...)."""
-    keys = mac.keys(questions)
-    memory, mask = stack_memories([list(entries_for(i, keys[i])) for i in range(len(questions))], base.device)
-    passages = passages or [None] * len(questions)
-    prompts = [strip_head(prompt_ids(tokenizer, q, p), head) for q, p in zip(questions, passages)]
-    outputs = greedy_generate(base, prompts, memory, pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer),
-                              max_new_tokens=max_new_tokens, head=head, memory_mask=mask, start=mac.start(head))
-    return [extract_answer(tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
-
-
 # --- artifacts ---------------------------------------------------------------------------------
 
 
@@ -221,4 +199,4 @@ def load_mac(
     return mac.to(enc_model.device).eval(), manifest
 
 
-__all__ = ["MAC", "MACConfig", "answer_nll", "answer_questions", "load_mac", "prompt_head", "qa_batch", "read_manifest", "save_mac"]
+__all__ = ["MAC", "MACConfig", "answer_nll", "load_mac", "prompt_head", "qa_batch", "read_manifest", "save_mac"]

@@ -33,8 +33,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data.evalset import EvalSet
 from training.mac.config import MACConfig
-from training.mac.aggregator import select_top_k, stack_memories
-from training.mac.model import MAC, answer_nll, answer_questions, prompt_head, qa_batch, save_mac
+from training.mac.aggregator import stack_memories
+from training.mac.model import MAC, answer_nll, prompt_head, qa_batch, save_mac
+from training.mac.runtime import MacReadConfig, MacRuntime
+from training.memory import InMemoryMemoryBank
 from training.mac.prefix import PromptHead
 from training.eval.metrics import mean, squad_scores
 from training.types import Document, Question
@@ -145,10 +147,9 @@ def validate(
     (``nll_own``) and with another one (``nll_other``); ``nll_other - nll_own`` is what reading
     memory is worth on unseen paragraphs."""
     mac.eval()
-    entries = mac.memorize(base, tokenizer, head, [d.text for d in docs])
-    memory = [m for m, _ in entries]
-    keys = torch.stack([k for _, k in entries])
-    ids = [d.id for d in docs]
+    runtime = MacRuntime(mac, base, tokenizer, InMemoryMemoryBank(), MacReadConfig(top_k=top_k))
+    runtime.memorize([d.id for d in docs], [d.text for d in docs])  # answers read them as the service does
+    memory = runtime.bank.get([d.id for d in docs])
     index = {d.id: i for i, d in enumerate(docs)}
     own, other, scores, samples = [], [], [], []
     start = mac.start(head)
@@ -160,8 +161,7 @@ def validate(
         for choice, out in ((mine, own), ([(m + 1) % len(memory) for m in mine], other)):
             kv, kv_mask = stack_memories([[memory[c]] for c in choice], base.device)
             out += answer_nll(base, kv, tokens, mask, labels, head=head, memory_mask=kv_mask, start=start).tolist()
-        chosen = lambda i, key: [memory[index[d]] for d in select_top_k(key, ids, keys, top_k)]  # noqa: E731
-        predictions = answer_questions(mac, base, tokenizer, texts, chosen, head=head)
+        predictions = [text for text, _ in runtime.answer(base, texts)]
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
     mac.train()
@@ -232,8 +232,8 @@ def train_mac(
     head = prompt_head(base, tokenizer)
 
     def run_validation() -> None:
-        metrics = {"step": state["step"], **validate(mac, base, tokenizer, val_docs, val_questions,
-                                                       cfg.val_top_k, head=head)}
+        metrics = {"step": state["step"], "training_minutes": round(state["seconds"] / 60, 2),
+                   **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]

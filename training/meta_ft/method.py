@@ -10,57 +10,46 @@ Registered as ``meta_ft`` (``MethodConfig.meta_ft_docs_per_step``, default 1), `
 stream: each question is answered right after one step from the init on its own document only,
 then the init is restored; the gap to ``meta_ft`` is what accumulating steps over a stream costs.
 The artifact comes from ``MethodConfig.meta_ft_artifact``, else ``$FRESHLM_META_FT_ARTIFACT``, else
-``var/artifacts/meta_ft``.
+the shipped artifact for the base model.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from training.batch_generation import generate_answers
+from training.generation import generate_answers
 from training.choice_scoring import choice_logprobs
-from training.meta_ft.adapter import load_meta_adapter, lora_spec, read_meta_init
+from training.artifacts import configured_artifact
+from training.meta_ft.adapter import load_meta_adapter, read_meta_init
+from training.methods.online_ft import update_config
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.prompts import qa_messages
 from training.types import Document, Question
-from training.updates import LoraUpdater, OnlineUpdater, UpdateConfig, uniform_weights
-
-DEFAULT_ARTIFACT = Path("var/artifacts/meta_ft")
-
-
-def meta_ft_artifact_path(ctx: MethodContext) -> Path:
-    configured = getattr(ctx.config, "meta_ft_artifact", None) or os.environ.get("FRESHLM_META_FT_ARTIFACT")
-    return Path(configured).expanduser() if configured else DEFAULT_ARTIFACT
-
-
-def meta_update(ctx: MethodContext, path: Path) -> UpdateConfig:
-    """SGD at the lr the init was meta-trained for (or ``MethodConfig.meta_ft_lr``), uniform weights."""
-    config, _ = read_meta_init(path, ctx.model.config)
-    lr = ctx.config.meta_ft_lr if ctx.config.meta_ft_lr is not None else config.inner_lr
-    return UpdateConfig(optimizer="sgd", lr=lr, max_tokens=ctx.config.ft_max_tokens, max_drift=ctx.config.ft_max_drift,
-                        lora=lora_spec(config))
+from training.updaters import load_updater
+from training.updates import LoraUpdater, OnlineUpdater, uniform_weights
 
 
 class MetaFineTuning:
     def __init__(self, ctx: MethodContext, name: str, docs_per_step: int, isolated: bool = False) -> None:
         self.ctx, self.name, self.docs_per_step, self.isolated = ctx, name, docs_per_step, isolated
         self.documents: dict[str, Document] = {}  # isolated: kept until their questions come
-        path = meta_ft_artifact_path(ctx)
-        self.adapter, tensors = read_meta_init(path, ctx.model.config)
-        update = meta_update(ctx, path)
-        weights = uniform_weights(ctx.tokenizer, ctx.config.ft_max_tokens)
+        path = configured_artifact("meta-ft", ctx.config.meta_ft_artifact, "FRESHLM_META_FT_ARTIFACT",
+                                   ctx.config.base_model)
+        self.adapter, _ = read_meta_init(path, ctx.model.config)
         self._original: dict[str, torch.Tensor] = {}
-        if self.adapter.variant == "lora":
-            self.updater: OnlineUpdater = LoraUpdater(ctx.model, ctx.tokenizer, weights, update, initial=tensors)
+        if self.adapter.variant == "lora":  # the service's meta-trained updater, exactly
+            spec = load_updater(path, ctx.model, ctx.tokenizer, update_config(ctx.config), lr=ctx.config.meta_ft_lr)
+            self.updater: OnlineUpdater = LoraUpdater(ctx.model, ctx.tokenizer, spec.token_weights, spec.config,
+                                                      initial=spec.initial)
         else:  # rank1_full merges into and then steps the base weights in place: keep the originals
             self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
             self._original = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
             model, params, _ = load_meta_adapter(path, ctx.model)
-            self.updater = OnlineUpdater(model, list(params.values()), ctx.tokenizer, weights, update)
+            lr = self.adapter.inner_lr if ctx.config.meta_ft_lr is None else ctx.config.meta_ft_lr
+            update = update_config(ctx.config).model_copy(update={"optimizer": "sgd", "lr": lr})
+            self.updater = OnlineUpdater(model, list(params.values()), ctx.tokenizer,
+                                         uniform_weights(ctx.tokenizer, update.max_tokens), update)
         self.model = self.updater.model
         self.pending: list[Document] = []
 

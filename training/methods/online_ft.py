@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from training.batch_generation import generate_answers
+from training.generation import generate_answers
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodConfig, MethodContext
 from training.methods.registry import register_method

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from training.batch_generation import generate_answers, generate_answers_shared_prefix
+from training.generation import generate_answers, generate_answers_shared_prefix
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method

@@ -11,33 +11,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.memory import Storage
+from training.mac.runtime import MacReadConfig
+from training.models import DEFAULT_BASE_MODEL
+from training.pipeline import PipelineConfig
+from training.updates import UpdateConfig
 from training.types import Document, Question
+
+
+_UPDATE = UpdateConfig()
 
 
 class MethodConfig(BaseModel):
     """Settings shared by the built-in methods (later methods add their own fields freely)."""
 
+    base_model: str = DEFAULT_BASE_MODEL  # its name picks the shipped artifacts when none is given
     max_new_tokens: int = 24
     batch_size: int = 16
     max_passage_words: int = 400  # gold documents in the oracle prompt are cut to this
     rag_k: int = 3
     rag_passage_words: int = 120
-    ft_lr: float = 5e-4
-    ft_steps_per_doc: int = 1
-    ft_lora_r: int = 16
-    ft_lora_alpha: int = 32
-    ft_lora_top_layers: int | None = None  # None: every layer
-    ft_max_tokens: int = 512
-    ft_max_drift: float | None = None  # guard of the online update (training.updates.UpdateConfig.max_drift)
+    # the online update (training.updates.UpdateConfig; defaults: the service's)
+    ft_lr: float = _UPDATE.lr
+    ft_steps_per_doc: int = _UPDATE.steps_per_document
+    ft_lora_r: int = _UPDATE.lora.rank
+    ft_lora_alpha: float = 2 * _UPDATE.lora.rank
+    ft_lora_top_layers: int | None = _UPDATE.lora.top_layers  # None: every layer
+    ft_max_tokens: int = _UPDATE.max_tokens
+    ft_max_drift: float | None = _UPDATE.max_drift  # guard: largest KL drift on the locality probe
+    updater: str = "uniform"  # the pipeline's adapter updates: uniform, or a CaMeLS / meta-trained init artifact
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)  # the service's answering defaults
     ner_backend: str = "auto"  # auto | spacy | heuristic
     mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
-    mac_top_k: int | None = 1  # MAC: entries each question reads, by key similarity (None: all); 1 is best on val
-    mac_group_size: int | None = 64  # MAC: memory entries read from the bank at a time (None: all)
-    mac_storage: Storage = "float16"  # MAC: how the bank stores entries: float16 or int8 (training.memory)
+    mac: MacReadConfig = Field(default_factory=MacReadConfig)  # how questions read MAC memory (the service's defaults)
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step

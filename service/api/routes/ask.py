@@ -24,7 +24,7 @@ async def ask(body: AskIn, answerer: AnswererDep, settings: SettingsDep, metrics
         raise TooLarge(f"question of {len(body.question)} characters exceeds the limit of {settings.max_question_chars}")
     start = time.perf_counter()
     result = await run_in_threadpool(
-        answerer.answer, body.question, body.strategy, body.top_k or settings.rag_top_k,
+        answerer.answer, body.question, body.strategy, body.top_k,
         body.max_new_tokens or settings.max_new_tokens,
     )
     metrics.ask_seconds.labels(result.strategy).observe(time.perf_counter() - start)

@@ -6,13 +6,14 @@ from fastapi import APIRouter, Query, Request, status
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from service import adapter_store
+from service import documents as repository
+from service.adapters import store
 from service.api.deps import AdminDep, MetricsDep, SessionDep, SettingsDep
 from service.api.schemas import (
     DocumentDeleted, DocumentOut, DocumentPage, DocumentsAccepted, DocumentsIn, DocumentStatus, ErrorOut, Status,
 )
 from service.core.errors import Conflict, NotFound, TooLarge
-from service.db import DocumentRecord, content_hash, utcnow
+from service.db import DocumentRecord
 
 router = APIRouter(prefix="/documents", tags=["documents"])
 ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}}
@@ -49,41 +50,17 @@ def post_documents(body: DocumentsIn, session: SessionDep, settings: SettingsDep
     too_long = [d.id for d in docs if len(d.text) > settings.max_document_chars]
     if too_long:
         raise TooLarge(f"documents {too_long} exceed {settings.max_document_chars} characters of text")
-    hashes: dict[str, str] = {}
-    for d in docs:
-        h = content_hash(d.text, d.title, d.source, d.published_at)
-        if hashes.setdefault(d.id, h) != h:
-            raise Conflict(f"document {d.id!r} appears twice in the batch with different content")
-
-    existing = {r.id: r for r in session.scalars(select(DocumentRecord).where(DocumentRecord.id.in_(list(hashes))))}
-    conflicts = sorted(i for i, r in existing.items() if r.status != "deleted" and r.content_hash != hashes[i])
-    if conflicts:
-        raise Conflict(f"documents {conflicts} already exist with different content; use new ids or delete them first")
-    statuses, seen, created = [], set(), 0
-    now = utcnow()
-    for d in docs:
-        if d.id in seen:
-            continue
-        seen.add(d.id)
-        record = existing.get(d.id)
-        is_new = record is None or record.status == "deleted"
-        if record is None:
-            record = DocumentRecord(id=d.id, created_at=now)
-            session.add(record)
-        if is_new:  # new, or a deleted id posted again: back into the queue
-            record.text, record.title, record.source, record.published_at = d.text, d.title, d.source, d.published_at
-            record.content_hash, record.status, record.attempts = hashes[d.id], "pending", 0
-            record.failure_reason = record.adapter_version = record.adapter_note = record.deleted_at = None
-            record.memory_written, record.ingested_at, record.created_at = False, None, now
-            record.claimed_by = record.claim_token = record.lease_until = None
-            created += 1
-        statuses.append(DocumentStatus(id=d.id, status=record.status, created=is_new,
-                                       status_url=str(request.url_for("get_document", doc_id=d.id))))
     try:
+        stored = repository.store_batch(session, docs)
         session.commit()
+    except repository.ConflictingDocuments as exc:
+        raise Conflict(str(exc)) from None
     except IntegrityError:  # a concurrent request inserted one of these ids first
         session.rollback()
         raise Conflict("a document with one of these ids was stored concurrently; retry") from None
+    created = sum(s.created for s in stored)
+    statuses = [DocumentStatus(id=s.id, status=s.status, created=s.created,
+                               status_url=str(request.url_for("get_document", doc_id=s.id))) for s in stored]
     metrics.documents_posted.inc(created)
     return DocumentsAccepted(documents=statuses)
 
@@ -125,16 +102,12 @@ def delete_document(doc_id: str, session: SessionDep, request: Request):
     record = session.get(DocumentRecord, doc_id)
     if record is None:
         raise NotFound(f"no document with id {doc_id!r}")
-    record.status, record.deleted_at = "deleted", utcnow()
-    record.text, record.title, record.source = "", None, None
-    record.claimed_by = record.claim_token = record.lease_until = None
-    live = adapter_store.active_version(session)
-    absorbed = adapter_store.absorbed_by(session, doc_id, live)
+    repository.mark_deleted(session, record)
+    live = store.active_version(session)
+    absorbed = store.absorbed_by(session, doc_id, live)
     session.commit()
-    removed = False
-    mac = getattr(request.app.state, "mac", None)
-    if mac is not None:
-        removed = mac.bank.delete(doc_id)
+    mac = request.app.state.runtime.mac
+    removed = mac.delete(doc_id) if mac is not None else False
     return DocumentDeleted(id=doc_id, status="deleted", memory_entry_removed=removed,
                            absorbed_by_live_adapter=absorbed, live_adapter_version=live,
                            rebuild_adapter_url=str(request.url_for("rebuild_adapter")) if absorbed else None)

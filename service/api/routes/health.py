@@ -8,22 +8,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service.migrate import current_revision, head_revision
+from training.pipeline import strategy_name
 
 router = APIRouter(tags=["ops"])
 
 
-def _ping_database(state) -> str:
+def _ping_database(rt) -> str:
     try:
-        with state.sessions() as session:
+        with rt.sessions() as session:
             session.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:  # report any driver error as a failed check, never a 500
         return f"error: {exc.__class__.__name__}: {exc}"
 
 
-def _ping_redis(state) -> str:
+def _ping_redis(rt) -> str:
     try:
-        state.redis.ping()
+        rt.redis.ping()
         return "ok"
     except Exception as exc:
         return f"error: {exc.__class__.__name__}: {exc}"
@@ -33,7 +34,8 @@ def _ping_redis(state) -> str:
 def healthz(request: Request) -> JSONResponse:
     """Liveness: the process is up and its database and Redis answer."""
     state = request.app.state
-    checks = {"database": _ping_database(state), "redis": _ping_redis(state)}
+    rt = state.runtime
+    checks = {"database": _ping_database(rt), "redis": _ping_redis(rt)}
     healthy = all(v == "ok" for v in checks.values())
     body = {"status": "ok" if healthy else "unavailable", "checks": checks, "base_model": state.settings.base_model}
     return JSONResponse(body, status_code=200 if healthy else 503)
@@ -44,39 +46,50 @@ def readyz(request: Request) -> JSONResponse:
     """Readiness: model, artifacts, database (schema at head), Redis, worker. 503 with the reasons
     when something is missing. ``strategies`` says what /ask can do right now."""
     state = request.app.state
-    settings = state.settings
-    checks: dict[str, str] = {}
-    checks["model"] = "ok" if getattr(state, "answerer", None) is not None else f"error: {state.model_error}"
-    checks["database"] = _ping_database(state)
+    settings, rt = state.settings, state.runtime
+    checks: dict[str, str] = {"model": "ok"}
+    checks["database"] = _ping_database(rt)
     if checks["database"] == "ok":
         try:
-            current, head = current_revision(state.engine), head_revision()
+            current, head = current_revision(rt.engine), head_revision()
             checks["schema"] = "ok" if current == head else f"error: at revision {current}, code expects {head}"
         except Exception as exc:
             checks["schema"] = f"error: {exc.__class__.__name__}: {exc}"
-    checks["redis"] = _ping_redis(state)
-    if settings.mac_artifact is None:
+    checks["redis"] = _ping_redis(rt)
+    if settings.mac_artifact_path is None:
         checks["mac_artifact"] = "not configured: answers use retrieval (and the adapter, if any)"
     else:
-        checks["mac_artifact"] = "ok" if state.mac is not None else f"error: {state.mac_error}"
-    if settings.updater is None:
+        checks["mac_artifact"] = "ok" if rt.mac is not None else f"error: {rt.errors.get('mac')}"
+    if settings.updater_spec is None:
         checks["updater"] = "not configured: documents do not update the adapter"
     else:
-        checks["updater"] = "ok" if state.updater_error is None else f"error: {state.updater_error}"
+        checks["updater"] = "ok" if "updater" not in rt.errors else f"error: {rt.errors['updater']}"
     if settings.embedded_worker:
         thread = getattr(state, "worker_thread", None)
-        checks["worker"] = "ok" if thread is not None and thread.is_alive() else f"error: {state.worker_error or 'not running'}"
+        alive = thread is not None and thread.is_alive()
+        checks["worker"] = "ok" if alive else f"error: {rt.errors.get('worker', 'not running')}"
     else:
         checks["worker"] = "external: run freshlm-worker"
     ready = all(v == "ok" or not v.startswith("error") for v in checks.values())
-    body = {"status": "ready" if ready else "not ready", "checks": checks}
-    if checks["model"] == "ok" and checks["database"] == "ok":
+    body = {"status": "ready" if ready else "not ready", "checks": checks, "configuration": configuration(settings, rt)}
+    if checks["database"] == "ok":
         try:
             body["strategies"] = sorted(state.answerer.available())
+            body["auto"] = strategy_name(state.answerer.default_components())
         except Exception as exc:
             body["strategies"] = []
             checks["strategies"] = f"error: {exc}"
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def configuration(settings, rt) -> dict:
+    """What this deployment runs: base model and tuning, artifacts, updater, default strategy."""
+    def name(path):
+        return str(path) if path is not None else None
+    return {"base_model": settings.base_model, "qa_tuning": name(settings.qa_tuning_path),
+            "mac_artifact": name(settings.mac_artifact_path) if rt.mac is not None else None,
+            "mac_storage": settings.mac_storage if rt.mac is not None else None,
+            "updater": settings.updater_spec, "default_strategy": settings.strategy}
 
 
 @router.get("/metrics", response_class=Response,

@@ -7,8 +7,7 @@ from fastapi import APIRouter, Request, status
 from service.api.deps import AdminDep, SessionDep
 from service.api.schemas import Accepted, ErrorOut
 from service.core.errors import BadRequest
-from service.db import set_state
-from service.ingest_worker import REBUILD_MEMORY_KEY
+from service.db import REBUILD_MEMORY_KEY, set_state
 
 router = APIRouter(prefix="/memory", tags=["memory"])
 
@@ -18,7 +17,7 @@ router = APIRouter(prefix="/memory", tags=["memory"])
              dependencies=[AdminDep])
 def rebuild_memory(session: SessionDep, request: Request):
     """Ask the worker (admin) to re-derive every memory entry from the stored documents."""
-    if getattr(request.app.state, "mac", None) is None:
+    if request.app.state.runtime.mac is None:
         raise BadRequest("no MAC artifact is configured: there is no memory bank to rebuild")
     set_state(session, REBUILD_MEMORY_KEY, "requested")
     session.commit()

@@ -17,8 +17,7 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
-from service.adapter_store import load_weights
-from service.adapter_updater import lora_config
+from service.adapters.store import load_weights, peft_config
 
 log = logging.getLogger("freshlm.adapters")
 IDENTITY = "identity"
@@ -31,7 +30,7 @@ class LiveAdapters:
         self.capacity = capacity
         self.peft: PeftModel | None = None
         self._loaded: OrderedDict[str, str] = OrderedDict()
-        self.lock = threading.RLock()  # held by the caller while generating (see RagAnswerer)
+        self.lock = threading.RLock()  # held by the caller while generating (see Answerer)
 
     @property
     def model(self) -> PreTrainedModel:
@@ -46,9 +45,9 @@ class LiveAdapters:
             return name
         tensors, config = load_weights(self.root, version)
         if self.peft is None:
-            self.peft = get_peft_model(self.base, lora_config(config), adapter_name=IDENTITY)
+            self.peft = get_peft_model(self.base, peft_config(config, self.base), adapter_name=IDENTITY)
             self.peft.eval()
-        self.peft.add_adapter(name, lora_config(config))
+        self.peft.add_adapter(name, peft_config(config, self.base))
         set_peft_model_state_dict(self.peft, tensors, adapter_name=name)
         self.peft.requires_grad_(False)
         self.peft.eval()  # per-request adapter_names needs eval mode

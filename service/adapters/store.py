@@ -1,8 +1,10 @@
 """Immutable, content-addressed adapter versions: weights on disk, lineage and pointer in SQL.
 
 A version's name is the hash of its LoRA tensors and config, so the same weights always get the
-same name and a version directory never changes once written. The active version is one row in
-``service_state``; activating (a swap or a rollback) is a compare-and-set of that pointer.
+same name and a version directory never changes once written. Beside the weights a version keeps
+the optimizer state the update reached (Adam's moments), so the next update after a restart or a
+rollback continues exactly as the harness's uninterrupted stream would. The active version is one
+row in ``service_state``; activating (a swap or a rollback) is a compare-and-set of that pointer.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import AdapterVersionRecord, get_state, set_state, utcnow
+from service.db import ACTIVE_ADAPTER_KEY, AdapterVersionRecord, get_state, set_state, utcnow
+from training.lora import LoraSpec
 
-ACTIVE_KEY = "active_adapter"
 WEIGHTS = "adapter.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 CONFIG = "lora_config.json"
 
 
@@ -45,7 +48,10 @@ def version_of(tensors: dict[str, torch.Tensor], lora_config: dict[str, Any]) ->
     return digest.hexdigest()[:20]
 
 
-def save_weights(root: Path, tensors: dict[str, torch.Tensor], lora_config: dict[str, Any]) -> str:
+def save_weights(
+    root: Path, tensors: dict[str, torch.Tensor], lora_config: dict[str, Any],
+    optimizer: dict[str, torch.Tensor] | None = None,
+) -> str:
     """Write a version directory (atomically; a no-op if that content already exists)."""
     version = version_of(tensors, lora_config)
     path = root / version
@@ -55,7 +61,11 @@ def save_weights(root: Path, tensors: dict[str, torch.Tensor], lora_config: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
     (tmp / CONFIG).write_text(json.dumps(lora_config, sort_keys=True, default=str))
-    for f in (tmp / WEIGHTS, tmp / CONFIG):
+    files = [tmp / WEIGHTS, tmp / CONFIG]
+    if optimizer:
+        save_file({k: v.detach().cpu().contiguous() for k, v in optimizer.items()}, tmp / OPTIMIZER)
+        files.append(tmp / OPTIMIZER)
+    for f in files:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     try:
@@ -76,6 +86,21 @@ def load_weights(root: Path, version: str) -> tuple[dict[str, torch.Tensor], dic
     return load_file(path / WEIGHTS), json.loads((path / CONFIG).read_text())
 
 
+def load_optimizer(root: Path, version: str) -> dict[str, torch.Tensor] | None:
+    """The optimizer state saved with a version (None: none was saved, e.g. SGD or an initial version)."""
+    path = root / version / OPTIMIZER
+    return load_file(path) if path.is_file() else None
+
+
+def peft_config(lora_config: dict[str, Any], model):
+    """PEFT's ``LoraConfig`` of a stored version (a ``LoraSpec``; older versions stored PEFT's own fields)."""
+    from peft import LoraConfig
+
+    if "r" in lora_config:
+        return LoraConfig(task_type="CAUSAL_LM", **lora_config)
+    return LoraSpec.model_validate(lora_config).peft_config(model)
+
+
 def record_version(
     session: Session, version: str, *, parent: str | None, kind: str, documents: list[str], metrics: dict[str, Any]
 ) -> AdapterVersionRecord:
@@ -88,7 +113,7 @@ def record_version(
 
 
 def active_version(session: Session) -> str | None:
-    return get_state(session, ACTIVE_KEY)
+    return get_state(session, ACTIVE_ADAPTER_KEY)
 
 
 def rollback_target(session: Session, root: Path, version: str) -> AdapterVersionRecord:
@@ -109,7 +134,7 @@ def activate(session: Session, version: str, expected: str | None | object = ...
         raise UnknownAdapterVersion(f"no adapter version {version!r}")
     if expected is not ... and active_version(session) != expected:
         return False
-    set_state(session, ACTIVE_KEY, version)
+    set_state(session, ACTIVE_ADAPTER_KEY, version)
     return True
 
 

@@ -1,0 +1,97 @@
+"""What the API process and the worker both run on, opened once by one context manager: the
+database (migrated), Redis (embedded by default), the base model with its QA-format tuning, and
+the MAC runtime over the Redis memory bank (vLLM builds its engine first, then the app state).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from service.core.config import Settings
+from service.db import make_engine, session_factory
+from service.migrate import upgrade_database
+from service.redis_server import EmbeddedRedis, start_embedded_redis
+from training.artifacts import read_manifest
+from training.mac.runtime import MacRuntime, bank_name, load_mac_runtime
+from training.memory import RedisMemoryBank
+from training.models import load_causal_lm
+from training.qa_tuning import apply_qa_tuning
+
+log = logging.getLogger("freshlm")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    embedded_redis: EmbeddedRedis | None = None
+    model: PreTrainedModel | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    mac: MacRuntime | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
+
+
+def open_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None]:
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = start_embedded_redis(settings.data_dir / "redis")
+        url = embedded.url
+    return redis.Redis.from_url(url, health_check_interval=10, retry_on_timeout=True), embedded
+
+
+def load_base_model(settings: Settings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The configured LM with the QA-format tuning merged in (the base every shipped artifact was
+    trained on; without it the instruct model answers in whole sentences)."""
+    model, tokenizer = load_causal_lm(settings.base_model, settings.model_settings())
+    if settings.qa_tuning_path is not None:
+        model = apply_qa_tuning(model, settings.qa_tuning_path)
+    return model, tokenizer
+
+
+def load_mac(settings: Settings, rt: Runtime) -> None:
+    """The MAC runtime over a Redis bank named after the artifact; on failure the service serves
+    without it and ``errors["mac"]`` says why."""
+    artifact = settings.mac_artifact_path
+    if artifact is None:
+        return
+    try:
+        read_manifest(artifact)  # a clear error before anything reads the directory
+        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage)
+        rt.mac = load_mac_runtime(artifact, rt.model, rt.tokenizer, bank, settings.mac_read_config(),
+                                  settings.model_settings())
+    except Exception as exc:
+        rt.errors["mac"] = f"{exc.__class__.__name__}: {exc}"
+        log.error("MAC artifact %s not loaded: %s", artifact, rt.errors["mac"])
+
+
+@contextmanager
+def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtime]:
+    """Open everything (the model only if ``load_model``); close it all on exit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    client, embedded = open_redis(settings)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        if settings.auto_migrate:
+            log.info("database schema at revision %s", upgrade_database(engine))
+        rt = Runtime(settings, engine, session_factory(engine), client, embedded)
+        if load_model:
+            log.info("loading base model %s", settings.base_model)
+            rt.model, rt.tokenizer = load_base_model(settings)
+            load_mac(settings, rt)
+        yield rt
+    finally:
+        client.close()
+        engine.dispose()
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,54 @@
+"""``freshlm-worker`` / ``python -m service.worker``: the ingest worker as its own process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+
+from service.core.config import Settings
+from service.core.logging import configure_logging
+from service.runtime import open_runtime
+from service.worker.pipeline import build_worker, rebuild_adapter, run_worker
+from service.worker.reconciler import reconcile_memory
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="freshlm-worker", description="FreshLM ingest worker (settings: FRESHLM_* variables)")
+    parser.add_argument("--rebuild-memory", action="store_true", help="re-derive the whole memory bank from SQL and exit")
+    parser.add_argument("--rebuild-adapter", action="store_true", help="replay all live documents into a new adapter version and exit")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_json)
+    needs_model = bool(settings.updater_spec or settings.mac_artifact_path)
+    with open_runtime(settings, load_model=needs_model) as rt:
+        if "mac" in rt.errors:
+            raise SystemExit(f"MAC artifact not loaded: {rt.errors['mac']}")
+        worker = build_worker(rt)
+        if args.rebuild_memory:
+            result = reconcile_memory(rt.sessions, rt.mac, full=True) if rt.mac is not None else {"written": 0, "removed": 0}
+            print(json.dumps(result))
+            return
+        if args.rebuild_adapter:
+            print(json.dumps({"version": rebuild_adapter(worker)}))
+            return
+        if args.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            from service.metrics import Metrics
+
+            metrics = Metrics()
+            worker.on_ingested = metrics.ingest_seconds.observe
+            start_http_server(args.metrics_port, registry=metrics.registry)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            run_worker(worker, stop)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

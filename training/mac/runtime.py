@@ -1,0 +1,141 @@
+"""MAC at run time, the one implementation the harness (``mac``, ``mac_rag``, the pipeline) and the
+service share: memorize documents into a ``MemoryBank``, pick each question's top-k entries by
+key, answer after them. The harness gives it the in-process bank; the service the Redis bank.
+
+``base`` writes the memory (the amortizer runs it over each document); answers may come from
+another instance of the same base model, or through an adapter. ``model_lock`` is held while
+writing: when the service's answering model is also the writer, it is the lock asks hold, so a
+write never runs under an ask's per-request adapter hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.mac.aggregator import entry_ids, iter_bank_entries, stack_memories
+from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
+from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
+from training.memory.base import MemoryBank, Storage
+from training.models import ModelSettings
+from training.prompts import extract_answer
+from training.token_batches import prompt_ids
+
+
+class MacReadConfig(BaseModel):
+    """How questions read the memory and how entries are stored (harness and service defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(1, ge=1, description="entries each question reads, by key similarity (none: all); 1 is best on val")
+    group_size: int = Field(16, ge=1, description="entries read from the bank at a time")
+    storage: Storage = Field("float16", description="how new entries are stored: float16, or int8 (~52 % of the bytes)")
+
+
+def bank_name(artifact: Path) -> str:
+    """The bank of an artifact: memory written by one MAC artifact is never read with another."""
+    digest = hashlib.sha256((Path(artifact) / "manifest.json").read_bytes()).hexdigest()[:12]
+    return f"mac-{digest}"
+
+
+@dataclass
+class MacRuntime:
+    mac: MAC
+    base: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    bank: MemoryBank
+    config: MacReadConfig = field(default_factory=MacReadConfig)
+    model_lock: threading.RLock = field(default_factory=threading.RLock)
+    head: PromptHead | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.head = prompt_head(self.base, self.tokenizer)
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
+        """One base-model forward pass per document chunk; each entry replaces any earlier one (idempotent)."""
+        with self.model_lock:
+            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts)
+        for doc_id, (memory, key) in zip(doc_ids, entries):
+            self.bank.put(doc_id, memory, key)
+
+    def delete(self, doc_id: str) -> bool:
+        """Forget a document exactly: its entry is gone."""
+        return self.bank.delete(doc_id)
+
+    def stored_bytes(self) -> int:
+        return sum(self.bank.nbytes(i) for i in self.bank.ids())
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def read(self, questions: list[str], device: torch.device | str) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]]]:
+        """Each question's entries (top-k by key, or all), side by side with the slot mask, and the ids read."""
+        keys = self.mac.keys(questions)
+        top_k = self.config.top_k
+        bank_keys = self.bank.keys() if top_k else None  # one read of the keys for the whole batch
+        ids = [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
+        entries = [list(iter_bank_entries(self.bank, chosen, chunk=self.config.group_size)) for chosen in ids]
+        memory, mask = stack_memories(entries, device)
+        return memory, mask, ids
+
+    @torch.no_grad()
+    def answer(
+        self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
+        max_new_tokens: int = 24, head: PromptHead | None | str = "cached",
+    ) -> list[tuple[str, list[str]]]:
+        """Short answers after each question's memory entries (and passages in the prompt), with
+        the ids of the entries read. ``head="cached"``: the writer's cached prompt head; when the
+        answering model differs from the writer (an adapter is active), pass ``None`` and the head
+        is computed by ``model`` as it is (entries were written after the head, so it comes first)."""
+        head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
+        passages = passages or [None] * len(questions)
+        memory, mask, ids = self.read(questions, model.device)
+        prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
+        outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
+                                  stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
+                                  head=head, memory_mask=mask, start=self.mac.start(head))
+        texts = [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
+        return list(zip(texts, ids))
+
+    @torch.no_grad()
+    def choice_scores(self, model: PreTrainedModel, question: str, choices: list[str],
+                      passages: list[str] | None = None, head: PromptHead | None | str = "cached") -> list[float]:
+        """Mean per-token log-probability of each choice (as ``choice_logprobs``) after the memory
+        (``head`` as in ``answer``)."""
+        head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
+        memory, mask, _ = self.read([question], model.device)
+        n = len(choices)
+        if memory is not None:
+            memory = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory]
+            mask = mask.expand(n, -1)
+        ids, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
+                                            device=model.device, head=head)
+        return (-answer_nll(model, memory, ids, tokens_mask, labels, head=head, memory_mask=mask,
+                            start=self.mac.start(head))).tolist()
+
+
+_LOADED: dict[tuple[str, str], MAC] = {}
+
+
+def load_mac_runtime(
+    artifact: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bank: MemoryBank,
+    config: MacReadConfig | None = None, model_settings: ModelSettings | None = None,
+) -> MacRuntime:
+    """The runtime of a MAC artifact on ``base`` (refused if trained for another base model or
+    QA tuning); the network is loaded once per process and base model."""
+    from training.artifacts import config_hash
+
+    key = (str(Path(artifact).expanduser().resolve()), f"{config_hash(base.config)}@{base.device}")
+    if key not in _LOADED:
+        mac, _ = load_mac(key[0], base.config, settings=model_settings)
+        _LOADED[key] = mac.to(base.device).eval()
+    return MacRuntime(_LOADED[key], base, tokenizer, bank, config or MacReadConfig())
