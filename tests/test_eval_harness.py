@@ -1,5 +1,6 @@
 """The stream-then-ask harness and its CLI in quick mode (tiny random model), end to end."""
 
+import gzip
 import json
 
 import pytest
@@ -92,7 +93,7 @@ def test_cli_quick_mode_writes_contract_json_plot_and_predictions(tmp_path):
     curve = saved["retention"]["uniform_ft"]
     assert [m for m, _ in curve][:2] == [0, 2]
     assert out.with_suffix(".png").stat().st_size > 1000
-    lines = out.with_suffix(".predictions.jsonl").read_text().splitlines()
+    lines = gzip.open(out.with_suffix(".predictions.jsonl.gz"), "rt").read().splitlines()
     assert len(lines) == 5 * saved["n_questions"]
 
     # --resume keeps finished methods and runs only the missing ones
@@ -156,10 +157,11 @@ def test_results_merge_joins_parts_of_one_run_and_refuses_others(tmp_path):
     for name in ("a", "b"):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(part(name)))
-        path.with_suffix(".predictions.jsonl").write_text(json.dumps({"method": name}) + "\n")
+        with gzip.open(path.with_suffix(".predictions.jsonl.gz"), "wt") as handle:
+            handle.write(json.dumps({"method": name}) + "\n")
         paths.append(str(path))
     merge_main(paths + ["--out", str(tmp_path / "all.json")])
-    assert len((tmp_path / "all.predictions.jsonl").read_text().splitlines()) == 2
+    assert len(gzip.open(tmp_path / "all.predictions.jsonl.gz", "rt").read().splitlines()) == 2
     assert (tmp_path / "all.png").exists()
 
 

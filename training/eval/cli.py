@@ -5,7 +5,7 @@
         --out docs/results/squad-seq-test.json
 
 Writes the result JSON of DESIGN.md's contract, a PNG plot and the per-question predictions
-(``.predictions.jsonl``) next to it. The fine-tuning methods' learning rate is chosen on a
+(``.predictions.jsonl.gz``) next to it. The fine-tuning methods' learning rate is chosen on a
 validation stream (squad-seq: the val split; RealTimeQA: ``--val-data``, an earlier year) from
 ``--lr-grid``. The JSON is rewritten after every method and ``--resume`` skips methods it already
 holds, so an interrupted run continues where it stopped. ``--quick`` runs a tiny random model on a
@@ -15,6 +15,7 @@ few documents: a smoke test of the whole pipeline in seconds.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
 import json
 import logging
@@ -37,6 +38,7 @@ from training.eval.results_plot import plot_results
 
 log = logging.getLogger("training.eval")
 DATASETS = ("squad-seq", "realtimeqa", "news-stream", "jsonl")
+PREDICTIONS = ".predictions.jsonl.gz"  # every answer of a run, next to its JSON
 
 
 def load_dataset(kind: str, path: str, split: str, seed: int, questions: str | None = None) -> EvalSet:
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         if previous.get("retention"):
             result["retention"] = previous["retention"]
         config["lr_selection"] = previous.get("config", {}).get("lr_selection", {})
-    predictions_path = out.with_suffix(".predictions.jsonl")
+    predictions_path = out.with_suffix(PREDICTIONS)
     val = None
     for name in methods:
         if name in result["methods"]:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["methods"][name] = run.summary() | {"wall_seconds": round(time.time() - started, 1)}
         if run.retention:
             result.setdefault("retention", {})[name] = run.retention
-        with predictions_path.open("a") as handle:
+        with gzip.open(predictions_path, "at") as handle:  # gzip members append
             for record in run.predictions:
                 handle.write(json.dumps({"method": name} | record) + "\n")
         out.write_text(json.dumps(result, indent=2) + "\n")

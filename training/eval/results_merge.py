@@ -7,9 +7,11 @@ one, and redraw its plot.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
+from training.eval.cli import PREDICTIONS
 from training.eval.results_plot import plot_results
 
 _SAME = ("dataset", "split", "n_documents", "n_questions", "base_model")
@@ -38,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     merged = merge_results([json.loads(Path(p).read_text()) for p in args.parts])
     out = Path(args.out)
-    predictions = [Path(p).with_suffix(".predictions.jsonl") for p in args.parts]
-    texts = [p.read_text() for p in predictions if p.exists()]  # read all before --out may overwrite one
+    predictions = [Path(p).with_suffix(PREDICTIONS) for p in args.parts]
+    texts = [gzip.open(p, "rt").read() for p in predictions if p.exists()]  # all read before --out may overwrite one
     out.write_text(json.dumps(merged, indent=2) + "\n")
-    out.with_suffix(".predictions.jsonl").write_text("".join(texts))
+    with gzip.open(out.with_suffix(PREDICTIONS), "wt") as handle:
+        handle.write("".join(texts))
     plot_results(merged, out.with_suffix(".png"))
     print(f"wrote {out} ({', '.join(merged['methods'])})")
 
