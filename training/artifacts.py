@@ -102,6 +102,7 @@ def save_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
     (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    _readable(tmp)
     if path.exists():  # overwrite: move the old one aside first, drop it once the new one is in
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
         os.replace(path, old / path.name)
@@ -110,6 +111,13 @@ def save_artifact(
     else:
         tmp.rename(path)
     return manifest
+
+
+def _readable(directory: Path) -> None:
+    """mkdtemp makes owner-only directories: an artifact is read by other users (a service account)."""
+    directory.chmod(0o755)
+    for f in directory.iterdir():
+        f.chmod(0o644)
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -186,6 +194,7 @@ def export_artifact(src: str | Path, dst: str | Path, dtype: str = "float16") ->
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS)
     exported = manifest.model_copy(update={"config": {**manifest.config, "stored_dtype": dtype}})
     (tmp / MANIFEST).write_text(exported.model_dump_json(indent=2))
+    _readable(tmp)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
