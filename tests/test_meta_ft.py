@@ -15,7 +15,7 @@ from training.meta_ft.train import MetaFTTrainConfig, main, meta_objective, oute
 from training.models import ModelSettings, load_causal_lm, tiny_causal_lm
 from training.token_batches import document_batch
 
-from tests.meta_fixtures import FACTS, write_tiny_base_model, write_tiny_squad
+from tests.meta_fixtures import FACTS, write_tiny_base_model, write_tiny_meta_init, write_tiny_squad
 
 EXAMPLES = [(text, qas) for _, text, qas in FACTS[:2]]
 
@@ -145,11 +145,7 @@ def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, 
     from training.methods import MethodConfig, MethodContext, build_method
     from training.types import Document, Question
 
-    model, tok, meta, config = _model(variant)
-    with torch.no_grad():
-        for p in meta.values():
-            p.normal_(0, 0.1)
-    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    write_tiny_meta_init(tmp_path / "m", MetaAdapterConfig(variant=variant, rank=4, top_layers=1, inner_lr=0.3))
     base, tok = tiny_causal_lm("llama")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, meta_ft_artifact=str(tmp_path / "m")))

@@ -10,7 +10,7 @@ from training.eval.harness import ProtocolConfig, run_method
 from training.data.evalset import EvalSet
 from training.lora import LoraSpec
 from training.memory import InMemoryMemoryBank
-from training.meta_ft.adapter import MetaAdapterConfig, attach, save_meta_adapter
+from training.meta_ft.adapter import MetaAdapterConfig
 from training.methods import MethodConfig, MethodContext, build_method
 from training.models import tiny_causal_lm
 from training.types import Document, Question
@@ -18,7 +18,7 @@ from training.update_bank.runtime import DeltaLayout, UpdateBankConfig, UpdateBa
 from training.updates import LoraUpdater, UpdateConfig, uniform_weights
 
 from tests.mac_helpers import tiny_encoder
-from tests.meta_fixtures import FACTS
+from tests.meta_fixtures import FACTS, write_tiny_meta_init
 
 DOCS = [Document(f"d{i}", text) for i, (_, text, _) in enumerate(FACTS[:4])]
 PROMPT = "Question: How many libraries did Norvale open?"
@@ -152,14 +152,7 @@ def test_int8_entries_are_about_half_the_bytes(encoder_dir):
 
 
 def test_update_bank_in_the_harness(encoder_dir, tmp_path):
-    base, tok = tiny_causal_lm("llama")
-    base.requires_grad_(False)
-    config = MetaAdapterConfig(variant="lora", rank=2, top_layers=1, inner_lr=0.3)
-    model, meta = attach(base, config)
-    with torch.no_grad():
-        for p in meta.values():
-            p.normal_(0, 0.1)
-    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    write_tiny_meta_init(tmp_path / "m", MetaAdapterConfig(variant="lora", rank=2, top_layers=1, inner_lr=0.3))
     base, tok = tiny_causal_lm("llama")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, meta_ft_artifact=str(tmp_path / "m"),

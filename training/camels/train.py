@@ -74,10 +74,11 @@ class CamelsTrainConfig(BaseModel):
         None, description="first blocks of the base model kept in the proxy (none = all 30; truncated "
                           "SmolLM2 proxies are poor LMs: QA NLL 12-27 nats vs 5, see docs)")
     update: UpdateConfig = Field(
-        default_factory=lambda: UpdateConfig(optimizer="adam", lr=2.5e-3, lora=LoraSpec(rank=16), max_tokens=256),
+        default_factory=lambda: UpdateConfig(optimizer="adam", lr=2.5e-3, lora=LoraSpec(rank=16, top_layers=8),
+                                             max_tokens=256),
         description="the online update meta-trained through (training.updates): optimizer, lr, LoRA, steps per "
                     "document, document tokens; default: the harness's uniform_ft on squad-seq (Adam, val lr 2.5e-3, "
-                    "r16 on every linear layer)")
+                    "r16) on the top 8 blocks (every block: 2.5x the time and memory, docs/meta_learning.md)")
     stream_documents: int = Field(4, ge=1, description="paragraphs learned in sequence per example (k)")
     window: int | None = Field(None, ge=1, description="truncated backprop: differentiate the last N steps only")
     first_order: bool = Field(False, description="drop second-order terms (gradients at detached parameters)")

@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-lora-top-layers", type=int, default=MethodConfig().ft_lora_top_layers,
                    help="LoRA of the online update in the last N blocks only (default: every block)")
     p.add_argument("--meta-ft-lr-grid", default="",
-                   help="comma list of SGD lrs for meta_ft / meta_ft_4 / meta_ft_16, chosen on the validation "
-                        "stream like --lr-grid; empty: the lr the init was meta-trained for")
+                   help="comma list of lrs (of the init's own optimizer) for meta_ft / meta_ft_4 / meta_ft_16 / "
+                        "update_bank, chosen on the validation stream like --lr-grid; empty: the init's (learned) lr")
     p.add_argument("--val-max-documents", type=int, default=20)
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
