@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
-from training.inner_loop import InnerLoopConfig, enable_double_backward, forward_logits
+from training.inner_loop import enable_double_backward, forward_logits
 from training.meta_ft.adapter import MetaAdapterConfig, attach, inner_params, load_meta_adapter, save_meta_adapter
 from training.meta_ft.train import MetaFTTrainConfig, main, meta_objective, outer_example
 from training.models import ModelSettings, load_causal_lm, tiny_causal_lm
