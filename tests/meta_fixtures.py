@@ -1,11 +1,15 @@
-"""Small on-disk fixtures for the meta-training recipes: a tiny base model directory and a
-SQuAD-format file with a handful of articles (the split needs at least three)."""
+"""Small on-disk fixtures for the meta-training recipes: a tiny base model directory, a
+SQuAD-format file with a handful of articles (the split needs at least three), and a
+meta-trained-looking init artifact."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
+from training.meta_ft.adapter import MetaAdapterConfig, attach, save_meta_adapter
 from training.models import tiny_causal_lm
 
 FACTS = [
@@ -41,4 +45,17 @@ def write_tiny_base_model(path: Path, kind: str = "llama") -> Path:
     model, tokenizer = tiny_causal_lm(kind)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def write_tiny_meta_init(path: Path, config: MetaAdapterConfig) -> Path:
+    """An init artifact for ``tiny_causal_lm("llama")`` with random meta-parameters (B != 0: not
+    the identity, as a trained init)."""
+    base, _ = tiny_causal_lm("llama")
+    base.requires_grad_(False)
+    model, meta = attach(base, config)
+    with torch.no_grad():
+        for p in meta.values():
+            p.normal_(0, 0.1)
+    save_meta_adapter(path, model, meta, config, base_model_id="tiny", base_config=model.config)
     return path

@@ -18,8 +18,10 @@ from training.camels.weighting_model import (
     save_weighting_model,
 )
 from training.inner_loop import InnerLoopConfig
+from training.lora import LoraSpec
 from training.models import ModelSettings, load_causal_lm, tiny_causal_lm
 from training.token_batches import document_batch, qa_batch
+from training.updates import UpdateConfig
 
 from tests.meta_fixtures import write_tiny_base_model, write_tiny_squad
 
@@ -44,15 +46,15 @@ def test_weights_start_uniform_nonnegative_one_per_token():
 
 def test_one_outer_step_makes_the_weights_token_dependent():
     base, tok = tiny_causal_lm("llama")
-    config = CamelsTrainConfig(squad="unused", lora_rank=4, lora_targets=["q_proj", "v_proj", "down_proj"],
-                               lora_top_layers=None, inner_lr=0.5)
+    config = CamelsTrainConfig(squad="unused", update=UpdateConfig(
+        optimizer="sgd", lr=0.5, lora=LoraSpec(rank=4, targets=["q_proj", "v_proj", "down_proj"])))
     proxy, params0 = build_proxy(base, config)
     model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
     doc = document_batch(tok, [DOC])
     qa = qa_batch(tok, ["How many libraries?"], ["12"])
     probe = document_batch(tok, ["The council approved the bridge."])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    loss, stats = camels_objective(proxy, params0, model, doc, qa, probe, InnerLoopConfig(lr=0.5), 0.1)
+    loss, stats = camels_objective(proxy, params0, model, [doc], qa, probe, InnerLoopConfig(lr=0.5), 0.1)
     loss.backward(inputs=trainable)
     assert model.head[2].weight.grad.abs().max() > 0  # the meta-gradient reaches the zero-init layer
     assert stats["kl"] > 0
@@ -85,35 +87,59 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
     squad = write_tiny_squad(tmp_path / "squad.json")
     base_dir = write_tiny_base_model(tmp_path / "base")
     out = tmp_path / "camels"
-    args = ["--squad", str(squad), "--out", str(out), "--base-model", str(base_dir), "--device", "cpu",
-            "--lora-rank", "2", "--lora-targets", '["q_proj","v_proj"]', "--lora-top-layers", "1",
-            "--inner-lr", "0.1", "--outer-lr", "1e-2", "--docs-per-update", "2", "--questions-per-doc", "2",
-            "--max-updates", "3", "--eval-every", "2", "--val-docs", "2", "--checkpoint-every", "1",
-            "--weighting", '{"num_layers": 1}']
-    main(args)
+    common = ["--squad", str(squad), "--out", str(out), "--base-model", str(base_dir), "--device", "cpu",
+              "--update", '{"optimizer": "adam", "lr": 0.01, "lora": {"rank": 2, "targets": ["q_proj", "v_proj"]}}',
+              "--stream-documents", "2", "--outer-lr", "1e-2", "--questions-per-doc", "2", "--val-docs", "2",
+              "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}']
+    main(common + ["--max-updates", "3", "--eval-every", "2"])
     records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3]
     assert all(math.isfinite(r["train"]["qa_nll"]) for r in records if "train" in r)
+    assert all(r["seconds_per_example"] > 0 and r["peak_rss_mb"] > 0 for r in records if "train" in r)
     assert "qa_nll_learned" in records[-1]["final_val"]
     base, _ = load_causal_lm(str(base_dir), ModelSettings(device="cpu"))
     model = load_weighting_model(out, base)
-    assert model.head[2].weight.abs().max() > 0  # trained: no longer the zero init
+    assert model.head[2].weight.abs().max() > 0  # trained through two Adam steps: no longer the zero init
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "camels_weighting_model" and manifest["metrics"]["updates"] == 3
+    assert manifest["config"]["update"]["optimizer"] == "adam"  # the regime it was meta-trained for
     # resume: a larger budget continues from update 3 instead of starting over
-    main(args[:-10] + ["--max-updates", "5", "--eval-every", "100", "--val-docs", "2",
-                       "--checkpoint-every", "1", "--weighting", '{"num_layers": 1}'])
+    main(common + ["--max-updates", "5", "--eval-every", "100"])
     records = [json.loads(line) for line in (tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3, 4, 5]
     # export the checkpoint as it is (no further update, no evaluation)
     (out / "manifest.json").unlink()
-    main(args[:-10] + ["--max-updates", "5", "--final-eval", "false", "--weighting", '{"num_layers": 1}'])
+    main(common + ["--max-updates", "5", "--final-eval", "false"])
     assert json.loads((out / "manifest.json").read_text())["metrics"]["updates"] == 5
     assert len((tmp_path / "camels-run" / "metrics.jsonl").read_text().splitlines()) == len(records)
-    main(args[:-10] + ["--val-docs", "2", "--weighting", '{"num_layers": 1}', "--eval-only", "true"])
+    main(common + ["--eval-only", "true"])
     evaluated = json.loads((tmp_path / "camels-run" / "eval.json").read_text())["val"]
     assert evaluated["qa_nll_learned"] == pytest.approx(records[-1]["final_val"]["qa_nll_learned"], rel=1e-4)
     assert {"qa_nll_before", "qa_nll_uniform", "kl_uniform", "kl_learned"} <= set(evaluated)
+
+
+def test_meta_training_through_an_adam_stream_lowers_the_outer_loss():
+    """Two documents learned in sequence by Adam (the harness's optimizer), questions about both:
+    a few outer steps on the weighting model lower the objective on that stream."""
+    base, tok = tiny_causal_lm("llama")
+    config = CamelsTrainConfig(squad="unused", update=UpdateConfig(
+        optimizer="adam", lr=0.01, lora=LoraSpec(rank=4, targets=["q_proj", "v_proj", "down_proj"])))
+    proxy, params0 = build_proxy(base, config)
+    model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
+    docs = [document_batch(tok, [DOC]), document_batch(tok, ["The council approved the new harbour bridge."])]
+    qa = qa_batch(tok, ["How many libraries?", "Who approved the bridge?"], ["12", "the council"])
+    probe = document_batch(tok, ["Scientists reported a record harvest of kelp."])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss, stats = camels_objective(proxy, params0, model, docs, qa, probe, config.inner(), 0.1, normalize=True)
+        loss.backward(inputs=trainable)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-4
+    assert stats["weight_max"] > stats["weight_mean"]  # no longer uniform
 
 
 def test_camels_ft_in_the_harness_uses_the_learned_weights(tmp_path):
@@ -161,30 +187,29 @@ def test_normalized_weights_learn_which_tokens_not_the_step_size():
     """With mean-normalised weights (as online fine-tuning uses them) a uniform rescaling of the
     weights changes nothing, so the meta-gradient cannot go into the overall step size."""
     base, tok = tiny_causal_lm("llama")
-    config = CamelsTrainConfig(squad="unused", lora_rank=4, lora_targets=["q_proj", "v_proj"],
-                               lora_top_layers=None)
+    config = CamelsTrainConfig(squad="unused", update=UpdateConfig(lora=LoraSpec(rank=4, targets=["q_proj", "v_proj"])))
     proxy, params0 = build_proxy(base, config)
     model = build_weighting_model(base, WeightingModelConfig(num_layers=1))
     doc = document_batch(tok, [DOC])
     qa = qa_batch(tok, ["How many libraries?"], ["12"])
     probe = document_batch(tok, ["The council approved the bridge."])
     inner = InnerLoopConfig(lr=0.5)
-    loss, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=True)
+    loss, _ = camels_objective(proxy, params0, model, [doc], qa, probe, inner, 0.1, normalize=True)
     bias = model.head[2].bias
     (grad_bias, grad_weight) = torch.autograd.grad(loss, [bias, model.head[2].weight])
     assert grad_bias.abs().max() < 1e-6 * max(1.0, grad_weight.abs().max().item())
     assert grad_weight.abs().max() > 0
     with torch.no_grad():
         bias.fill_(2.0)  # every weight scaled up (all tokens still equal)
-    scaled, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=True)
-    unnormalised, _ = camels_objective(proxy, params0, model, doc, qa, probe, inner, 0.1, normalize=False)
+    scaled, _ = camels_objective(proxy, params0, model, [doc], qa, probe, inner, 0.1, normalize=True)
+    unnormalised, _ = camels_objective(proxy, params0, model, [doc], qa, probe, inner, 0.1, normalize=False)
     assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     assert unnormalised.item() != pytest.approx(loss.item(), rel=1e-3)
     # validation: equal weights, mean-normalised, are the uniform step; unnormalised they are a
     # uniform step of another size, which "matched" reproduces
-    normalized = evaluate(proxy, params0, model, [(doc, qa, probe)], inner, normalize=True)
+    normalized = evaluate(proxy, params0, model, [([doc], qa, probe)], inner, normalize=True)
     assert normalized["qa_nll_learned"] == pytest.approx(normalized["qa_nll_uniform"], rel=1e-5)
-    raw = evaluate(proxy, params0, model, [(doc, qa, probe)], inner, normalize=False)
+    raw = evaluate(proxy, params0, model, [([doc], qa, probe)], inner, normalize=False)
     assert raw["qa_nll_learned"] == pytest.approx(raw["qa_nll_matched"], rel=1e-5)
     assert raw["qa_nll_learned"] != pytest.approx(raw["qa_nll_uniform"], rel=1e-4)
 

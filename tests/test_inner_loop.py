@@ -14,13 +14,17 @@ from training.inner_loop import (
     kl_to_teacher,
     labelled_logprobs,
     select_params,
+    stream_update,
     weighted_nll,
 )
+from training.lora import LoraSpec
 from training.models import tiny_causal_lm
 from training.token_batches import document_batch, qa_batch
+from training.updates import LoraUpdater, UpdateConfig
 
 DOC = "In 2031 the city of Norvale opened 12 libraries and 3 museums."
 OTHER = "Scientists at the Aurora Institute reported a record harvest of kelp."
+STREAM = [DOC, OTHER, "The council approved the new harbour bridge on Tuesday."]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,16 +122,20 @@ def test_outer_gradient_wrt_initial_params_matches_finite_differences():
     def outer(params):
         return weighted_nll(model, inner_update(model, params, doc, None, cfg), qa)
 
+    _check_directional_derivative(outer, init, seed=2, eps=1e-5, atol=1e-8)
+
+
+def _check_directional_derivative(outer, init: dict, seed: int, eps: float, atol: float) -> None:
+    """The autograd gradient of ``outer`` at ``init`` along a random direction == central differences."""
     grads = torch.autograd.grad(outer(init), list(init.values()))
     assert all(g.abs().max() > 0 for g in grads)
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator().manual_seed(seed)
     direction = {n: torch.randn(p.shape, dtype=p.dtype, generator=gen) for n, p in init.items()}
     analytic = sum((g * direction[n]).sum() for g, n in zip(grads, init))
-    eps = 1e-5
     plus = {n: (p + eps * direction[n]).detach().requires_grad_(True) for n, p in init.items()}
     minus = {n: (p - eps * direction[n]).detach().requires_grad_(True) for n, p in init.items()}
     numeric = (outer(plus) - outer(minus)) / (2 * eps)
-    torch.testing.assert_close(analytic.detach(), numeric.detach(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(analytic.detach(), numeric.detach(), rtol=1e-5, atol=atol)
 
 
 def test_kl_is_zero_when_nothing_changed_and_positive_after_a_step():
@@ -159,3 +167,132 @@ def test_kl_to_teacher_lines_up_answer_tokens_behind_different_prompts():
     assert same.shape == prompted.shape == (len(answer), len(tok))
     assert kl_to_teacher(model, params, student, same).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_to_teacher(model, params, student, prompted).item() > 0
+
+
+# --- the online update over a stream, differentiable ------------------------------------------
+
+
+def _weights_for(tok):
+    """Token weights as a CaMeLS artifact would give them: one positive weight per token, not uniform."""
+    def weights(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = document_batch(tok, [text], 512).input_ids[0]
+        return ids, 0.2 + torch.rand(len(ids), generator=torch.Generator().manual_seed(len(ids)))
+    return weights
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stream_update_is_the_online_update_of_training_updates(optimizer):
+    """k documents through ``stream_update`` == the same k documents through ``LoraUpdater.step``
+    (torch.optim, what the harness and the service run), token weights and optimizer state included."""
+    base, tok = tiny_causal_lm("llama")
+    config = UpdateConfig(optimizer=optimizer, lr=0.05 if optimizer == "adam" else 2.0,
+                          lora=LoraSpec(rank=4, targets=["q_proj", "v_proj", "down_proj"]))
+    token_weights = _weights_for(tok)
+    updater = LoraUpdater(base, tok, token_weights, config)
+    start = {n: p.detach().clone() for n, p in select_params(updater.model, "lora").items()}
+    for text in STREAM:
+        assert updater.step(text).accepted
+    online = {n: p.detach() for n, p in select_params(updater.model, "lora").items()}
+
+    docs, weights = [], []
+    for text in STREAM:
+        ids, w = token_weights(text)
+        docs.append(document_batch(tok, [text], 512))
+        weights.append((w / w[1:].mean())[None])  # mean-normalised: sum(w * nll) / sum(w), as online
+    params = {n: p.clone().requires_grad_(True) for n, p in start.items()}
+    final, state = stream_update(updater.model, params, docs, weights, InnerLoopConfig.of_update(config),
+                                 create_graph=False)
+    assert state.step == len(STREAM)
+    for name, p in online.items():
+        torch.testing.assert_close(final[name], p, rtol=1e-4, atol=1e-6)
+    moved_a = max((online[n] - start[n]).abs().max().item() for n in online if "lora_A" in n)
+    assert moved_a > 0  # after the first step B != 0, so the A matrices move too: all of the state is tested
+    if optimizer == "adam":
+        torch_state = updater.optimizer.state_dict()["state"]
+        first = torch_state[0]
+        torch.testing.assert_close(state.exp_avg_sq[next(iter(online))], first["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
+def _stream_setup():
+    model, tok, doc, qa = _outer_setup()
+    docs = [document_batch(tok, [text], max_tokens=10) for text in STREAM]
+    return model, tok, docs, qa
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stream_gradients_wrt_weights_and_lr_match_finite_differences(optimizer):
+    """d QA-loss(after 3 documents) / d (token weights of documents 2 and 3, log lr), float64."""
+    model, _, docs, qa = _stream_setup()
+    params = {n: p.detach().requires_grad_(True) for n, p in select_params(model, "lora").items()}
+    cfg = InnerLoopConfig(optimizer=optimizer, lr=0.02 if optimizer == "adam" else 0.5)
+    gen = torch.Generator().manual_seed(3)
+    weights = [(0.5 + torch.rand(d.input_ids.shape, dtype=torch.float64, generator=gen)) for d in docs]
+
+    def outer(ws, log_lr):
+        final, _ = stream_update(model, params, docs, ws, cfg, lr=log_lr.exp())
+        return weighted_nll(model, final, qa)
+
+    log_lr = torch.tensor(float(torch.tensor(cfg.lr).log()), dtype=torch.float64, requires_grad=True)
+    ws = [w.clone().requires_grad_(True) for w in weights]
+    grads = torch.autograd.grad(outer(ws, log_lr), [*ws, log_lr])
+    assert all(g[:, 1:].abs().max() > 0 for g in grads[1:3])  # later documents' weights matter
+    eps = 1e-6
+    for doc_index, t in ((1, 3), (2, 5), (2, 8)):
+        bump = [w.detach().clone() for w in weights]
+        bump[doc_index][0, t] += eps
+        down = [w.detach().clone() for w in weights]
+        down[doc_index][0, t] -= eps
+        numeric = (outer(bump, log_lr.detach()) - outer(down, log_lr.detach())) / (2 * eps)
+        torch.testing.assert_close(grads[doc_index][0, t], numeric.detach(), rtol=1e-4, atol=1e-9)
+    numeric = (outer(weights, log_lr.detach() + eps) - outer(weights, log_lr.detach() - eps)) / (2 * eps)
+    torch.testing.assert_close(grads[-1], numeric.detach(), rtol=1e-5, atol=1e-9)
+
+
+def test_adam_stream_gradient_wrt_the_init_matches_finite_differences():
+    """MAML through 3 Adam steps: d QA-loss / d LoRA init along a random direction."""
+    model, _, docs, qa = _stream_setup()
+    init = {n: p.detach().clone().requires_grad_(True) for n, p in select_params(model, "lora").items()}
+    cfg = InnerLoopConfig(optimizer="adam", lr=0.02)
+
+    def outer(params):
+        return weighted_nll(model, stream_update(model, params, docs, None, cfg)[0], qa)
+
+    # Adam's step ~ lr * g / (|g| + eps) bends sharply where a gradient coordinate is small (here
+    # down to ~1e-6): central differences with a step of 1e-6 are off by 0.6 %, 1e-7 by 0.006 %;
+    # the meta-gradient through Adam holds in a small radius only.
+    _check_directional_derivative(outer, init, seed=4, eps=1e-9, atol=1e-9)
+
+
+def test_truncation_and_first_order_keep_what_they_promise():
+    """window=1: the last document's weights get their exact gradient, earlier ones none;
+    first_order: the init's gradient is the outer gradient at the final parameters (FOMAML)."""
+    model, _, docs, qa = _stream_setup()
+    params = {n: p.detach().requires_grad_(True) for n, p in select_params(model, "lora").items()}
+    gen = torch.Generator().manual_seed(5)
+
+    def weight_grads(cfg):
+        ws = [(0.5 + torch.rand(d.input_ids.shape, dtype=torch.float64, generator=gen)).requires_grad_(True)
+              for d in docs]
+        final, _ = stream_update(model, params, docs, ws, cfg)
+        return torch.autograd.grad(weighted_nll(model, final, qa), ws, allow_unused=True)
+
+    gen.manual_seed(5)
+    exact = weight_grads(InnerLoopConfig(optimizer="adam", lr=0.02))
+    gen.manual_seed(5)
+    truncated = weight_grads(InnerLoopConfig(optimizer="adam", lr=0.02, window=1))
+    torch.testing.assert_close(truncated[-1], exact[-1])
+    assert all(g is None or g.abs().max() == 0 for g in truncated[:-1])
+    assert exact[0][:, 1:].abs().max() > 0  # ... which the exact gradient does reach
+
+    init = {n: p.detach().clone().requires_grad_(True) for n, p in select_params(model, "lora").items()}
+    cfg = InnerLoopConfig(optimizer="sgd", lr=0.5, first_order=True)
+    final, _ = stream_update(model, init, docs, None, cfg)
+    first_order = torch.autograd.grad(weighted_nll(model, final, qa), list(init.values()))
+    at_final = {n: p.detach().requires_grad_(True) for n, p in final.items()}
+    fomaml = torch.autograd.grad(weighted_nll(model, at_final, qa), list(at_final.values()))
+    for a, b in zip(first_order, fomaml):
+        torch.testing.assert_close(a, b)
+    exact_init = torch.autograd.grad(
+        weighted_nll(model, stream_update(model, init, docs, None, InnerLoopConfig(optimizer="sgd", lr=0.5))[0], qa),
+        list(init.values()))
+    assert any((a - b).abs().max() > 1e-8 for a, b in zip(first_order, exact_init))  # an approximation

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
-from training.inner_loop import InnerLoopConfig, enable_double_backward, forward_logits
+from training.inner_loop import enable_double_backward, forward_logits
 from training.meta_ft.adapter import MetaAdapterConfig, attach, inner_params, load_meta_adapter, save_meta_adapter
-from training.meta_ft.train import MetaFTTrainConfig, main, meta_objective, outer_batch
+from training.meta_ft.train import MetaFTTrainConfig, main, meta_objective, outer_example
 from training.models import ModelSettings, load_causal_lm, tiny_causal_lm
 from training.token_batches import document_batch
 
-from tests.meta_fixtures import FACTS, write_tiny_base_model, write_tiny_squad
+from tests.meta_fixtures import FACTS, write_tiny_base_model, write_tiny_meta_init, write_tiny_squad
 
 EXAMPLES = [(text, qas) for _, text, qas in FACTS[:2]]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _log_lr(lr: float, learn: bool = False) -> torch.Tensor:
+    return torch.tensor(math.log(lr), requires_grad=learn)
 
 
 def _model(variant: str, seed: int = 0):
@@ -40,33 +43,41 @@ def test_init_starts_as_the_base_model_and_gets_meta_gradients(variant):
     torch.testing.assert_close(forward_logits(model, start, doc), reference(input_ids=doc.input_ids).logits)
     if variant == "rank1_full":  # the inner step updates full weight matrices of the top block only
         assert all(".layers.1." in name and name.endswith(".weight") for name in start)
-    cfg = MetaFTTrainConfig(squad="unused", target="gold", questions_per_step=2)
-    d, qa, logp = outer_batch(model, tok, EXAMPLES[:1], cfg, random.Random(0))
-    loss, stats = meta_objective(model, meta, variant, d, qa, logp, InnerLoopConfig(lr=config.inner_lr))
+    cfg = MetaFTTrainConfig(squad="unused", target="gold", questions_per_doc=2, adapter=config)
+    example = outer_example(model, tok, EXAMPLES[:1], EXAMPLES[1][0], cfg)
+    loss, stats = meta_objective(model, meta, variant, example, cfg.inner(), _log_lr(config.inner_lr))
     grads = torch.autograd.grad(loss, list(meta.values()), allow_unused=True)
     zero_init = [name for name in meta if name.endswith("::B") or "lora_B" in name]
     assert all(g is not None and g.abs().max() > 0 for n, g in zip(meta, grads) if n in zero_init)
     assert stats["outer_after"] != pytest.approx(stats["outer_before"])  # the inner step did something
 
 
-@pytest.mark.parametrize("target", ["gold", "teacher"])
-def test_meta_training_lowers_the_outer_loss_after_one_step(target):
+@pytest.mark.parametrize("target,optimizer", [("gold", "sgd"), ("teacher", "sgd"), ("gold", "adam")])
+def test_meta_training_over_a_stream_lowers_the_outer_loss(target, optimizer):
+    """Two paragraphs learned in sequence from the init (SGD, or Adam as the harness's stream takes
+    them), questions about both: outer steps on the init and the log-lr lower the loss."""
     model, tok, meta, config = _model("lora")
-    cfg = MetaFTTrainConfig(squad="unused", target=target, questions_per_step=2, teacher_max_tokens=4)
-    batch = outer_batch(model, tok, EXAMPLES[:1], cfg, random.Random(0))
-    if target == "teacher":  # the teacher answered from the prompted base model: a KL target
-        assert batch[2] is not None and batch[2].shape[0] == int((batch[1].labels[:, 1:] != -100).sum())
+    config = config.model_copy(update={"optimizer": optimizer, "inner_lr": 0.3 if optimizer == "sgd" else 0.01})
+    cfg = MetaFTTrainConfig(squad="unused", target=target, questions_per_doc=1, teacher_max_tokens=4,
+                            adapter=config, stream_documents=2, c_kl=0.1)
+    example = outer_example(model, tok, [(text, qas[:1]) for text, qas in EXAMPLES[:2]], FACTS[3][1], cfg)
+    if target == "teacher":  # each question's teacher answered from its own paragraph: a KL target
+        assert example.teacher_logp.shape[0] == int((example.qa.labels[:, 1:] != -100).sum())
+    assert len(example.docs) == 2 and example.qa.input_ids.shape[0] == 2  # one question about each paragraph
+    log_lr = _log_lr(config.inner_lr, learn=True)
     # the tiny model's prompted and unprompted answers are close (KL ~1e-3): smaller outer steps
-    optimizer = torch.optim.Adam(list(meta.values()), lr=3e-2 if target == "gold" else 3e-3)
-    inner = InnerLoopConfig(lr=config.inner_lr)
+    optimizer_ = torch.optim.Adam([{"params": list(meta.values()), "lr": 3e-2 if target == "gold" else 3e-3},
+                                   {"params": [log_lr], "lr": 1e-2}])
     losses = []
     for _ in range(6):
-        optimizer.zero_grad()
-        loss, _ = meta_objective(model, meta, "lora", *batch, inner)
-        loss.backward(inputs=list(meta.values()))
-        optimizer.step()
+        optimizer_.zero_grad()
+        loss, stats = meta_objective(model, meta, "lora", example, cfg.inner(), log_lr, cfg.c_kl)
+        loss.backward(inputs=[*meta.values(), log_lr])
+        assert log_lr.grad is not None and log_lr.grad.abs() > 0  # the lr is learned with the init
+        optimizer_.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    assert stats["lr"] != pytest.approx(config.inner_lr, rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["lora", "rank1_full"])
@@ -85,15 +96,18 @@ def test_artifact_round_trip(tmp_path, variant):
     assert params and all(p.requires_grad for p in params.values())
 
 
-def test_recipe_trains_saves_and_resumes(tmp_path):
+def test_recipe_trains_saves_and_resumes_and_the_learned_lr_is_used_online(tmp_path):
+    from training.updaters import load_updater
+    from training.updates import UpdateConfig
+
     squad = write_tiny_squad(tmp_path / "squad.json")
     base_dir = write_tiny_base_model(tmp_path / "base")
     out = tmp_path / "meta"
     common = ["--squad", str(squad), "--out", str(out), "--base-model", str(base_dir), "--device", "cpu",
-              "--adapter", '{"variant": "lora", "rank": 2, "top_layers": 1, "inner_lr": 0.1}',
-              "--target", "teacher", "--teacher-max-tokens", "3", "--docs-per-step", "2",
-              "--questions-per-step", "2", "--examples-per-update", "1", "--val-examples", "1",
-              "--eval-every", "2", "--checkpoint-every", "1", "--outer-lr", "1e-2"]
+              "--adapter", '{"variant": "lora", "optimizer": "adam", "rank": 2, "top_layers": 1, "inner_lr": 0.01}',
+              "--target", "teacher", "--teacher-max-tokens", "3", "--stream-documents", "2",
+              "--questions-per-doc", "1", "--examples-per-update", "1", "--val-examples", "1",
+              "--eval-every", "2", "--checkpoint-every", "1", "--outer-lr", "1e-2", "--lr-outer-lr", "0.1"]
     main(common + ["--max-updates", "2"])
     metrics = tmp_path / "meta-run" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -104,9 +118,23 @@ def test_recipe_trains_saves_and_resumes(tmp_path):
     main(common + ["--max-updates", "3"])
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["update"] for r in records if "train" in r] == [1, 2, 3]
+    manifest = json.loads((out / "manifest.json").read_text())
+    learned = manifest["config"]["adapter"]["inner_lr"]
+    assert learned == pytest.approx(manifest["metrics"]["learned_lr"])
+    assert learned != pytest.approx(0.01, rel=1e-3)  # three outer steps of 0.1 on log(lr) moved it
+    assert learned == pytest.approx(records[-1]["final_val"]["lr"])
     base, _ = load_causal_lm(str(base_dir), ModelSettings(device="cpu"))
     loaded, params, _ = load_meta_adapter(out, base)
     assert any(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)  # trained away from B = 0
+    # the online update (training.updates, the service's and the harness's) runs Adam at the learned lr
+    fresh, tok = load_causal_lm(str(base_dir), ModelSettings(device="cpu"))
+    spec = load_updater(out, fresh, tok, UpdateConfig(optimizer="sgd", lr=5.0))
+    assert spec.config.optimizer == "adam" and spec.config.lr == learned
+    from training.updates import LoraUpdater
+
+    updater = LoraUpdater(fresh, tok, spec.token_weights, spec.config, initial=spec.initial)
+    assert isinstance(updater.optimizer, torch.optim.Adam) and updater.optimizer.param_groups[0]["lr"] == learned
+    assert updater.step(FACTS[0][1]).accepted
 
 
 @pytest.mark.parametrize("variant", ["lora", "rank1_full"])
@@ -116,11 +144,7 @@ def test_meta_ft_in_the_harness_steps_per_group_and_restores_the_base(tmp_path, 
     from training.methods import MethodConfig, MethodContext, build_method
     from training.types import Document, Question
 
-    model, tok, meta, config = _model(variant)
-    with torch.no_grad():
-        for p in meta.values():
-            p.normal_(0, 0.1)
-    save_meta_adapter(tmp_path / "m", model, meta, config, base_model_id="tiny", base_config=model.config)
+    write_tiny_meta_init(tmp_path / "m", MetaAdapterConfig(variant=variant, rank=4, top_layers=1, inner_lr=0.3))
     base, tok = tiny_causal_lm("llama")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, meta_ft_artifact=str(tmp_path / "m")))

@@ -22,15 +22,21 @@ def choice_logprobs(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, str]],
     choices: list[str] | tuple[str, ...],
+    adapter_name: str | None = None,
 ) -> list[float]:
     """Mean log-probability per token of each choice after the prompt.
 
     The prompt is run once; its KV cache is repeated for the choices, which are scored together
     in one right-padded batch (the prompt dominates the cost of a multiple-choice question).
+    ``adapter_name``: score through that PEFT adapter for this request only (``adapter_names``).
     """
     prompt = chat_input_ids(tokenizer, messages).to(model.device)
     targets = [answer_token_ids(tokenizer, c) for c in choices]
-    out = model(input_ids=prompt, use_cache=True)
+
+    def per_request(rows: int) -> dict:
+        return {} if adapter_name is None else {"adapter_names": [adapter_name] * rows}
+
+    out = model(input_ids=prompt, use_cache=True, **per_request(1))
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each choice's 1st token
     n, longest = len(targets), max(len(t) for t in targets)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -43,7 +49,7 @@ def choice_logprobs(
     cache.batch_repeat_interleave(n)
     attention = torch.cat([torch.ones((n, prompt.shape[1]), dtype=torch.long, device=model.device),
                            choice_mask], dim=1)
-    logits = model(input_ids=choice_ids, attention_mask=attention, past_key_values=cache).logits
+    logits = model(input_ids=choice_ids, attention_mask=attention, past_key_values=cache, **per_request(n)).logits
     rest = torch.log_softmax(logits.float(), dim=-1)  # position j predicts choice token j + 1
     scores = []
     for i, target in enumerate(targets):

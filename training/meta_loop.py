@@ -1,7 +1,8 @@
 """The outer loop shared by the meta-training recipes (CaMeLS, meta_ft).
 
 Accumulates ``examples_per_update`` outer examples into one Adam step, clips, validates every
-``eval_every`` updates, appends every record to ``<run_dir>/metrics.jsonl``, checkpoints
+``eval_every`` updates, appends every record (with seconds per example and the process's peak
+RSS, what a recipe's settings cost) to ``<run_dir>/metrics.jsonl``, checkpoints
 atomically to ``<run_dir>/checkpoint.pt`` and resumes from it, and stops when the update count or
 the wall-clock budget (carried across resumes) is spent. The recipes supply what differs: how one
 example's loss is computed, how validation is run, which tensors are the meta-parameters.
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 from tqdm import tqdm
+
+from training.eval.resources import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def run_outer_loop(
             log.info("time budget of %.0f minutes spent", cfg.max_minutes)
             break
         optimizer.zero_grad(set_to_none=True)
+        update_started = time.monotonic()
         stats_sum: dict[str, float] = {}
         for _ in range(cfg.examples_per_update):
             loss, stats = example_loss(rng)
@@ -98,7 +102,9 @@ def run_outer_loop(
         state["elapsed_minutes"] = (time.monotonic() - start) / 60
         bar.update(1)
         bar.set_postfix(postfix(stats_sum))
-        record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum}
+        record = {"update": state["update"], "minutes": round(state["elapsed_minutes"], 2), "train": stats_sum,
+                  "seconds_per_example": round((time.monotonic() - update_started) / cfg.examples_per_update, 2),
+                  "peak_rss_mb": round(peak_rss_mb())}
         if state["update"] % cfg.eval_every == 0:
             record["val"] = validate(state)
             log.info("update %d val %s", state["update"], record["val"])

@@ -1,5 +1,6 @@
 """What an updater setting means for ``training.updates``: ``uniform``, a CaMeLS weighting-model
-artifact, or a meta-trained init artifact (variant ``lora``). The service's ``FRESHLM_UPDATER`` and
+artifact (token weights), or a meta-trained init artifact (variant ``lora``: the initial LoRA
+tensors, and the optimizer and lr it was meta-trained for). The service's ``FRESHLM_UPDATER`` and
 the harness's ``camels_ft`` / ``meta_ft`` / ``pipeline`` methods resolve it here, so both run the
 same update from the same artifact.
 """
@@ -43,8 +44,9 @@ def load_updater(
     lr: float | None = None,
 ) -> UpdaterSpec:
     """``uniform`` -> ``config`` with weight 1 per token; a CaMeLS artifact -> ``config`` with its
-    learned weights; a meta-trained init -> SGD from the init at its meta-trained lr (``lr``
-    overrides it) on its own LoRA. Artifacts for another base model are refused."""
+    learned weights; a meta-trained init -> its optimizer (SGD or Adam) from the init at its
+    meta-trained (possibly learned) lr (``lr`` overrides it) on its own LoRA. Artifacts for another
+    base model are refused."""
     if str(spec) == "uniform":
         return UpdaterSpec(config, uniform_weights(tokenizer, config.max_tokens), info={"updater": "uniform"})
     manifest = read_manifest(spec)
@@ -53,14 +55,13 @@ def load_updater(
         weights = model_weights(tokenizer, config.max_tokens, weighting_model(spec, base))
         return UpdaterSpec(config, weights, info=info)
     if manifest.kind == "meta_ft_init":
-        from training.meta_ft.adapter import lora_spec, read_meta_init
+        from training.meta_ft.adapter import online_update, read_meta_init
 
         adapter, tensors = read_meta_init(spec, base.config)
         if adapter.variant != "lora":
             raise ArtifactError(f"{spec}: meta-trained variant {adapter.variant!r} updates full weight matrices; "
                                 "only 'lora' variant inits drive a versioned adapter")
-        meta = config.model_copy(update={"optimizer": "sgd", "lr": adapter.inner_lr if lr is None else lr,
-                                         "lora": lora_spec(adapter)})
+        meta = online_update(adapter, config, lr)
         return UpdaterSpec(meta, uniform_weights(tokenizer, meta.max_tokens), initial=tensors, info=info)
     raise ArtifactError(f"{spec} holds a {manifest.kind!r} artifact, not an updater "
                         "(expected camels_weighting_model or meta_ft_init)")

@@ -34,6 +34,11 @@ from training.token_batches import document_batch
 # text -> (token ids [T], weight per token [T]); weight t scales the loss of predicting token t
 TokenWeights = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 
+# The optimizers' settings other than lr, shared with the differentiable copy of this update that
+# meta-training unrolls (``training.inner_loop.optimizer_step``): torch's Adam defaults, written once.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
 LOCALITY_PROBE = (
     "The sun rises in the east and sets in the west.",
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -96,8 +101,8 @@ class OnlineUpdater:
     ) -> None:
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.token_weights, self.config = token_weights, config
-        self.optimizer = (torch.optim.Adam(params, lr=config.lr) if config.optimizer == "adam"
-                          else torch.optim.SGD(params, lr=config.lr))
+        self.optimizer = (torch.optim.Adam(params, lr=config.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+                          if config.optimizer == "adam" else torch.optim.SGD(params, lr=config.lr))
         self.steps = 0
         self.rejected = 0
         self.skipped = 0  # documents with nothing to learn (too short, no weighted token)

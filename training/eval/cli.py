@@ -34,6 +34,7 @@ from training.methods import MethodConfig, MethodContext, build_method, method_i
 from training.methods.builtin import BASELINES
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
 from training.qa_tuning import apply_qa_tuning
+from training.update_bank.runtime import UpdateBankConfig
 from training.eval.results_plot import plot_results
 
 log = logging.getLogger("training.eval")
@@ -106,9 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--lr-grid", default="1e-4,5e-4,2.5e-3", help="comma list; empty: use --ft-lr")
     p.add_argument("--ft-lr", type=float, default=MethodConfig().ft_lr)
+    p.add_argument("--ft-lora-r", type=int, default=MethodConfig().ft_lora_r,
+                   help="LoRA rank of the online update (uniform_ft, camels_ft, ...)")
+    p.add_argument("--ft-lora-top-layers", type=int, default=MethodConfig().ft_lora_top_layers,
+                   help="LoRA of the online update in the last N blocks only (default: every block)")
     p.add_argument("--meta-ft-lr-grid", default="",
-                   help="comma list of SGD lrs for meta_ft / meta_ft_4 / meta_ft_16, chosen on the validation "
-                        "stream like --lr-grid; empty: the lr the init was meta-trained for")
+                   help="comma list of lrs (of the init's own optimizer) for meta_ft / meta_ft_4 / meta_ft_16 / "
+                        "update_bank, chosen on the validation stream like --lr-grid; empty: the init's (learned) lr")
     p.add_argument("--val-max-documents", type=int, default=20)
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
@@ -123,6 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
     p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
+    p.add_argument("--update-bank-updater", help="update_bank: whose step each document takes (an init or CaMeLS "
+                                                 "artifact, or uniform; default: the meta_ft artifact)")
+    p.add_argument("--update-bank-top-k", type=int, default=UpdateBankConfig().top_k,
+                   help="update_bank: documents' updates each question applies, by key similarity")
+    p.add_argument("--update-bank-storage", choices=STORAGES, default=UpdateBankConfig().storage,
+                   help="update_bank: how the bank stores entries")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)
     p.add_argument("--retention-m", default="0,10,20,40")
@@ -170,11 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
     evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
     model, tokenizer = load_base(args)
     method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
-                                 mac_artifact=args.mac_artifact,
+                                 ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
+                                 ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
                                                    storage=args.mac_storage),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
-                                 meta_ft_docs_per_step=args.meta_ft_docs_per_step)
+                                 meta_ft_docs_per_step=args.meta_ft_docs_per_step,
+                                 update_bank=UpdateBankConfig(updater=args.update_bank_updater,
+                                                              top_k=args.update_bank_top_k,
+                                                              storage=args.update_bank_storage))
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
                               retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()])
     config = {

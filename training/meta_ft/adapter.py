@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from training.artifacts import load_artifact, save_artifact
 from training.inner_loop import Params, select_params
 from training.lora import LoraSpec, linear_module_names, top_layers
+from training.updates import UpdateConfig
 
 ARTIFACT_KIND = "meta_ft_init"
 Variant = Literal["lora", "rank1_full"]
@@ -32,13 +33,16 @@ Variant = Literal["lora", "rank1_full"]
 
 class MetaAdapterConfig(BaseModel):
     variant: Variant = "lora"
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="the online optimizer the init is meta-trained for (a fresh one per stream)")
     rank: int = Field(8, ge=1, description="LoRA rank (variant lora); rank1_full uses 1")
     alpha: float = 16.0
     top_layers: int | None = Field(8, description="adapt only the last N blocks (none = all)")
     targets: list[str] | None = Field(None, description="linear module names (none = all in the blocks)")
     inner_lr: float | None = Field(
-        None, description="online SGD lr the init is meta-trained for (none: 1.0 for lora, 1e-2 for "
-                          "rank1_full; the paper's 1e-3 barely moves a LoRA that starts at B = 0, see docs)")
+        None, description="online lr the init is meta-trained for; learned with it when the recipe learns the lr "
+                          "(none: 1.0 for lora, 1e-2 for rank1_full; the paper's 1e-3 barely moves a LoRA that "
+                          "starts at B = 0, see docs)")
 
     @model_validator(mode="after")
     def _default_inner_lr(self) -> "MetaAdapterConfig":
@@ -112,6 +116,13 @@ def save_meta_adapter(
 def lora_spec(config: MetaAdapterConfig) -> LoraSpec:
     """The LoRA of a ``lora``-variant init, as every other adapter of this project is built."""
     return LoraSpec(rank=config.rank, alpha=config.alpha, top_layers=config.top_layers, targets=config.targets)
+
+
+def online_update(config: MetaAdapterConfig, update: UpdateConfig, lr: float | None = None) -> UpdateConfig:
+    """The online update an init was meta-trained for: its optimizer at its lr (``lr`` overrides it)
+    on its own LoRA; the rest (document tokens, guard) from ``update``."""
+    return update.model_copy(update={"optimizer": config.optimizer, "lr": config.inner_lr if lr is None else lr,
+                                     "lora": lora_spec(config)})
 
 
 def read_meta_init(path: str | Path, base_config) -> tuple[MetaAdapterConfig, dict[str, torch.Tensor]]:

@@ -1,7 +1,8 @@
-"""``meta_ft`` in the evaluation harness: plain SGD steps from the meta-trained init.
+"""``meta_ft`` in the evaluation harness: plain optimizer steps from the meta-trained init.
 
 Each document (or each group of ``docs_per_step`` documents, pooled into one loss: the
-multi-document case) is ONE SGD step of ``training.updates`` (the service's update) at the learning rate the init was meta-trained for (or
+multi-document case) is ONE step of ``training.updates`` (the service's update) with the optimizer
+(SGD, or Adam carried along the stream) and the learning rate the init was meta-trained for (or
 ``MethodConfig.meta_ft_lr``, which the harness can choose on val like ``uniform_ft``'s), on the
 LoRA adapter (variant ``lora``) or on the adapted weight matrices with the rank-1 init merged
 (variant ``rank1_full``): exactly the inner step of meta-training, taken with a plain optimizer.
@@ -20,7 +21,7 @@ import torch
 from training.generation import generate_answers
 from training.choice_scoring import choice_logprobs
 from training.artifacts import configured_artifact
-from training.meta_ft.adapter import load_meta_adapter, read_meta_init
+from training.meta_ft.adapter import load_meta_adapter, online_update, read_meta_init
 from training.methods.online_ft import update_config
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
@@ -46,8 +47,7 @@ class MetaFineTuning:
             self._requires_grad = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
             self._original = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
             model, params, _ = load_meta_adapter(path, ctx.model)
-            lr = self.adapter.inner_lr if ctx.config.meta_ft_lr is None else ctx.config.meta_ft_lr
-            update = update_config(ctx.config).model_copy(update={"optimizer": "sgd", "lr": lr})
+            update = online_update(self.adapter, update_config(ctx.config), ctx.config.meta_ft_lr)
             self.updater = OnlineUpdater(model, list(params.values()), ctx.tokenizer,
                                          uniform_weights(ctx.tokenizer, update.max_tokens), update)
         self.model = self.updater.model

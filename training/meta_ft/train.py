@@ -1,15 +1,20 @@
-"""Meta-train the starting point of single-step updates ("Can gradient descent simulate prompting?").
+"""Meta-train the starting point of online updates ("Can gradient descent simulate prompting?"),
+in the regime it is used in: a stream of documents, each one optimizer step, one optimizer state.
 
     python -m training.meta_ft.train --squad ../shared/data/squad/dev-v1.1.json \
-        --out var/artifacts/meta_ft --target teacher --docs-per-step 1 --max-minutes 170 --threads 1
+        --out var/artifacts/meta_ft --target teacher --stream-documents 4 --max-minutes 170 --threads 1
 
-MAML: per outer example, ``docs_per_step`` training paragraphs take ONE differentiable SGD step
-(lr ``adapter.inner_lr``) on their pooled LM loss, starting from the meta-parameters; the outer
-loss is, on questions about those paragraphs asked without them, either the NLL of the gold answers
-(``--target gold``) or KL(teacher || updated) on the tokens of the teacher's greedy answer, the
-teacher being the base model prompted with the paragraph (``--target teacher``). Adam on the
+MAML over a stream: per outer example, ``stream_documents`` training paragraphs (``docs_per_step``
+of them pooled per step) are learned in sequence from the meta-parameters by the online update
+(``adapter.optimizer``: SGD, or Adam with its moments in the graph, at the lr ``exp(log_lr)``; with
+``--learn-lr`` the log-lr is meta-learned with the init and saved as the artifact's ``inner_lr``).
+The outer loss, on questions about ALL the paragraphs asked without them, is the NLL of the gold
+answers (``--target gold``) or KL(teacher || updated) on the tokens of the teacher's greedy
+answer, the teacher being the base model prompted with the question's own paragraph (``--target
+teacher``), plus ``c_kl`` x KL(base || updated) on an unrelated paragraph (locality). Adam on the
 meta-parameters. Progress bar, ``<run_dir>/metrics.jsonl``, resumable ``<run_dir>/checkpoint.pt``,
-the artifact in ``--out`` (kind ``meta_ft_init``).
+the artifact in ``--out`` (kind ``meta_ft_init``). ``--stream-documents 1`` is the one-step setting
+of the earlier runs (docs/meta_learning.md).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,12 +38,12 @@ from training.inner_loop import (
     InnerLoopConfig,
     Params,
     enable_double_backward,
-    inner_update,
     kl_to_teacher,
     labelled_logprobs,
+    stream_update,
     weighted_nll,
 )
-from training.meta_examples import paragraph_examples
+from training.meta_examples import Paragraph, held_out_streams, paragraph_examples, stream_example
 from training.meta_loop import MetaParameters, OuterLoopConfig, append_metrics, run_outer_loop
 from training.meta_ft.adapter import MetaAdapterConfig, attach, inner_params, save_meta_adapter
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
@@ -48,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 class MetaFTTrainConfig(BaseModel):
-    """Meta-train a LoRA (or rank-1) init for one-step document updates."""
+    """Meta-train a LoRA (or rank-1) init, and its lr, for online updates over a stream."""
 
     squad: Path = Field(description="SQuAD v1.1 JSON; the train split (by article) is used")
     out: Path = Field(Path("var/artifacts/meta_ft"), description="artifact directory")
@@ -59,13 +66,19 @@ class MetaFTTrainConfig(BaseModel):
     dtype: str = "float32"
     split_seed: int = 0
     adapter: MetaAdapterConfig = Field(default_factory=MetaAdapterConfig)
+    learn_lr: bool = Field(True, description="meta-learn log(inner lr) with the init (saved as adapter.inner_lr)")
+    lr_outer_lr: float = Field(1e-2, description="outer Adam lr of the log-lr (it moves by about this per update)")
     target: Literal["gold", "teacher"] = "teacher"
     teacher_max_tokens: int = 16
-    docs_per_step: int = Field(1, description="paragraphs pooled into the one inner step (1, 4, 16)")
-    questions_per_step: int = Field(4, description="outer questions per example, over its paragraphs")
+    stream_documents: int = Field(4, ge=1, description="optimizer steps in sequence per example (k)")
+    docs_per_step: int = Field(1, ge=1, description="paragraphs pooled into each step (1, 4, 16)")
+    window: int | None = Field(None, ge=1, description="truncated backprop: differentiate the last N steps only")
+    first_order: bool = Field(False, description="drop second-order terms (gradients at detached parameters)")
+    c_kl: float = Field(0.1, ge=0, description="weight of KL(base || updated) on an unrelated paragraph")
+    questions_per_doc: int = Field(2, ge=1, description="outer questions about each paragraph of an example")
     max_doc_tokens: int = 256
     outer_lr: float = 1e-4
-    examples_per_update: int = Field(2, description="outer examples accumulated per Adam step")
+    examples_per_update: int = Field(1, description="outer examples (streams) accumulated per Adam step")
     max_updates: int = 100_000
     max_minutes: float = 170.0
     eval_every: int = 50
@@ -76,6 +89,10 @@ class MetaFTTrainConfig(BaseModel):
 
     def resolved_run_dir(self) -> Path:
         return self.run_dir or self.out.with_name(self.out.name + "-run")
+
+    def inner(self) -> InnerLoopConfig:
+        return InnerLoopConfig(optimizer=self.adapter.optimizer, lr=self.adapter.inner_lr, window=self.window,
+                               first_order=self.first_order)
 
 
 @contextlib.contextmanager
@@ -110,20 +127,41 @@ def teacher_targets(
     return answers, logp
 
 
-def outer_batch(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[tuple[str, list[tuple[str, str]]]],
-    config: MetaFTTrainConfig, rng: random.Random,
-) -> tuple[TokenBatch, TokenBatch, torch.Tensor | None]:
-    """(paragraphs to learn, questions asked without them, teacher log-probs or None for gold)."""
-    paragraphs = [doc for doc, _ in examples]
-    pool = [qa for _, qas in examples for qa in qas]
-    chosen = rng.sample(pool, min(config.questions_per_step, len(pool)))
-    questions = [q for q, _ in chosen]
-    doc = document_batch(tokenizer, paragraphs, config.max_doc_tokens).to(model.device)
+@dataclass
+class OuterExample:
+    """One stream: its steps' document batches in order, the questions about all of them (asked
+    without them), the teacher's log-probs on their answers (None: gold answers), and a locality
+    probe with the base model's log-probs on it."""
+
+    docs: list[TokenBatch]
+    qa: TokenBatch
+    teacher_logp: torch.Tensor | None
+    probe: TokenBatch
+    probe_logp: torch.Tensor
+
+
+def outer_example(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, stream: list[Paragraph], probe: str,
+    config: MetaFTTrainConfig,
+) -> OuterExample:
+    texts = [text for text, _ in stream]
+    docs = [document_batch(tokenizer, texts[i : i + config.docs_per_step], config.max_doc_tokens).to(model.device)
+            for i in range(0, len(texts), config.docs_per_step)]
+    questions = [q for _, qas in stream for q, _ in qas]
     if config.target == "gold":
-        return doc, qa_batch(tokenizer, questions, [a for _, a in chosen]).to(model.device), None
-    answers, logp = teacher_targets(model, tokenizer, paragraphs, questions, config.teacher_max_tokens)
-    return doc, qa_batch(tokenizer, questions, answers).to(model.device), logp
+        answers, teacher_logp = [a for _, qas in stream for _, a in qas], None
+    else:  # each question's teacher reads the question's own paragraph
+        answers, rows = [], []
+        for text, qas in stream:
+            ids, logp = teacher_targets(model, tokenizer, [text], [q for q, _ in qas], config.teacher_max_tokens)
+            answers += ids
+            rows.append(logp)
+        teacher_logp = torch.cat(rows)
+    probe_batch = document_batch(tokenizer, [probe], config.max_doc_tokens).to(model.device)
+    with torch.no_grad(), base_behaviour(model):
+        probe_logp = labelled_logprobs(model, {}, probe_batch)
+    return OuterExample(docs=docs, qa=qa_batch(tokenizer, questions, answers).to(model.device),
+                        teacher_logp=teacher_logp, probe=probe_batch, probe_logp=probe_logp)
 
 
 def outer_loss(model: nn.Module, params: Params, qa: TokenBatch, teacher_logp: torch.Tensor | None) -> torch.Tensor:
@@ -131,30 +169,36 @@ def outer_loss(model: nn.Module, params: Params, qa: TokenBatch, teacher_logp: t
 
 
 def meta_objective(
-    model: nn.Module, meta: Params, variant: str, doc: TokenBatch, qa: TokenBatch,
-    teacher_logp: torch.Tensor | None, inner: InnerLoopConfig,
+    model: nn.Module, meta: Params, variant: str, example: OuterExample, inner: InnerLoopConfig,
+    log_lr: torch.Tensor, c_kl: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Outer loss after ONE differentiable inner SGD step from the meta-parameters."""
+    """Outer loss after the differentiable stream update from the meta-parameters at lr ``exp(log_lr)``,
+    + ``c_kl`` x KL(base || updated) on the probe."""
     start = inner_params(model, meta, variant)
-    updated = inner_update(model, start, doc, None, inner, create_graph=True)
-    loss = outer_loss(model, updated, qa, teacher_logp)
+    updated, _ = stream_update(model, start, example.docs, None, inner, lr=log_lr.exp(), create_graph=True)
+    after = outer_loss(model, updated, example.qa, example.teacher_logp)
+    kl = kl_to_teacher(model, updated, example.probe, example.probe_logp) if c_kl > 0 else after.new_zeros(())
     with torch.no_grad():
-        before = outer_loss(model, start, qa, teacher_logp)
-    return loss, {"outer_after": loss.item(), "outer_before": before.item()}
+        before = outer_loss(model, start, example.qa, example.teacher_logp)
+    return after + c_kl * kl, {"outer_after": after.item(), "outer_before": before.item(), "kl": kl.item(),
+                               "lr": log_lr.exp().item()}
 
 
 def evaluate(
-    model: nn.Module, meta: Params, variant: str, batches: list, inner: InnerLoopConfig,
+    model: nn.Module, meta: Params, variant: str, examples: list[OuterExample], inner: InnerLoopConfig,
+    lr: float,
 ) -> dict[str, float]:
-    """Mean outer loss on held-out examples: at the init, and after its one-step update."""
-    sums = {"outer_before": 0.0, "outer_after": 0.0}
-    for doc, qa, logp in batches:
+    """Mean outer loss on held-out streams: at the init, and after the stream update from it (with
+    the probe KL from the base model)."""
+    sums = {"outer_before": 0.0, "outer_after": 0.0, "kl": 0.0}
+    for example in examples:
         start = {k: v.detach().requires_grad_(True) for k, v in inner_params(model, meta, variant).items()}
-        updated = inner_update(model, start, doc, None, inner, create_graph=False)
+        updated, _ = stream_update(model, start, example.docs, None, inner, lr=lr, create_graph=False)
         with torch.no_grad():
-            sums["outer_before"] += outer_loss(model, start, qa, logp).item()
-            sums["outer_after"] += outer_loss(model, updated, qa, logp).item()
-    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+            sums["outer_before"] += outer_loss(model, start, example.qa, example.teacher_logp).item()
+            sums["outer_after"] += outer_loss(model, updated, example.qa, example.teacher_logp).item()
+            sums["kl"] += kl_to_teacher(model, updated, example.probe, example.probe_logp).item()
+    return {k: v / max(1, len(examples)) for k, v in sums.items()} | {"lr": lr}
 
 
 def train(config: MetaFTTrainConfig) -> dict[str, float]:
@@ -172,52 +216,61 @@ def train(config: MetaFTTrainConfig) -> dict[str, float]:
     base.requires_grad_(False)
     model, meta = attach(enable_double_backward(base), config.adapter, seed=config.seed)
     variant = config.adapter.variant
-    trainable = list(meta.values())
-    optimizer = torch.optim.Adam(trainable, lr=config.outer_lr)
-    inner = InnerLoopConfig(lr=config.adapter.inner_lr, steps=1)
+    log_lr = torch.tensor(math.log(config.adapter.inner_lr), device=model.device, requires_grad=config.learn_lr)
+    trainable = list(meta.values()) + ([log_lr] if config.learn_lr else [])
+    groups = [{"params": list(meta.values()), "lr": config.outer_lr}]
+    if config.learn_lr:
+        groups.append({"params": [log_lr], "lr": config.lr_outer_lr})
+    optimizer = torch.optim.Adam(groups)
+    inner = config.inner()
 
-    train_examples = paragraph_examples(load_squad_seq(config.squad, "train", seed=config.split_seed))
-    val_pool = paragraph_examples(load_squad_seq(config.squad, "val", seed=config.split_seed))
-    val_rng = random.Random(1234)
-    n_val = min(config.val_examples, max(1, len(val_pool) // config.docs_per_step))
-    val_batches = [
-        outer_batch(model, tokenizer, val_pool[i * config.docs_per_step:(i + 1) * config.docs_per_step] or val_pool[:1],
-                    config, val_rng)
-        for i in range(n_val)
-    ]
+    train_paragraphs = paragraph_examples(load_squad_seq(config.squad, "train", seed=config.split_seed))
+    val_paragraphs = paragraph_examples(load_squad_seq(config.squad, "val", seed=config.split_seed))
+    per_example = config.stream_documents * config.docs_per_step
+    val_streams = held_out_streams(val_paragraphs, per_example, config.questions_per_doc)[: config.val_examples]
+    val_batches = [outer_example(model, tokenizer, stream,
+                                 val_paragraphs[((i + 1) * per_example) % len(val_paragraphs)][0], config)
+                   for i, stream in enumerate(val_streams)]
 
     def example_loss(rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
-        picked = [train_examples[rng.randrange(len(train_examples))] for _ in range(config.docs_per_step)]
-        doc, qa, logp = outer_batch(model, tokenizer, picked, config, rng)
-        return meta_objective(model, meta, variant, doc, qa, logp, inner)
+        stream = stream_example(train_paragraphs, per_example, config.questions_per_doc, rng)
+        probe = train_paragraphs[rng.randrange(len(train_paragraphs))][0]
+        example = outer_example(model, tokenizer, stream, probe, config)
+        return meta_objective(model, meta, variant, example, inner, log_lr, config.c_kl)
+
+    def state_dict() -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in meta.items()} | {"log_lr": log_lr.detach()}
 
     def load_meta(saved: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, tensor in saved.items():
-                meta[name].copy_(tensor)
+                (log_lr if name == "log_lr" else meta[name]).copy_(tensor)
+
+    def validate(_state: dict) -> dict[str, float]:
+        return evaluate(model, meta, variant, val_batches, inner, log_lr.exp().item())
 
     state = run_outer_loop(
         OuterLoopConfig(max_updates=config.max_updates, max_minutes=config.max_minutes,
                         examples_per_update=config.examples_per_update, eval_every=config.eval_every,
                         checkpoint_every=config.checkpoint_every),
-        run_dir,
-        MetaParameters(trainable=trainable, state_dict=lambda: {k: v.detach() for k, v in meta.items()},
-                       load_state_dict=load_meta),
-        optimizer, random.Random(config.seed), example_loss,
-        validate=lambda _state: evaluate(model, meta, variant, val_batches, inner),
-        desc=f"meta_ft ({variant})",
-        postfix=lambda s: {"before": f"{s['outer_before']:.3f}", "after": f"{s['outer_after']:.3f}"})
-    val_metrics = evaluate(model, meta, variant, val_batches, inner)
+        run_dir, MetaParameters(trainable=trainable, state_dict=state_dict, load_state_dict=load_meta),
+        optimizer, random.Random(config.seed), example_loss, validate=validate,
+        desc=f"meta_ft ({variant}, {config.adapter.optimizer}, k={config.stream_documents})",
+        postfix=lambda s: {"before": f"{s['outer_before']:.3f}", "after": f"{s['outer_after']:.3f}",
+                           "lr": f"{s['lr']:.3g}"})
+    val_metrics = validate(state)
     append_metrics(run_dir, {"update": state["update"], "final_val": val_metrics})
+    learned = config.adapter.model_copy(update={"inner_lr": log_lr.exp().item()})
     save_meta_adapter(
-        config.out, model, meta, config.adapter, base_model_id=config.base_model, base_config=base_config,
+        config.out, model, meta, learned, base_model_id=config.base_model, base_config=base_config,
         config={"training": json.loads(config.model_dump_json())},
         training_data={"dataset": "squad-seq", "split": "train", "path": str(config.squad),
-                       "split_seed": config.split_seed, "paragraphs": len(train_examples),
+                       "split_seed": config.split_seed, "paragraphs": len(train_paragraphs),
                        "examples_seen": state["example"], "qa_tuning": str(config.qa_tuning)},
-        metrics={"val": val_metrics, "updates": state["update"], "minutes": round(state["elapsed_minutes"], 1)},
+        metrics={"val": val_metrics, "updates": state["update"], "minutes": round(state["elapsed_minutes"], 1),
+                 "learned_lr": learned.inner_lr},
     )
-    log.info("saved %s after %d updates: %s", config.out, state["update"], val_metrics)
+    log.info("saved %s after %d updates (lr %.4g): %s", config.out, state["update"], learned.inner_lr, val_metrics)
     return val_metrics
 
 

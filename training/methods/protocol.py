@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.mac.runtime import MacReadConfig
 from training.models import DEFAULT_BASE_MODEL
 from training.pipeline import PipelineConfig
+from training.update_bank.runtime import UpdateBankConfig
 from training.updates import UpdateConfig
 from training.types import Document, Question
 
@@ -49,7 +50,8 @@ class MethodConfig(BaseModel):
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step
-    meta_ft_lr: float | None = None  # meta_ft: SGD lr (none: the lr the init was meta-trained for)
+    meta_ft_lr: float | None = None  # meta_ft, update_bank: lr (none: the lr the init was meta-trained for)
+    update_bank: UpdateBankConfig = Field(default_factory=UpdateBankConfig)  # update_bank: entries, keys, slots
 
 
 @dataclass

@@ -1,0 +1,235 @@
+"""The per-document update bank at run time: one implementation for the harness (``update_bank``)
+and, later, the service.
+
+Ingest: the online update of ``training.updates`` (a meta-trained init's step, a CaMeLS-weighted
+step, ...) takes ONE step from the init on the document alone; what it moved (the LoRA tensors'
+change, a delta of rank <= 2r in weight space) is packed into one bank entry with the document's
+MiniLM key, and the adapter is reset to the init. Nothing accumulates, so no document's step
+interferes with another's. Deleting a document deletes its entry: exact. Rebuilding is
+re-memorizing the documents.
+
+Ask: each question's top-k entries by key (``training.mac.aggregator.entry_ids``, as MAC selects
+its entries) become a per-request PEFT adapter ("slot") holding init + their deltas, and the
+question is generated with ``adapter_names`` = its slot, so a batch mixes documents' updates row by
+row and no global ``set_adapter`` is ever called. Rows without an entry use the init.
+
+``model_lock`` guards the shared adapter state (the init's adapter during a step, the slots while
+they are written and used): the service would hold it per ask, as it does for MAC.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.choice_scoring import choice_logprobs
+from training.generation import generate_answers
+from training.mac.aggregator import entry_ids
+from training.memory.base import MemoryBank, Storage
+from training.models import DEFAULT_ENCODER, embed_texts
+from training.prompts import qa_messages
+from training.updates import LoraUpdater
+
+ROW = 64  # values per stored row: int8 storage keeps one scale per row, as for MAC's slot vectors
+INIT = "__init__"  # rows whose question selects no entry
+
+
+class UpdateBankConfig(BaseModel):
+    """How documents' updates are kept and read (the harness's defaults; the service's later)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    updater: str | None = Field(
+        None, description="whose single step each document takes: a meta-trained init or CaMeLS artifact, or "
+                          "'uniform' (none: the meta_ft artifact the meta_ft methods use)")
+    encoder: str = Field(DEFAULT_ENCODER, description="key encoder of documents and questions (MAC's MiniLM)")
+    key_tokens: int = Field(256, ge=8, description="encoder tokens a key reads")
+    top_k: int = Field(1, ge=1, description="entries a question applies (their deltas add up)")
+    storage: Storage = Field("float16", description="how entries are stored: float16, or int8 (one scale per 64 values)")
+    slots: int = Field(16, ge=1, description="per-request adapters in the model: questions answered in one batch")
+
+
+@dataclass(frozen=True)
+class DeltaLayout:
+    """Which adapter tensors one step moves (PEFT state-dict names) and their shapes: a bank entry
+    is their changes, flattened in this order and cut into rows of ``ROW`` values."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, init: dict[str, torch.Tensor], steps_per_document: int) -> "DeltaLayout":
+        """From the fresh adapter (B = 0) ONE step moves only the B matrices (A's gradient is B^T x ... = 0):
+        the entry then holds B's change alone, half the bytes."""
+        fresh = steps_per_document == 1 and all(not t.any() for n, t in init.items() if "lora_B" in n)
+        names = tuple(n for n in init if not (fresh and "lora_A" in n))
+        return cls(names, tuple(init[n].shape for n in names))
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def pack(self, delta: dict[str, torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([delta[n].detach().float().reshape(-1).cpu() for n in self.names])
+        return torch.nn.functional.pad(flat, (0, -len(flat) % ROW)).view(-1, ROW)
+
+    def unpack(self, entry: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat, out, start = entry.reshape(-1), {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            out[name] = flat[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return out
+
+
+@dataclass
+class UpdateBankRuntime:
+    updater: LoraUpdater  # the init's adapter and the online update (reset to the init after every step)
+    encoder: PreTrainedModel
+    encoder_tokenizer: PreTrainedTokenizerBase
+    bank: MemoryBank
+    config: UpdateBankConfig = field(default_factory=UpdateBankConfig)
+    model_lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        self.init = self.updater.adapter_tensors()
+        self._init_state = self.updater.snapshot()
+        self.layout = DeltaLayout.of(self.init, self.updater.config.steps_per_document)
+        self._slots = self._add_slots()
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.updater.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.updater.tokenizer
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def memorize(self, doc_ids: list[str], texts: list[str]) -> int:
+        """One step from the init per document, kept as its entry (replacing any earlier one);
+        returns the number stored (a skipped or guard-rejected step stores nothing)."""
+        keys = embed_texts(self.encoder, self.encoder_tokenizer, texts, self.config.key_tokens)
+        stored = 0
+        for doc_id, text, key in zip(doc_ids, texts, keys):
+            with self.model_lock:
+                result = self.updater.step(text)
+                moved = self.updater.adapter_tensors() if result.accepted else None
+                self.updater.restore(self._init_state)
+            if moved is not None:
+                self.bank.put(doc_id, self.layout.pack({n: moved[n] - self.init[n] for n in self.layout.names}), key)
+                stored += 1
+        return stored
+
+    def delete(self, doc_id: str) -> bool:
+        """Forget a document exactly: its entry is gone, nothing of it stays in any weight."""
+        return self.bank.delete(doc_id)
+
+    def rebuild(self, doc_ids: list[str], texts: list[str]) -> int:
+        """The bank from the documents alone (after a restore, or for a new init)."""
+        self.bank.clear()
+        return self.memorize(doc_ids, texts)
+
+    def stored_bytes(self) -> int:
+        return sum(self.bank.nbytes(i) for i in self.bank.ids())
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def read(self, questions: list[str]) -> list[list[str]]:
+        """The ids of each question's top-k entries by key similarity."""
+        keys = embed_texts(self.encoder, self.encoder_tokenizer, questions, self.config.key_tokens)
+        bank_keys = self.bank.keys()
+        return [entry_ids(self.bank, key, self.config.top_k, bank_keys) for key in keys]
+
+    def answer(self, questions: list[str], passages: list[list[str] | None] | None = None,
+               max_new_tokens: int = 24) -> list[tuple[str, list[str]]]:
+        """Short answers, each generated with its question's entries applied, and the ids read."""
+        passages = passages or [None] * len(questions)
+        ids = self.read(questions)
+        out: list[tuple[str, list[str]]] = []
+        for start in range(0, len(questions), self.config.slots):
+            chunk = range(start, min(start + self.config.slots, len(questions)))
+            with self.model_lock:
+                names = self._load([ids[i] for i in chunk])
+                texts = generate_answers(self.model, self.tokenizer, [qa_messages(questions[i], passages[i]) for i in chunk],
+                                         max_new_tokens, batch_size=len(chunk), adapter_names=names)
+            out += [(text, ids[i]) for text, i in zip(texts, chunk)]
+        return out
+
+    def choice_scores(self, question: str, choices: list[str], passages: list[str] | None = None) -> list[float]:
+        """``choice_logprobs`` with the question's entries applied."""
+        with self.model_lock:
+            (name,) = self._load(self.read([question]))
+            return choice_logprobs(self.model, self.tokenizer, qa_messages(question, passages), choices,
+                                   adapter_name=name)
+
+    # --- per-request adapters ----------------------------------------------------------------------
+
+    def _add_slots(self) -> list[dict[str, torch.Tensor]]:
+        """``config.slots`` extra adapters of rank ``r * m`` (m = top_k, + 1 for a trained init when
+        several entries add up) with the init's scale; returns their parameters by state-dict name."""
+        peft, name = self.model, self.updater.adapter_name
+        init_config = peft.peft_config[name]
+        self._multiple = self.config.top_k + (1 if self.config.top_k > 1 and self._trained_init() else 0)
+        slot_config = copy.deepcopy(init_config)
+        slot_config.r = init_config.r * self._multiple
+        slot_config.lora_alpha = init_config.lora_alpha * self._multiple  # scale alpha / r unchanged
+        if init_config.rank_pattern or init_config.alpha_pattern:
+            raise ValueError("per-module LoRA ranks are not supported by the update bank")
+        slots = []
+        for index in range(self.config.slots):
+            slot = f"bank{index}"
+            peft.add_adapter(slot, slot_config)
+            slots.append({key: peft.get_parameter(_live_name(key, slot)) for key in self.init})
+        for slot in slots:
+            for p in slot.values():
+                p.requires_grad_(False)
+        for p in self.updater.params:  # adding adapters must not freeze the update's own
+            p.requires_grad_(True)
+        peft.eval()  # per-request adapter_names needs eval mode
+        return slots
+
+    def _trained_init(self) -> bool:
+        return any(t.any() for n, t in self.init.items() if "lora_B" in n)
+
+    @torch.no_grad()
+    def _load(self, per_question: list[list[str]]) -> list[str]:
+        """Write each distinct entry set into a slot; the adapter name each question is asked with."""
+        names, loaded = [], {}
+        for chosen in per_question:
+            key = tuple(chosen)
+            if not key:
+                names.append(self.updater.adapter_name)  # the init itself
+                continue
+            if key not in loaded:
+                loaded[key] = len(loaded)
+                self._write(self._slots[loaded[key]], [e for e in self.bank.get(list(key)) if e is not None])
+            names.append(f"bank{loaded[key]}")
+        return names
+
+    def _write(self, slot: dict[str, torch.Tensor], entries: list[torch.Tensor]) -> None:
+        """Slot = init + sum of the entries' deltas, as one LoRA of rank ``r * m``: a block
+        (B_j, A_j) = init + delta_j per entry and, when several add up over a trained init, a last
+        block (-(k-1) B_0, A_0) that removes the init counted k times; unused blocks are zero."""
+        deltas = [self.layout.unpack(e) for e in entries] or [{}]  # no entry left: the init alone
+        for key, param in slot.items():
+            init, rows = self.init[key], "lora_A" in key  # A: [r, in] (blocks are rows); B: [out, r]
+            parts = [init + d[key].to(init.dtype) if key in d else init for d in deltas]
+            if len(deltas) > 1 and self._trained_init():
+                parts.append(init if rows else -(len(deltas) - 1) * init)
+            value = torch.cat(parts, dim=0 if rows else 1)
+            param.zero_()
+            (param[: value.shape[0]] if rows else param[:, : value.shape[1]]).copy_(value)
+
+
+def _live_name(state_key: str, adapter: str) -> str:
+    """``...q_proj.lora_A.weight`` (a PEFT state-dict key) -> the parameter of adapter ``adapter``."""
+    for part in ("lora_A", "lora_B"):
+        if f".{part}." in state_key:
+            return state_key.replace(f".{part}.", f".{part}.{adapter}.")
+    raise ValueError(f"not a LoRA weight: {state_key}")
