@@ -49,6 +49,27 @@ def start_server(data_dir: Path, port: int, extra_env: dict[str, str]) -> subpro
                             stdout=log, stderr=subprocess.STDOUT)
 
 
+def wait_ready(client: httpx.Client, server: subprocess.Popen, data_dir: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server did not become ready; see {data_dir / 'server.log'}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--askers", type=int, default=8)
@@ -69,16 +90,7 @@ def main() -> None:
     questions = [q["question"] for q in json.loads((ROOT / "examples" / "demo_questions.json").read_text())]
     try:
         with httpx.Client(base_url=base, timeout=600) as client:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not become ready; see {data_dir / 'server.log'}")
-                time.sleep(0.5)
+            wait_ready(client, server, data_dir)
             client.post("/documents", json={"documents": documents}).raise_for_status()
             while client.get("/documents", params={"status": "pending"}).json()["total"]:
                 time.sleep(0.5)
@@ -161,11 +173,7 @@ def main() -> None:
         queue = [line for line in metrics.splitlines() if line.startswith("freshlm_queue_depth")]
         print(f"# {queue}", file=sys.stderr)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Prometheus metrics. Each app (and each worker) has its own registry, so tests can run several.
 
-Gauges that are facts of shared state (queue depth, memory-bank size, adapter version) are read at
-scrape time from SQL and Redis; latencies are histograms observed where the work happens.
+Gauges that are facts of shared state (queue depth, memory-bank size and adapter version per
+tenant) are read at scrape time from SQL and Redis; latencies are histograms observed where the
+work happens.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Metrics:
                                      registry=self.registry)
 
     def add_state_collector(self, read: Callable[[], dict]) -> None:
-        """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries", "adapter_version"}."""
+        """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries": {tenant: n} or None,
+        "adapter_versions": {tenant: version or None}}."""
         self.registry.register(_StateCollector(read))
 
 
@@ -51,8 +53,11 @@ class _StateCollector:
             docs.add_metric([status], n)
         yield docs
         if state.get("memory_bank_entries") is not None:
-            yield GaugeMetricFamily("freshlm_memory_bank_entries", "Entries in the MAC memory bank",
-                                    value=state["memory_bank_entries"])
-        info = InfoMetricFamily("freshlm_adapter", "The live adapter version")
-        info.add_metric([], {"version": state.get("adapter_version") or "none"})
+            bank = GaugeMetricFamily("freshlm_memory_bank_entries", "Entries in the MAC memory bank", labels=["tenant"])
+            for tenant, n in sorted(state["memory_bank_entries"].items()):
+                bank.add_metric([tenant], n)
+            yield bank
+        info = InfoMetricFamily("freshlm_adapter", "The live adapter version", labels=["tenant"])
+        for tenant, version in sorted(state["adapter_versions"].items()):
+            info.add_metric([tenant], {"version": version or "none"})
         yield info

@@ -1,24 +1,24 @@
 """What the API process and the worker both run on, opened once by one context manager: the
-database (migrated), Redis (embedded by default), the base model with its QA-format tuning, and
-the MAC runtime over the Redis memory bank (vLLM builds its engine first, then the app state).
+database (migrated), Redis (embedded and supervised by default), the base model with its QA-format
+tuning, and the MAC runtime over the Redis memory bank (vLLM builds its engine first, then the app
+state).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import redis
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.core.config import Settings
-from service.db import make_engine, session_factory
+from service.db import DEFAULT_TENANT, Database, open_database
 from service.migrate import upgrade_database
-from service.redis_server import EmbeddedRedis, start_embedded_redis
+from service.redis_server import EmbeddedRedis, start_embedded_redis, supervise
 from training.artifacts import read_manifest
 from training.mac.runtime import MacRuntime, bank_name, load_mac_runtime
 from training.memory import RedisMemoryBank
@@ -31,14 +31,27 @@ log = logging.getLogger("freshlm")
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
+    db: Database
     redis: redis.Redis
     embedded_redis: EmbeddedRedis | None = None
     model: PreTrainedModel | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
-    mac: MacRuntime | None = None
+    mac: MacRuntime | None = None  # over the default tenant's bank; ``mac_for`` gives any tenant's
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
+
+    def mac_for(self, tenant: str) -> MacRuntime | None:
+        """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact)."""
+        if self.mac is None:
+            return None
+        bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant), storage=self.settings.mac_storage)
+        return self.mac.with_bank(bank)
+
+
+def tenant_bank(bank: str, tenant: str) -> str:
+    """A tenant's memory bank: its own Redis hash tag (``freshlm:{<bank>:<tenant>}:...``). The
+    default tenant keeps the artifact's bank, the key layout from before tenants, so a bank written
+    then stays valid."""
+    return bank if tenant == DEFAULT_TENANT else f"{bank}:{tenant}"
 
 
 def open_redis(settings: Settings) -> tuple[redis.Redis, EmbeddedRedis | None]:
@@ -80,18 +93,22 @@ def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtim
     """Open everything (the model only if ``load_model``); close it all on exit."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     client, embedded = open_redis(settings)
-    engine = make_engine(settings.sqlalchemy_url)
+    db = open_database(settings.sqlalchemy_url)
+    stop = threading.Event()
     try:
+        if embedded is not None:  # restarted if it dies; the worker refills the memory bank
+            threading.Thread(target=supervise, args=(embedded, stop), name="redis-supervisor", daemon=True).start()
         if settings.auto_migrate:
-            log.info("database schema at revision %s", upgrade_database(engine))
-        rt = Runtime(settings, engine, session_factory(engine), client, embedded)
+            log.info("database schema at revision %s", upgrade_database(db.engine))
+        rt = Runtime(settings, db, client, embedded)
         if load_model:
             log.info("loading base model %s", settings.base_model)
             rt.model, rt.tokenizer = load_base_model(settings)
             load_mac(settings, rt)
         yield rt
     finally:
+        stop.set()
         client.close()
-        engine.dispose()
+        db.dispose()
         if embedded is not None:
             embedded.stop()

@@ -19,6 +19,7 @@ import uvicorn
 from service.core.config import Settings
 from service.main import create_app
 from service.redis_server import start_embedded_redis
+from service.server import server_config
 from tests.postgres_server import start_postgres
 import training.methods.builtin  # noqa: F401  (registers every built-in method)
 from training.models import tiny_causal_lm
@@ -85,11 +86,13 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    """Runs the app under uvicorn on a loopback port in a background thread."""
+    """Runs the app under uvicorn on a loopback port in a background thread, with the server
+    settings ``freshlm-serve`` uses (``service.server``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.port = _free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.app = create_app(settings)
+        config = server_config(self.app, settings, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -112,24 +115,31 @@ class LiveServer:
 
 
 @pytest.fixture
-def make_client(tmp_path, redis_url, redis_client) -> Iterator:
-    """Start a live server with the given settings overrides and return an httpx client to it."""
-    stack: list = []
+def make_server(tmp_path, redis_url, redis_client) -> Iterator:
+    """Start a live server with the given settings overrides; ``.client`` is an httpx client to it
+    and ``.app`` the app (its state: runtime, index, answerer)."""
+    stack: list[LiveServer] = []
 
-    def factory(**overrides) -> httpx.Client:
+    def factory(**overrides) -> LiveServer:
         settings = Settings(
             _env_file=None,
             **{"data_dir": tmp_path / "var", "redis_url": redis_url, "log_json": False, **overrides},
         )
         server = LiveServer(settings).__enter__()
-        client = httpx.Client(base_url=server.url, timeout=300)
-        stack.append((server, client))
-        return client
+        server.client = httpx.Client(base_url=server.url, timeout=300)
+        stack.append(server)
+        return server
 
     yield factory
-    for server, client in stack:
-        client.close()
+    for server in stack:
+        server.client.close()
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_client(make_server):
+    """Start a live server with the given settings overrides and return an httpx client to it."""
+    return lambda **overrides: make_server(**overrides).client
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import threading
 import torch
 
 from service.adapters import store as adapter_store
-from service.db import make_engine, session_factory
+from service.db import DEFAULT_TENANT, open_database
 from tests.conftest import wait_for, wait_ingested
 from training.lora import LoraSpec
 from training.models import ModelSettings, load_causal_lm
@@ -66,16 +66,17 @@ def _distinct_versions(tiny_model_dir, data_dir, count: int) -> list[str]:
     base, tokenizer = load_causal_lm(str(tiny_model_dir), ModelSettings(base_model=str(tiny_model_dir), device="cpu"))
     config = UpdateConfig(lora=LoraSpec(rank=4).resolved(base), max_tokens=64)
     updater = LoraUpdater(base, tokenizer, uniform_weights(tokenizer, 64), config)
-    engine = make_engine(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
+    db = open_database(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
     versions = []
-    with session_factory(engine).begin() as session:
+    with db.write.begin() as session:
         for seed in range(count):
             gen = torch.Generator().manual_seed(seed)
             tensors = {k: torch.randn(v.shape, generator=gen) for k, v in updater.adapter_tensors().items()}
             version = adapter_store.save_weights(data_dir / "adapters", tensors, config.lora.model_dump())
-            adapter_store.record_version(session, version, parent=None, kind="update", documents=[], metrics={})
+            adapter_store.record_version(session, DEFAULT_TENANT, version, parent=None, kind="update", documents=[],
+                                         metrics={})
             versions.append(version)
-    engine.dispose()
+    db.dispose()
     return versions
 
 

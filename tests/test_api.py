@@ -41,7 +41,7 @@ def test_post_is_durable_pending_then_ingested(client):
     assert response.status_code == 202
     (status,) = response.json()["documents"]
     assert status == {"id": "n-1", "status": "pending", "created": True, "status_url": status["status_url"]}
-    assert status["status_url"].endswith("/documents/n-1")
+    assert status["status_url"] == "/documents/n-1"  # relative: never built from the Host header
     (record,) = wait_ingested(client, ["n-1"])
     assert record["status"] == "ingested" and record["text"] == DOC["text"] and record["attempts"] == 1
     assert record["ingested_at"] is not None and record["memory_written"] is False
@@ -212,7 +212,7 @@ def test_metrics_in_prometheus_format(client):
     assert 'freshlm_documents{status="ingested"} 1.0' in text
     assert 'freshlm_ask_seconds_count{strategy="rag"} 1.0' in text
     assert "freshlm_ingest_seconds_count 1.0" in text
-    assert 'freshlm_adapter_info{version="none"} 1.0' in text
+    assert 'freshlm_adapter_info{tenant="default",version="none"} 1.0' in text
 
 
 def test_api_keys_and_admin_key(make_client, tiny_model_dir):

@@ -152,7 +152,7 @@ def test_entry_keeps_the_heavy_hitters_and_the_memory_tokens(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_slot_counts_for_short_and_long_documents(kind):
-    mac, base, tok = tiny_mac(kind, TINY_MAC.model_copy(update={"doc_slots": 20}))
+    mac, base, tok = tiny_mac(kind, TINY_MAC.model_copy(update={"doc_slots": 40}))
     cfg = mac.config
     head = prompt_head(base, tok)
     short = "Kelp."

@@ -45,7 +45,7 @@ def test_mac_memory_round_trip_and_delete(make_client, tiny_model_dir, mac_artif
     deleted = client.delete("/documents/m-2").json()
     assert deleted["memory_entry_removed"] is True and "m-2" not in bank
     assert len(bank) == 2
-    assert 'freshlm_memory_bank_entries 2.0' in client.get("/metrics").text
+    assert 'freshlm_memory_bank_entries{tenant="default"} 2.0' in client.get("/metrics").text
 
 
 def test_redis_restart_with_an_empty_store_rebuilds_the_bank(make_client, tiny_model_dir, mac_artifact_dir, tmp_path):
@@ -98,7 +98,7 @@ def test_rebuild_memory_command_rewrites_every_entry_from_sql(make_client, tiny_
            "FRESHLM_LOG_JSON": "false", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "service.worker", "--rebuild-memory"], cwd=REPO_ROOT,
                          env=env, capture_output=True, text=True, timeout=300, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"written": 3, "removed": 0}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"default": {"written": 3, "removed": 0}}
     for doc_id, memory in original.items():
         assert torch.equal(bank.get([doc_id])[0], memory), doc_id
     # the same through the API (admin route), done by the server's worker

@@ -35,6 +35,55 @@ def test_migrations_on_postgresql(postgres_url):
     _check_upgrade_from_empty(postgres_url)
 
 
+def _check_tenants_migration(url: str) -> None:
+    """Rows of a database at 0002 go to the default tenant; the tenant is then part of every key;
+    the downgrade refuses to fold other tenants into one."""
+    import pytest
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(url)
+    config = alembic_config(url)
+    try:
+        command.upgrade(config, "0002")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO documents (id, text, content_hash, status, created_at, attempts, memory_written) "
+                              "VALUES ('d-1', 'Old news.', 'h', 'ingested', '2026-01-02 03:04:05', 1, false)"))
+            conn.execute(text("INSERT INTO adapter_versions VALUES ('v1', NULL, 'initial', '[]', '{}', '2026-01-02 03:04:05')"))
+            conn.execute(text("INSERT INTO service_state VALUES ('active_adapter', 'v1', '2026-01-02 03:04:05')"))
+        assert upgrade_database(engine) == head_revision()
+        with engine.begin() as conn:
+            for table in ("documents", "adapter_versions", "service_state"):
+                assert conn.execute(text(f"SELECT DISTINCT tenant_id FROM {table}")).scalars().all() == ["default"]
+            assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["default"]
+            conn.execute(text("INSERT INTO tenants VALUES ('acme', NULL, '2026-01-03 00:00:00')"))
+            # the same document id in another tenant is another document
+            conn.execute(text("INSERT INTO documents (tenant_id, id, text, content_hash, status, created_at, attempts, "
+                              "memory_written) VALUES ('acme', 'd-1', 'Other.', 'h2', 'pending', '2026-01-03', 0, false)"))
+        with pytest.raises(IntegrityError), engine.begin() as conn:  # but not twice in one tenant
+            conn.execute(text("INSERT INTO documents (tenant_id, id, text, content_hash, status, created_at, attempts, "
+                              "memory_written) VALUES ('acme', 'd-1', 'Again.', 'h3', 'pending', '2026-01-03', 0, false)"))
+        with pytest.raises(RuntimeError, match="tenants besides 'default'"):
+            command.downgrade(config, "0002")
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM documents WHERE tenant_id = 'acme'"))
+            conn.execute(text("DELETE FROM tenants WHERE id = 'acme'"))
+        command.downgrade(config, "0002")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT id, text FROM documents")).all() == [("d-1", "Old news.")]
+    finally:
+        engine.dispose()
+
+
+def test_tenants_migration_on_sqlite(tmp_path):
+    _check_tenants_migration(f"sqlite:///{tmp_path / 't.db'}")
+
+
+def test_tenants_migration_on_postgresql(postgres_url):
+    _check_tenants_migration(postgres_url)
+
+
 def test_models_and_migrations_agree():
     """Autogenerate finds nothing to do: the models have no change without a migration."""
     from alembic.autogenerate import compare_metadata
@@ -64,10 +113,12 @@ def test_a_database_of_the_first_version_is_upgraded_in_place(tmp_path):
         conn.execute(text("INSERT INTO documents VALUES ('old-1', 'Old news.', NULL, NULL, NULL, 'h', 'ingested', "
                           "'2026-01-02 03:04:05.000000')"))
     assert upgrade_database(engine) == head_revision()
-    from service.db import DocumentRecord, session_factory
+    from service.db import DEFAULT_TENANT, DocumentRecord, open_database
 
-    with session_factory(engine)() as session:
-        doc = session.get(DocumentRecord, "old-1")
+    db = open_database(f"sqlite:///{tmp_path / 'legacy.db'}")
+    with db.read() as session:
+        doc = session.get(DocumentRecord, (DEFAULT_TENANT, "old-1"))  # rows from before tenants: the default one
         assert doc.text == "Old news." and doc.status == "ingested" and doc.attempts == 0
         assert doc.memory_written is False and doc.ingested_at is not None and doc.ingested_at.tzinfo is not None
+    db.dispose()
     engine.dispose()

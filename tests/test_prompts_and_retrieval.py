@@ -48,3 +48,61 @@ def test_long_documents_split_into_overlapping_passages():
     assert len(passages) == 3 and all(p.doc_id == "long" for p in passages)
     assert passages[1].text.split()[0] == "w90"
     assert passages[-1].text.split()[-1] == "w299"
+
+
+def _bm25s_scores(passages: list[str], query: str) -> dict[int, float]:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
+    indices, scores = retriever.retrieve(bm25s.tokenize([query], stopwords="en", show_progress=False),
+                                         k=len(passages), show_progress=False)
+    return {int(i): float(s) for i, s in zip(indices[0], scores[0]) if s > 0}
+
+
+def test_the_incremental_index_scores_like_bm25s_after_adds_and_removes():
+    """The index is updated in place (never rebuilt for one document), with bm25s's scores."""
+    import random
+
+    rng = random.Random(0)
+    words = ["bridge", "council", "kelp", "harbour", "museum", "library", "vote", "record", "storm", "ferry",
+             "mayor", "budget", "river", "school", "festival", "robot", "owl", "scooter", "airline", "heat"]
+    docs = [Document(f"d{i}", " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))) for i in range(60)]
+    index = BM25Index(docs[:40], max_words=10)
+    index.add(docs[40:])
+    index.remove([f"d{i}" for i in range(0, 60, 3)])
+    index.add([Document("d5", "kelp kelp harbour storm")])  # replaced in place
+    live = {d.id: d for d in docs if int(d.id[1:]) % 3}
+    live["d5"] = Document("d5", "kelp kelp harbour storm")
+    fresh = BM25Index(list(live.values()), max_words=10)
+    passages = [p for d in live.values() for p in split_passages(d, max_words=10)]
+    for query in ["kelp harbour", "bridge bridge council vote", "owl robot festival", "nothing matches zzz"]:
+        hits = index.search(query, k=len(passages))
+        expected = _bm25s_scores([p.text for p in passages], query)
+        assert sorted(h.score for h in hits) == pytest.approx(sorted(expected.values()), rel=1e-5)
+        assert [(h.doc_id, h.text, round(h.score, 4)) for h in hits] == \
+            [(h.doc_id, h.text, round(h.score, 4)) for h in fresh.search(query, k=len(passages))]
+    assert len(index) == len(passages) and "d0" not in index and "d5" in index
+
+
+def test_a_word_longer_than_the_passage_limit_is_cut():
+    doc = Document("wall", "x" * 5000)
+    passages = split_passages(doc, max_words=120, max_chars=2000)
+    assert [len(p.text) for p in passages] == [2000, 2000, 1000]
+
+
+def test_passages_are_cut_to_the_prompt_budget(tiny_model_dir):
+    from training.models import load_causal_lm
+    from training.pipeline import PromptTooLong, fit_passages, prompt_length
+
+    _, tokenizer = load_causal_lm(str(tiny_model_dir))
+    question, passages = "Who approved the bridge?", ["The council approved it. " * 20, "Second passage. " * 20]
+    alone = prompt_length(tokenizer, question, None)
+    whole = prompt_length(tokenizer, question, passages[:1])
+    assert fit_passages(tokenizer, question, passages, 10_000) == passages  # everything fits
+    assert fit_passages(tokenizer, question, passages, whole) == passages[:1]  # the first whole, no room left
+    cut = fit_passages(tokenizer, question, passages, (alone + whole) // 2)
+    assert len(cut) == 1 and passages[0].startswith(cut[0]) and len(cut[0]) < len(passages[0])
+    assert prompt_length(tokenizer, question, cut) <= (alone + whole) // 2
+    with pytest.raises(PromptTooLong):
+        fit_passages(tokenizer, question, passages, alone - 1)

@@ -32,7 +32,7 @@ def answer_nll(model, tokenizer, examples):
 def test_examples_mix_context_and_no_context_with_shortest_gold():
     cfg = QATuningConfig(n_examples=4, context_fraction=0.5)
     examples = qa_examples(toy_train_set(), cfg)
-    with_context = [m for m, _ in examples if "Context:" in m[-1]["content"]]
+    with_context = [m for m, _ in examples if "<documents>" in m[-1]["content"]]
     assert len(examples) == 4 and len(with_context) == 2
     assert all(len(a) == 1 for _, a in examples)  # "3", not "3 libraries"
 

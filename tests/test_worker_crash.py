@@ -11,7 +11,7 @@ import redis
 from sqlalchemy import func, select
 
 from service.adapters import store as adapter_store
-from service.db import DocumentRecord, make_engine, session_factory
+from service.db import DEFAULT_TENANT, DocumentRecord, open_database
 from training.mac.runtime import bank_name
 from training.memory import RedisMemoryBank
 from tests.conftest import REPO_ROOT, wait_for
@@ -40,8 +40,8 @@ def test_kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice(
            "FRESHLM_WORKER_ID": "crash-test", "FRESHLM_WORKER_BATCH": "4", "FRESHLM_LOG_JSON": "false",
            "OMP_NUM_THREADS": "1",  # tiny models: one thread is fastest on a shared 2-core machine
            **{f"FRESHLM_{k.upper()}": str(v) for k, v in settings.items()}}
-    engine = make_engine(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
-    sessions = session_factory(engine)
+    db = open_database(f"sqlite:///{(data_dir / 'freshlm.db').resolve()}")
+    sessions = db.read
 
     def ingested() -> int:
         with sessions() as session:
@@ -66,8 +66,8 @@ def test_kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice(
         rows = list(session.scalars(select(DocumentRecord)))
         assert len(rows) == N and {r.status for r in rows} == {"ingested"}
         assert all(r.memory_written and r.claim_token is None for r in rows)
-        active = adapter_store.active_version(session)
-        chain = adapter_store.lineage(session, active)
+        active = adapter_store.active_version(session, DEFAULT_TENANT)
+        chain = adapter_store.lineage(session, DEFAULT_TENANT, active)
     # Redis: exactly one entry per document, nothing else under the bank's hash tag
     bank = RedisMemoryBank(redis.Redis.from_url(redis_url), bank=bank_name(mac_artifact_dir))
     assert len(bank) == N and sorted(bank.ids()) == sorted(d["id"] for d in docs)
@@ -81,4 +81,4 @@ def test_kill_9_mid_ingest_loses_nothing_and_applies_nothing_twice(
     assert set(absorbed) | rejected == {d["id"] for d in docs} and not set(absorbed) & rejected
     assert all(r.adapter_note for r in rows if r.id in rejected)
     assert chain[-1].kind == "initial" and len(chain) == len(absorbed) + 1
-    engine.dispose()
+    db.dispose()

@@ -7,10 +7,32 @@ single asks.
 
 from __future__ import annotations
 
+import time
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from training.prompts import extract_answer
+
+
+class GenerationTimeout(TimeoutError):
+    """Generation was stopped at its deadline (the service answers 504)."""
+
+
+class Deadline(StoppingCriteria):
+    """Stops ``generate`` once ``time.monotonic()`` passes ``at``; ``hit`` says whether it did."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.hit = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.hit = time.monotonic() >= self.at
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
+
+    def check(self) -> None:
+        if self.hit:
+            raise GenerationTimeout("generation reached its deadline")
 
 
 def chat_input_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -39,10 +61,12 @@ def generate_answers(
     prompts: list[list[dict[str, str]]],
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    deadline: float | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Extracted short answers, one per chat prompt, in order. ``generate_kwargs`` go to
-    ``model.generate`` (e.g. PEFT's per-row ``adapter_names``, one per prompt of a batch)."""
+    ``model.generate`` (e.g. PEFT's per-row ``adapter_names``, one per prompt of a batch).
+    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``."""
     encoded = [chat_input_ids(tokenizer, messages)[0] for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -55,10 +79,14 @@ def generate_answers(
         for row, i in enumerate(chunk):
             input_ids[row, length - len(encoded[i]) :] = encoded[i]
             attention[row, length - len(encoded[i]) :] = 1
+        stop = Deadline(deadline) if deadline is not None else None
         output = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **generate_kwargs,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([stop] if stop else []), **generate_kwargs,
         )
+        if stop is not None:
+            stop.check()
         for row, i in enumerate(chunk):
             answers[i] = extract_answer(tokenizer.decode(output[row, length:], skip_special_tokens=True))
     return answers

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.generation import generate_answers
+from training.generation import chat_input_ids, generate_answers
 from training.mac.runtime import MacRuntime
 from training.prompts import qa_messages
 
@@ -47,6 +47,9 @@ class PipelineConfig(BaseModel):
     rag_top_k: int = Field(3, ge=1, le=20, description="passages in the prompt")
     rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this share of the best")
     rag_passage_words: int = Field(120, ge=10, description="words per retrieved passage")
+    rag_passage_chars: int = Field(2000, ge=100, description="characters per retrieved passage (a text without spaces is cut)")
+    max_prompt_tokens: int = Field(1024, ge=64, description="prompt tokens at most (passages are cut to fit), "
+                                                            "within the model's context less the answer")
 
     @field_validator("strategy")
     @classmethod
@@ -54,6 +57,47 @@ class PipelineConfig(BaseModel):
         if parse_strategy(value) is None:
             raise ValueError("the default strategy must name components, not 'auto'")
         return value
+
+
+class PromptTooLong(ValueError):
+    """The question alone does not fit the prompt budget."""
+
+
+def prompt_budget(model: PreTrainedModel, max_new_tokens: int, max_prompt_tokens: int,
+                  mac: MacRuntime | None = None) -> int:
+    """Prompt tokens a question may use: ``max_prompt_tokens``, within the model's context less the
+    answer's tokens and the positions MAC memory takes before the question."""
+    context = getattr(model.config, "max_position_embeddings", None) or max_prompt_tokens + max_new_tokens
+    taken = mac.question_start() if mac is not None else 0
+    return min(max_prompt_tokens, context - taken - max_new_tokens)
+
+
+def prompt_length(tokenizer: PreTrainedTokenizerBase, question: str, passages: list[str] | None) -> int:
+    return len(chat_input_ids(tokenizer, qa_messages(question, passages))[0])
+
+
+def fit_passages(tokenizer: PreTrainedTokenizerBase, question: str, passages: list[str] | None,
+                 budget: int) -> list[str] | None:
+    """The passages (best first) that fit ``budget`` prompt tokens with the question: whole ones
+    while they fit, then the next cut to the tokens left. ``PromptTooLong`` if the question alone
+    does not fit."""
+    if prompt_length(tokenizer, question, None) > budget:
+        raise PromptTooLong(f"the question does not fit the prompt budget of {budget} tokens")
+    kept: list[str] = []
+    for passage in passages or []:
+        over = prompt_length(tokenizer, question, kept + [passage]) - budget
+        if over <= 0:
+            kept.append(passage)
+            continue
+        ids, cut = tokenizer(passage, add_special_tokens=False)["input_ids"], ""
+        while over > 0 and ids:  # decoding a cut can re-tokenize the seam: measure again
+            ids = ids[: max(len(ids) - over, 0)]
+            cut = tokenizer.decode(ids).strip()
+            over = prompt_length(tokenizer, question, kept + [cut]) - budget if cut else 0
+        if cut:
+            kept.append(cut)
+        break
+    return kept or None
 
 
 def generate(
@@ -64,13 +108,21 @@ def generate(
     max_new_tokens: int,
     mac: MacRuntime | None = None,
     adapter_active: bool = False,
+    max_prompt_tokens: int = PipelineConfig.model_fields["max_prompt_tokens"].default,
+    deadline: float | None = None,
     **generate_kwargs,
 ) -> list[tuple[str, list[str]]]:
     """Short answers (greedy) and the memory entries each read: after the question's MAC entries
-    when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way. With an
-    adapter active the MAC prompt head is recomputed by ``model`` (the cached one is the writer's)."""
+    when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way, cut to
+    the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
+    cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
+    ``GenerationTimeout``."""
+    budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
+    passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
-        return mac.answer(model, questions, passages, max_new_tokens, head=None if adapter_active else "cached")
+        return mac.answer(model, questions, passages, max_new_tokens, head=None if adapter_active else "cached",
+                          deadline=deadline)
     prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
-    texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), **generate_kwargs)
+    texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
+                             **generate_kwargs)
     return [(text, []) for text in texts]

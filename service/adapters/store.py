@@ -3,8 +3,11 @@
 A version's name is the hash of its LoRA tensors and config, so the same weights always get the
 same name and a version directory never changes once written. Beside the weights a version keeps
 the optimizer state the update reached (Adam's moments), so the next update after a restart or a
-rollback continues exactly as the harness's uninterrupted stream would. The active version is one
-row in ``service_state``; activating (a swap or a rollback) is a compare-and-set of that pointer.
+rollback continues exactly as the harness's uninterrupted stream would.
+
+Lineages and pointers are per tenant: a tenant's versions are its rows in ``adapter_versions``
+(the weights directory is shared by content, never by lineage), and its active version is its row
+in ``service_state``; activating (a swap or a rollback) is a compare-and-set of that pointer.
 """
 
 from __future__ import annotations
@@ -102,23 +105,25 @@ def peft_config(lora_config: dict[str, Any], model):
 
 
 def record_version(
-    session: Session, version: str, *, parent: str | None, kind: str, documents: list[str], metrics: dict[str, Any]
+    session: Session, tenant: str, version: str, *, parent: str | None, kind: str, documents: list[str],
+    metrics: dict[str, Any],
 ) -> AdapterVersionRecord:
-    row = session.get(AdapterVersionRecord, version)
+    row = session.get(AdapterVersionRecord, (tenant, version))
     if row is None:
-        row = AdapterVersionRecord(version=version, parent=parent, kind=kind, documents=documents,
+        row = AdapterVersionRecord(tenant_id=tenant, version=version, parent=parent, kind=kind, documents=documents,
                                    metrics=metrics, created_at=utcnow())
         session.add(row)
     return row
 
 
-def active_version(session: Session) -> str | None:
-    return get_state(session, ACTIVE_ADAPTER_KEY)
+def active_version(session: Session, tenant: str) -> str | None:
+    return get_state(session, tenant, ACTIVE_ADAPTER_KEY)
 
 
-def rollback_target(session: Session, root: Path, version: str) -> AdapterVersionRecord:
-    """The row of a version the live pointer may be moved back to: recorded, weights still on disk."""
-    row = session.get(AdapterVersionRecord, version)
+def rollback_target(session: Session, tenant: str, root: Path, version: str) -> AdapterVersionRecord:
+    """The row of a version the live pointer may be moved back to: in the tenant's lineage, weights
+    still on disk."""
+    row = session.get(AdapterVersionRecord, (tenant, version))
     if row is None:
         raise UnknownAdapterVersion(f"no adapter version {version!r}")
     if not has_weights(root, version):
@@ -127,45 +132,53 @@ def rollback_target(session: Session, root: Path, version: str) -> AdapterVersio
     return row
 
 
-def activate(session: Session, version: str, expected: str | None | object = ...) -> bool:
-    """Point the live adapter at ``version`` (inside the caller's transaction). With ``expected``,
-    only if the pointer still holds that value (a worker's swap loses to a concurrent rollback)."""
-    if session.get(AdapterVersionRecord, version) is None:
+def activate(session: Session, tenant: str, version: str, expected: str | None | object = ...) -> bool:
+    """Point the tenant's live adapter at ``version`` (inside the caller's write transaction). With
+    ``expected``, only if the pointer still holds that value (a worker's swap loses to a concurrent
+    rollback)."""
+    if session.get(AdapterVersionRecord, (tenant, version)) is None:
         raise UnknownAdapterVersion(f"no adapter version {version!r}")
-    if expected is not ... and active_version(session) != expected:
+    if expected is not ... and active_version(session, tenant) != expected:
         return False
-    set_state(session, ACTIVE_ADAPTER_KEY, version)
+    set_state(session, tenant, ACTIVE_ADAPTER_KEY, version)
     return True
 
 
-def list_versions(session: Session) -> list[AdapterVersionRecord]:
-    return list(session.scalars(select(AdapterVersionRecord).order_by(AdapterVersionRecord.created_at)))
+def list_versions(session: Session, tenant: str) -> list[AdapterVersionRecord]:
+    return list(session.scalars(select(AdapterVersionRecord).where(AdapterVersionRecord.tenant_id == tenant)
+                                .order_by(AdapterVersionRecord.created_at)))
 
 
 def prune(session: Session, root: Path, keep: int) -> list[str]:
-    """Delete the weight directories of all but the ``keep`` newest versions, never the active one
-    nor an initial one (rebuilds replay from it). The SQL rows stay, so lineage and
-    ``absorbed_by`` still answer for pruned versions; only activating one is no longer possible."""
-    # only versions still on disk are candidates: the query stays O(keep) however long the history
+    """Delete the weight directories no tenant still protects: each tenant keeps its ``keep`` newest
+    versions, its active one and its initial one (rebuilds replay from it). The SQL rows stay, so
+    lineage and ``absorbed_by`` still answer for pruned versions; only activating one is no
+    longer possible."""
+    # only versions still on disk are candidates: the query stays O(keep x tenants) however long the history
     on_disk = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
     if len(on_disk) <= keep:
         return []
     rows = list(session.scalars(select(AdapterVersionRecord).where(AdapterVersionRecord.version.in_(on_disk))
                                 .order_by(AdapterVersionRecord.created_at)))
-    protected = {active_version(session), *(r.version for r in rows if r.kind == "initial"),
-                 *(r.version for r in rows[-keep:])}
-    pruned = [r.version for r in rows if r.version not in protected]
+    by_tenant: dict[str, list[AdapterVersionRecord]] = {}
+    for row in rows:
+        by_tenant.setdefault(row.tenant_id, []).append(row)
+    protected = set()
+    for tenant, own in by_tenant.items():
+        protected |= {active_version(session, tenant), *(r.version for r in own if r.kind == "initial"),
+                      *(r.version for r in own[-keep:])}
+    pruned = sorted({r.version for r in rows} - protected)
     for version in pruned:
         shutil.rmtree(root / version, ignore_errors=True)
     return pruned
 
 
-def lineage(session: Session, version: str | None) -> list[AdapterVersionRecord]:
-    """The version and its ancestors, newest first."""
+def lineage(session: Session, tenant: str, version: str | None) -> list[AdapterVersionRecord]:
+    """The version and its ancestors in the tenant's lineage, newest first."""
     out, seen = [], set()
     while version is not None and version not in seen:
         seen.add(version)
-        row = session.get(AdapterVersionRecord, version)
+        row = session.get(AdapterVersionRecord, (tenant, version))
         if row is None:
             break
         out.append(row)
@@ -173,6 +186,6 @@ def lineage(session: Session, version: str | None) -> list[AdapterVersionRecord]
     return out
 
 
-def absorbed_by(session: Session, doc_id: str, version: str | None) -> bool:
-    """Whether ``version`` (e.g. the live one) carries an update made from this document."""
-    return any(doc_id in (row.documents or []) for row in lineage(session, version))
+def absorbed_by(session: Session, tenant: str, doc_id: str, version: str | None) -> bool:
+    """Whether ``version`` (e.g. the tenant's live one) carries an update made from this document."""
+    return any(doc_id in (row.documents or []) for row in lineage(session, tenant, version))

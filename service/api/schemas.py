@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import unicodedata
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.db import TENANT_ID_PATTERN
+
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"
 Strategy = Literal["auto", "none", "rag", "mac", "adapter", "mac+rag", "adapter+rag", "mac+adapter", "mac+adapter+rag"]
 Status = Literal["pending", "ingested", "failed", "deleted"]
+# invisible characters that make a text look non-empty: whitespace, controls, format (zero-width
+# space, joiners, BOM, word joiner) and separators
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+
+
+class ErrorOut(BaseModel):
+    detail: str | list = Field(description="what was wrong (validation errors: a list, inputs cut to a short preview)")
+    type: str
+    request_id: str | None
+
+
+def errors(*codes: int) -> dict[int, dict]:
+    """OpenAPI responses: the error shape for ``codes`` and for what any API route may answer (401
+    without a valid key, 413 for a body over the limit, 503 when the database is away)."""
+    return {code: {"model": ErrorOut} for code in sorted({*codes, 401, 413, 503})}
 
 
 def _valid_text(value: str | None, what: str) -> str | None:
@@ -22,6 +40,25 @@ def _valid_text(value: str | None, what: str) -> str | None:
     if "\x00" in value:
         raise ValueError(f"{what} must not contain NUL characters")
     return value
+
+
+def _visible(value: str, what: str) -> str:
+    if all(unicodedata.category(c) in _INVISIBLE for c in value):
+        raise ValueError(f"{what} must not be empty or only whitespace / invisible characters")
+    return value
+
+
+def _iso_date(value: str | None) -> str | None:
+    """An ISO-8601 date or date-time, stored as given."""
+    if value is None:
+        return value
+    for parse in (date.fromisoformat, datetime.fromisoformat):
+        try:
+            parse(value)
+            return value
+        except ValueError:
+            pass
+    raise ValueError("published_at must be an ISO-8601 date or date-time, e.g. 2031-03-04 or 2031-03-04T09:30:00Z")
 
 
 class DocumentIn(BaseModel):
@@ -49,14 +86,17 @@ class DocumentIn(BaseModel):
     @field_validator("text")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("text must not be empty or whitespace only")
-        return _valid_text(value, "text")
+        return _visible(_valid_text(value, "text"), "text")
 
-    @field_validator("title", "source", "published_at")
+    @field_validator("title", "source")
     @classmethod
     def _utf8(cls, value: str | None) -> str | None:
         return _valid_text(value, "field")
+
+    @field_validator("published_at")
+    @classmethod
+    def _date(cls, value: str | None) -> str | None:
+        return _iso_date(_valid_text(value, "published_at"))
 
 
 class DocumentsIn(BaseModel):
@@ -68,7 +108,7 @@ class DocumentStatus(BaseModel):
     id: str
     status: Status
     created: bool = Field(description="false: the same document was already stored (a no-op)")
-    status_url: str
+    status_url: str = Field(description="path of the document's status, relative to the service")
 
 
 class DocumentsAccepted(BaseModel):
@@ -106,7 +146,7 @@ class DocumentDeleted(BaseModel):
     memory_entry_removed: bool
     absorbed_by_live_adapter: bool = Field(description="the live adapter carries an update made from this document")
     live_adapter_version: str | None
-    rebuild_adapter_url: str | None = Field(None, description="POST here (admin) to rebuild the adapter without it")
+    rebuild_adapter_url: str | None = Field(None, description="path to POST (admin) to rebuild the adapter without it")
 
 
 class AskIn(BaseModel):
@@ -115,17 +155,15 @@ class AskIn(BaseModel):
         json_schema_extra={"examples": [{"question": "Who approved the harbour bridge?", "strategy": "auto"}]},
     )
 
-    question: str = Field(min_length=1, description="limit: FRESHLM_MAX_QUESTION_CHARS")
+    question: str = Field(min_length=1, description="limits: FRESHLM_MAX_QUESTION_CHARS, FRESHLM_MAX_QUESTION_TOKENS")
     strategy: Strategy = Field("auto", description="auto: the default strategy (FRESHLM_STRATEGY) over the deployed components; see /readyz")
-    top_k: int | None = Field(None, ge=1, le=20, description="passages to retrieve")
-    max_new_tokens: int | None = Field(None, ge=1, le=512)
+    top_k: int | None = Field(None, ge=1, le=20, description="passages to retrieve (limit: FRESHLM_MAX_TOP_K)")
+    max_new_tokens: int | None = Field(None, ge=1, le=512, description="answer tokens (limit: FRESHLM_MAX_ANSWER_TOKENS)")
 
     @field_validator("question")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("question must not be empty or whitespace only")
-        return _valid_text(value, "question")
+        return _visible(_valid_text(value, "question"), "question")
 
 
 class SupportingDocument(BaseModel):
@@ -163,7 +201,32 @@ class Accepted(BaseModel):
     detail: str
 
 
-class ErrorOut(BaseModel):
-    detail: str | list
-    type: str
-    request_id: str | None
+class TenantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"id": "acme", "name": "Acme News"}]})
+
+    id: str = Field(pattern=TENANT_ID_PATTERN, description="lower-case letters, digits and dashes")
+    name: str | None = Field(None, max_length=200)
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str | None
+    created_at: datetime
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "admin"] = Field("user", description="admin: delete, rollback, rebuild, manage the tenant's keys")
+
+
+class KeyOut(BaseModel):
+    id: str = Field(description="public id of the key (to revoke it)")
+    tenant: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class IssuedKey(KeyOut):
+    key: str = Field(description="the key itself: shown once, stored only as a hash")

@@ -53,7 +53,14 @@ class Settings(BaseSettings):
     rag_min_score_ratio: float = Field(_PIPELINE.rag_min_score_ratio, ge=0.0, le=1.0,
                                        description="drop passages scoring below this fraction of the best")
     rag_passage_words: int = Field(_PIPELINE.rag_passage_words, ge=10)
-    max_new_tokens: int = Field(24, ge=1, le=512)
+    rag_passage_chars: int = Field(_PIPELINE.rag_passage_chars, ge=100,
+                                   description="characters per retrieved passage (a text without spaces is cut)")
+    max_prompt_tokens: int = Field(_PIPELINE.max_prompt_tokens, ge=64,
+                                   description="prompt tokens at most: passages are cut to fit (and to the model's "
+                                               "context less the answer)")
+    max_new_tokens: int = Field(24, ge=1, le=512, description="answer tokens when a question does not say")
+    index_refresh_seconds: float = Field(1.0, gt=0, description="how often the retrieval index catches up with "
+                                                                "documents another process ingested or deleted")
 
     # memory (training.mac.runtime.MacReadConfig)
     mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
@@ -80,17 +87,28 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(0.2, gt=0)
     max_attempts: int = Field(3, ge=1, description="failed ingest attempts before a document is 'failed'")
 
-    # request limits
-    max_batch_documents: int = Field(64, ge=1)
+    # request limits: bounded work per request
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="request body size (checked before it is parsed)")
+    max_batch_documents: int = Field(64, ge=1, description="documents per POST (checked before they are validated)")
     max_document_chars: int = Field(100_000, ge=1)
     max_question_chars: int = Field(2_000, ge=1)
+    max_question_tokens: int = Field(256, ge=1, description="question length in the model's tokens")
+    max_top_k: int = Field(10, ge=1, le=20, description="largest top_k a question may ask for")
+    max_answer_tokens: int = Field(32, ge=1, le=512, description="largest max_new_tokens a question may ask for")
+    ask_deadline_seconds: float = Field(60.0, gt=0, description="an answer not done by then ends: 503 if it waited "
+                                                                "for the model, 504 if decoding ran into it")
 
     # security and serving
-    api_keys: list[str] = Field(default_factory=list, description="if set, every API call needs one of these keys")
-    admin_api_keys: list[str] = Field(default_factory=list, description="keys for delete / rollback / rebuild")
+    api_keys: list[str] = Field(default_factory=list, description="user keys of the default tenant (bootstrap)")
+    admin_api_keys: list[str] = Field(default_factory=list, description="admin keys of the default tenant: delete / "
+                                                                        "rollback / rebuild, and manage tenants")
     log_json: bool = Field(True, description="one JSON object per log line")
     host: str = "127.0.0.1"
     port: int = 8000
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive within this "
+                                                                  "(slow-header clients get 408 and are dropped)")
+    keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers (larger: 431)")
 
     @field_validator("data_dir", "cache_dir")
     @classmethod
@@ -142,7 +160,15 @@ class Settings(BaseSettings):
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(strategy=self.strategy, rag_top_k=self.rag_top_k,
-                              rag_min_score_ratio=self.rag_min_score_ratio, rag_passage_words=self.rag_passage_words)
+                              rag_min_score_ratio=self.rag_min_score_ratio, rag_passage_words=self.rag_passage_words,
+                              rag_passage_chars=self.rag_passage_chars, max_prompt_tokens=self.max_prompt_tokens)
+
+    def limits(self) -> dict[str, float]:
+        """The per-request limits (``/readyz`` shows them to admins)."""
+        names = ("max_body_bytes", "max_batch_documents", "max_document_chars", "max_question_chars",
+                 "max_question_tokens", "max_top_k", "max_answer_tokens", "max_prompt_tokens", "rag_passage_chars",
+                 "ask_deadline_seconds", "header_timeout_seconds", "keep_alive_seconds", "max_header_bytes")
+        return {name: getattr(self, name) for name in names}
 
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage)

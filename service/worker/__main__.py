@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 
+from service import tenants
 from service.core.config import Settings
 from service.core.logging import configure_logging
 from service.runtime import open_runtime
@@ -16,8 +17,9 @@ from service.worker.reconciler import reconcile_memory
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="freshlm-worker", description="FreshLM ingest worker (settings: FRESHLM_* variables)")
-    parser.add_argument("--rebuild-memory", action="store_true", help="re-derive the whole memory bank from SQL and exit")
+    parser.add_argument("--rebuild-memory", action="store_true", help="re-derive the memory bank from SQL and exit")
     parser.add_argument("--rebuild-adapter", action="store_true", help="replay all live documents into a new adapter version and exit")
+    parser.add_argument("--tenant", action="append", help="with --rebuild-*: only this tenant (repeatable; default: every tenant)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics")
     args = parser.parse_args(argv)
     settings = Settings()
@@ -27,12 +29,15 @@ def main(argv: list[str] | None = None) -> None:
         if "mac" in rt.errors:
             raise SystemExit(f"MAC artifact not loaded: {rt.errors['mac']}")
         worker = build_worker(rt)
-        if args.rebuild_memory:
-            result = reconcile_memory(rt.sessions, rt.mac, full=True) if rt.mac is not None else {"written": 0, "removed": 0}
+        if args.rebuild_memory or args.rebuild_adapter:
+            with rt.db.read() as session:
+                chosen = args.tenant or tenants.tenant_ids(session)
+            if args.rebuild_memory:
+                zero = {"written": 0, "removed": 0}
+                result = {t: reconcile_memory(rt.db, rt.mac_for(t), t, full=True) if rt.mac else zero for t in chosen}
+            else:
+                result = {t: {"version": rebuild_adapter(worker, t)} for t in chosen}
             print(json.dumps(result))
-            return
-        if args.rebuild_adapter:
-            print(json.dumps({"version": rebuild_adapter(worker)}))
             return
         if args.metrics_port is not None:
             from prometheus_client import start_http_server

@@ -1,29 +1,35 @@
 """One document's way through the worker: claim -> memorize -> update -> finish.
 
-For each claimed batch: MAC memory entries go to the Redis memory bank (one amortizer pass, each
-entry written with replace semantics so a re-run after a crash never duplicates one), and, when
-an updater is configured, each document is a guarded update of the live adapter that becomes a
-new version (``service.adapters.publisher``). The document is marked ``ingested`` in the same SQL
-transaction that records and activates its adapter version, so an update is applied exactly once
-even across ``kill -9``.
+A claimed batch may hold several tenants' documents; each goes to its own tenant's places. MAC
+memory entries go to the tenant's Redis memory bank (one amortizer pass per tenant, each entry
+written with replace semantics so a re-run after a crash never duplicates one), and, when an
+updater is configured, each document is a guarded update of its tenant's live adapter that
+becomes a new version (``service.adapters.publisher``). The document is marked ``ingested`` in the
+same SQL transaction that records and activates its adapter version, so an update is applied
+exactly once even across ``kill -9``; the embedded worker also puts it in the retrieval index
+as that transaction commits (``service.corpus_index``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from service import documents
 from service.adapters.publisher import AdapterPublisher, SwapConflict, build_publisher
 from service.core.config import Settings
-from service.db import REBUILD_ADAPTER_KEY, REBUILD_MEMORY_KEY, DocumentRecord, get_state, set_state
+from service.corpus_index import CorpusIndex
+from service.db import (
+    DEFAULT_TENANT, REBUILD_ADAPTER_KEY, REBUILD_MEMORY_KEY, Database, DocumentRecord, set_state, tenants_with_state,
+)
 from service.runtime import Runtime
-from service.worker.reconciler import memory_out_of_sync, reconcile_memory
+from service.worker.reconciler import reconcile_memory, tenants_out_of_sync
 from training.mac.runtime import MacRuntime
 
 log = logging.getLogger("freshlm.worker")
@@ -36,102 +42,120 @@ class StaleClaim(Exception):
 @dataclass
 class Worker:
     settings: Settings
-    sessions: sessionmaker[Session]
-    mac: MacRuntime | None = None
+    db: Database
+    mac_for: Callable[[str], MacRuntime | None] = lambda tenant: None
     publisher: AdapterPublisher | None = None
+    index: CorpusIndex | None = None  # the API process's retrieval index (embedded worker only)
     on_ingested: Callable[[float], None] = lambda seconds: None
     on_swap: Callable[[], None] = lambda: None
+
+    @property
+    def has_mac(self) -> bool:
+        return self.mac_for(DEFAULT_TENANT) is not None
+
+    def commit(self, session: Session, doc: DocumentRecord) -> None:
+        if self.index is not None:
+            self.index.commit_ingested(session, doc)
+        else:
+            session.commit()
 
 
 def build_worker(rt: Runtime) -> Worker:
     """The worker of a runtime: its MAC runtime, and the configured updater on a private model copy."""
     settings = rt.settings
-    worker = Worker(settings, rt.sessions, mac=rt.mac)
+    worker = Worker(settings, rt.db, mac_for=rt.mac_for)
     if settings.updater_spec:
         worker.publisher = build_publisher(settings.updater_spec, rt.model, rt.tokenizer, settings.update_config(),
-                                           rt.sessions, settings.adapters_dir, lr=settings.adapter_lr)
+                                           rt.db, settings.adapters_dir, lr=settings.adapter_lr)
     return worker
 
 
 def process_claim(worker: Worker, claim: documents.Claim) -> int:
-    docs = claim.documents
+    docs = sorted(claim.documents, key=lambda d: d.tenant_id)  # stable: each tenant's order is kept
     start = time.perf_counter()
-    if worker.mac is not None:
-        worker.mac.memorize([d.id for d in docs], [d.text for d in docs])
+    for tenant, group in itertools.groupby(docs, key=lambda d: d.tenant_id):
+        mac = worker.mac_for(tenant)
+        if mac is not None:
+            group = list(group)
+            mac.memorize([d.id for d in group], [d.text for d in group])
     shared = (time.perf_counter() - start) / max(len(docs), 1)
     publisher = worker.publisher
     done = 0
     for doc in docs:
         began = time.perf_counter()
-        values: dict = {"memory_written": worker.mac is not None}
+        values: dict = {"memory_written": worker.mac_for(doc.tenant_id) is not None}
         snapshot = None
         try:
             if publisher is not None:
-                publisher.sync()
-            with worker.sessions.begin() as session:
+                publisher.sync(doc.tenant_id)
+            with worker.db.write() as session:
                 if publisher is not None:
                     snapshot = publisher.absorb(session, doc, values)
                 seconds = shared + time.perf_counter() - began
-                if not documents.finish(session, doc.id, claim.token, ingest_seconds=seconds, **values):
+                if not documents.finish(session, doc, claim.token, ingest_seconds=seconds, **values):
                     if snapshot is not None:
                         publisher.updater.restore(snapshot)
                     raise StaleClaim(doc.id)
+                worker.commit(session, doc)
             if values.get("adapter_version"):
-                publisher.live_version = values["adapter_version"]
+                publisher.live = (doc.tenant_id, values["adapter_version"])
                 worker.on_swap()
             worker.on_ingested(seconds)
             done += 1
         except StaleClaim:
-            log.info("document %s was deleted or reclaimed while being ingested", doc.id)
-            if worker.mac is not None:
-                with worker.sessions() as session:
-                    row = session.get(DocumentRecord, doc.id)
+            log.info("document %s of tenant %s was deleted or reclaimed while being ingested", doc.id, doc.tenant_id)
+            mac = worker.mac_for(doc.tenant_id)
+            if mac is not None:
+                with worker.db.read() as session:
+                    row = documents.get(session, doc.tenant_id, doc.id)
                     if row is None or row.status == "deleted":
-                        worker.mac.delete(doc.id)
+                        mac.delete(doc.id)
         except SwapConflict:
             log.info("active adapter changed during the update from %s; it goes back to the queue", doc.id)
-            publisher.live_version = None
-            documents.release_claim(worker.sessions, doc.id, claim.token)
+            publisher.live = None
+            documents.release_claim(worker.db.write, doc, claim.token)
         except Exception as exc:  # a bad document must not stop the worker
             log.exception("ingesting %s failed", doc.id)
             if publisher is not None:  # the transaction rolled back: reload the active version before the next update
-                publisher.live_version = None
-            documents.fail_attempt(worker.sessions, doc.id, claim.token, f"{exc.__class__.__name__}: {exc}",
+                publisher.live = None
+            documents.fail_attempt(worker.db.write, doc, claim.token, f"{exc.__class__.__name__}: {exc}",
                                    worker.settings.max_attempts)
     return done
 
 
-def rebuild_adapter(worker: Worker) -> str | None:
-    """Replay every live document into a new version from the initial one (takes deleted
-    documents out of the adapter)."""
+def rebuild_adapter(worker: Worker, tenant: str) -> str | None:
+    """Replay every live document of ``tenant`` into a new version from its initial one (takes
+    deleted documents out of the adapter)."""
     if worker.publisher is None:
         return None
-    with worker.sessions() as session:
-        docs = documents.ingested(session)
-    version = worker.publisher.rebuild(docs)
+    with worker.db.read() as session:
+        docs = documents.ingested(session, tenant)
+    version = worker.publisher.rebuild(tenant, docs)
     if version is not None:
         worker.on_swap()
     return version
 
 
+def _bank_size(worker: Worker) -> Callable[[str], int]:
+    return lambda tenant: len(worker.mac_for(tenant).bank)
+
+
 def run_once(worker: Worker) -> int:
     """One pass: requested rebuilds first, then one claimed batch. Returns the documents ingested."""
-    if worker.mac is not None:
-        with worker.sessions() as session:
-            full = get_state(session, REBUILD_MEMORY_KEY)
-        if full:
-            reconcile_memory(worker.sessions, worker.mac, full=True)
-            with worker.sessions.begin() as session:
-                set_state(session, REBUILD_MEMORY_KEY, None)
-        elif memory_out_of_sync(worker.sessions, worker.mac):
-            reconcile_memory(worker.sessions, worker.mac)
+    if worker.has_mac:
+        with worker.db.read() as session:
+            full = set(tenants_with_state(session, REBUILD_MEMORY_KEY))
+        for tenant in sorted(full | set(tenants_out_of_sync(worker.db, _bank_size(worker)))):
+            reconcile_memory(worker.db, worker.mac_for(tenant), tenant, full=tenant in full)
+            if tenant in full:
+                with worker.db.write.begin() as session:
+                    set_state(session, tenant, REBUILD_MEMORY_KEY, None)
     if worker.publisher is not None:
-        with worker.sessions() as session:
-            wanted = get_state(session, REBUILD_ADAPTER_KEY)
-        if wanted:
-            rebuild_adapter(worker)
-        worker.publisher.sync()
-    claim = documents.claim_batch(worker.sessions, worker.settings.worker_id, worker.settings.worker_batch,
+        with worker.db.read() as session:
+            wanted = tenants_with_state(session, REBUILD_ADAPTER_KEY)
+        for tenant in wanted:
+            rebuild_adapter(worker, tenant)
+    claim = documents.claim_batch(worker.db.write, worker.settings.worker_id, worker.settings.worker_batch,
                                   worker.settings.worker_lease_seconds)
     if not claim.documents:
         return 0
@@ -144,11 +168,11 @@ def run_once(worker: Worker) -> int:
 
 
 def run_worker(worker: Worker, stop: threading.Event) -> None:
-    released = documents.release_claims(worker.sessions, worker.settings.worker_id)
+    released = documents.release_claims(worker.db.write, worker.settings.worker_id)
     if released:
         log.info("released %d documents this worker had claimed before it stopped", released)
     log.info("ingest worker %s started (mac: %s, updater: %s)", worker.settings.worker_id,
-             worker.mac is not None, worker.settings.updater_spec or "none")
+             worker.has_mac, worker.settings.updater_spec or "none")
     while not stop.is_set():
         try:
             if run_once(worker) == 0:

@@ -1,7 +1,7 @@
 """Amortization network: a document becomes a memory entry in one forward pass of the base model.
 
 Each chunk of the document is run through the frozen base model exactly where a RAG prompt would
-put it (after the shared prompt head, as ``Context: [1] ...``), followed by ``memory_tokens``
+put it (after the shared prompt head, as ``<documents> [1] ...``), followed by ``memory_tokens``
 learned input embeddings: N learned queries that read the document through the base model's own
 attention. The entry keeps, per layer and key/value head, the ``doc_slots`` document tokens that
 received the most attention from the rest of the chunk (heavy hitters, as in H2O KV-cache
@@ -26,7 +26,10 @@ from training.mac.prefix import PromptHead
 from training.token_batches import prompt_ids
 
 SEGMENT_QUESTION = "?"
-SEGMENT_OVERHEAD = 16  # tokens a passage's "Context: [1] ... " framing (and re-tokenising a chunk) may add
+# tokens a passage's "<documents> [1] ... </documents>" framing (and re-tokenising a chunk) may add: 13 for
+# SmolLM2, 29 for the tests' byte-level tokenizer (16 before issue 19's delimiters: questions now start
+# 16 positions later, see docs/BENCHMARKS.md "Prompt injection")
+SEGMENT_OVERHEAD = 32
 
 
 @contextmanager

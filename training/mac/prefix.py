@@ -13,10 +13,13 @@ attention mask is ``[head, memory mask, token mask]`` and the causal offset is t
 
 from __future__ import annotations
 
-import torch
+import time
 from dataclasses import dataclass
 
+import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+
+from training.generation import GenerationTimeout
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, kv_heads, P, head_dim]
 
@@ -131,10 +134,12 @@ def greedy_generate(
     head: PromptHead | None = None,
     memory_mask: torch.Tensor | None = None,
     start: int | None = None,
+    deadline: float | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch after ``[head, memory]`` (``generate`` would restart
     positions at the cache length, which is wrong for absolute-position models and for memory
-    slots that keep their own positions). ``prompts`` continue ``head`` when one is given."""
+    slots that keep their own positions). ``prompts`` continue ``head`` when one is given.
+    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``."""
     device = model.device
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -158,6 +163,8 @@ def greedy_generate(
         done |= torch.isin(next_ids, stop)
         if done.all():
             break
+        if deadline is not None and time.monotonic() >= deadline:
+            raise GenerationTimeout("generation reached its deadline")
         positions = positions[:, -1:] + 1
         full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], dim=1)
         out = model(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,

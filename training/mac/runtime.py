@@ -10,6 +10,7 @@ write never runs under an ask's per-request adapter hooks.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from dataclasses import dataclass, field
@@ -57,6 +58,13 @@ class MacRuntime:
     def __post_init__(self) -> None:
         self.head = prompt_head(self.base, self.tokenizer)
 
+    def with_bank(self, bank: MemoryBank) -> "MacRuntime":
+        """The same runtime (network, model, cached head, lock) over another bank, e.g. one per
+        tenant of the service."""
+        view = copy.copy(self)
+        view.bank = bank
+        return view
+
     # --- writing ---------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -70,6 +78,10 @@ class MacRuntime:
     def delete(self, doc_id: str) -> bool:
         """Forget a document exactly: its entry is gone."""
         return self.bank.delete(doc_id)
+
+    def question_start(self) -> int:
+        """Position of a question's first token (after the prompt head and the memory slots)."""
+        return self.mac.start(self.head)
 
     def stored_bytes(self) -> int:
         return sum(self.bank.nbytes(i) for i in self.bank.ids())
@@ -90,19 +102,20 @@ class MacRuntime:
     @torch.no_grad()
     def answer(
         self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
-        max_new_tokens: int = 24, head: PromptHead | None | str = "cached",
+        max_new_tokens: int = 24, head: PromptHead | None | str = "cached", deadline: float | None = None,
     ) -> list[tuple[str, list[str]]]:
         """Short answers after each question's memory entries (and passages in the prompt), with
         the ids of the entries read. ``head="cached"``: the writer's cached prompt head; when the
         answering model differs from the writer (an adapter is active), pass ``None`` and the head
-        is computed by ``model`` as it is (entries were written after the head, so it comes first)."""
+        is computed by ``model`` as it is (entries were written after the head, so it comes first).
+        ``deadline``: as in ``greedy_generate``."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         memory, mask, ids = self.read(questions, model.device)
         prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
         outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
                                   stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
-                                  head=head, memory_mask=mask, start=self.mac.start(head))
+                                  head=head, memory_mask=mask, start=self.mac.start(head), deadline=deadline)
         texts = [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
         return list(zip(texts, ids))
 

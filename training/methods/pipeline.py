@@ -4,8 +4,8 @@ and ``auto`` (the service's default strategy, ``PipelineConfig.strategy``).
 Ingest does what the service's worker does for each component (a MAC entry into the bank, an
 update of the adapter through ``training.updates``, the text for BM25); answering calls
 ``training.pipeline.generate``, the function the service's answerer calls, with the same passages
-(``PipelineConfig``: top k, score ratio, passage words). The updater is ``MethodConfig.updater``
-(the service's ``FRESHLM_UPDATER``) with the ``ft_*`` settings.
+(``PipelineConfig``: top k, score ratio, passage words and characters, prompt budget). The updater
+is ``MethodConfig.updater`` (the service's ``FRESHLM_UPDATER``) with the ``ft_*`` settings.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class PipelineMethod:
                                 lr=ctx.config.meta_ft_lr)
             self.updater = LoraUpdater(ctx.model, ctx.tokenizer, spec.token_weights, spec.config, initial=spec.initial)
         self.documents: dict[str, Document] = {}
-        self._index: BM25Index | None = None
+        cfg = ctx.config.pipeline
+        self._index = BM25Index(max_words=cfg.rag_passage_words, max_chars=cfg.rag_passage_chars)
 
     @property
     def model(self):
@@ -49,14 +50,12 @@ class PipelineMethod:
             self.updater.step(document.text)
         if "rag" in self.components:
             self.documents[document.id] = document
-            self._index = None
+            self._index.add([document])
 
     def _passages(self, question: str) -> list[str] | None:
-        if "rag" not in self.components or not self.documents:
+        if "rag" not in self.components:
             return None
         cfg = self.ctx.config.pipeline
-        if self._index is None:
-            self._index = BM25Index(list(self.documents.values()), cfg.rag_passage_words)
         hits = self._index.search(question, k=cfg.rag_top_k, min_score_ratio=cfg.rag_min_score_ratio)
         return [h.text for h in hits] or None
 
@@ -66,7 +65,8 @@ class PipelineMethod:
         for start in range(0, len(questions), size):
             batch = [q.question for q in questions[start : start + size]]
             answered = generate(self.model, self.ctx.tokenizer, batch, [self._passages(q) for q in batch],
-                                self.ctx.config.max_new_tokens, mac=self.mac, adapter_active=self.updater is not None)
+                                self.ctx.config.max_new_tokens, mac=self.mac, adapter_active=self.updater is not None,
+                                max_prompt_tokens=self.ctx.config.pipeline.max_prompt_tokens)
             answers += [text for text, _ in answered]
         return answers
 
@@ -94,8 +94,8 @@ class PipelineMethod:
             self.updater.unload()
         if self.mac is not None:
             self.mac.bank.clear()
+        self._index.remove(list(self.documents))
         self.documents.clear()
-        self._index = None
 
 
 @register_method("pipeline", family=True)

@@ -1,25 +1,39 @@
-"""Probes and metrics: /healthz (liveness), /readyz (can serve, and with what), /metrics."""
+"""Probes and metrics: /healthz (liveness), /readyz (can serve, and with what), /metrics.
+
+The probes are open (the orchestrator calls them without a key), so what they show anyone is a
+status per check; why a check fails (exception text, socket paths, SQL) and the deployment's
+configuration go to the log and to admins only (an admin key, or the open mode).
+"""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from service.db import DEFAULT_TENANT
 from service.migrate import current_revision, head_revision
 from training.pipeline import strategy_name
 
 router = APIRouter(tags=["ops"])
+log = logging.getLogger("freshlm.health")
+
+
+def _error(check: str, exc: Exception) -> str:
+    log.warning("%s check failed: %s: %s", check, exc.__class__.__name__, exc)
+    return f"error: {exc.__class__.__name__}: {exc}"
 
 
 def _ping_database(rt) -> str:
     try:
-        with rt.sessions() as session:
+        with rt.db.read() as session:
             session.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:  # report any driver error as a failed check, never a 500
-        return f"error: {exc.__class__.__name__}: {exc}"
+        return _error("database", exc)
 
 
 def _ping_redis(rt) -> str:
@@ -27,9 +41,23 @@ def _ping_redis(rt) -> str:
         rt.redis.ping()
         return "ok"
     except Exception as exc:
-        return f"error: {exc.__class__.__name__}: {exc}"
+        return _error("redis", exc)
 
 
+def _for_caller(request: Request, checks: dict[str, str]) -> dict[str, str]:
+    """Full reasons for an admin; anyone else sees which check failed, not why."""
+    if _is_admin(request):
+        return checks
+    return {k: v if v == "ok" or not v.startswith("error") else "error (details in the service log)"
+            for k, v in checks.items()}
+
+
+def _is_admin(request: Request) -> bool:
+    principal = getattr(request.state, "principal", None)
+    return principal is not None and principal.is_admin
+
+
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", responses={503: {"description": "a dependency does not answer (the failing check is in the body)"}})
 def healthz(request: Request) -> JSONResponse:
     """Liveness: the process is up and its database and Redis answer."""
@@ -37,24 +65,27 @@ def healthz(request: Request) -> JSONResponse:
     rt = state.runtime
     checks = {"database": _ping_database(rt), "redis": _ping_redis(rt)}
     healthy = all(v == "ok" for v in checks.values())
-    body = {"status": "ok" if healthy else "unavailable", "checks": checks, "base_model": state.settings.base_model}
+    body = {"status": "ok" if healthy else "unavailable", "checks": _for_caller(request, checks),
+            "base_model": state.settings.base_model}
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.get("/readyz", responses={503: {"description": "not ready: the failing checks say why"}})
+@router.head("/readyz", include_in_schema=False)
+@router.get("/readyz", responses={503: {"description": "not ready: the failing checks say which"}})
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: model, artifacts, database (schema at head), Redis, worker. 503 with the reasons
-    when something is missing. ``strategies`` says what /ask can do right now."""
+    """Readiness: model, artifacts, database (schema at head), Redis, worker. 503 with the failing
+    checks when something is missing. ``strategies`` says what /ask can do right now (for the
+    caller's tenant); admins also see why a check fails and the configuration."""
     state = request.app.state
     settings, rt = state.settings, state.runtime
     checks: dict[str, str] = {"model": "ok"}
     checks["database"] = _ping_database(rt)
     if checks["database"] == "ok":
         try:
-            current, head = current_revision(rt.engine), head_revision()
+            current, head = current_revision(rt.db.engine), head_revision()
             checks["schema"] = "ok" if current == head else f"error: at revision {current}, code expects {head}"
         except Exception as exc:
-            checks["schema"] = f"error: {exc.__class__.__name__}: {exc}"
+            checks["schema"] = _error("schema", exc)
     checks["redis"] = _ping_redis(rt)
     if settings.mac_artifact_path is None:
         checks["mac_artifact"] = "not configured: answers use retrieval (and the adapter, if any)"
@@ -71,25 +102,31 @@ def readyz(request: Request) -> JSONResponse:
     else:
         checks["worker"] = "external: run freshlm-worker"
     ready = all(v == "ok" or not v.startswith("error") for v in checks.values())
-    body = {"status": "ready" if ready else "not ready", "checks": checks, "configuration": configuration(settings, rt)}
+    body = {"status": "ready" if ready else "not ready", "checks": checks}
     if checks["database"] == "ok":
+        principal = getattr(request.state, "principal", None)
+        tenant = principal.tenant if principal is not None else DEFAULT_TENANT
         try:
-            body["strategies"] = sorted(state.answerer.available())
-            body["auto"] = strategy_name(state.answerer.default_components())
+            body["strategies"] = sorted(state.answerer.available(tenant))
+            body["auto"] = strategy_name(state.answerer.default_components(tenant))
         except Exception as exc:
             body["strategies"] = []
-            checks["strategies"] = f"error: {exc}"
+            checks["strategies"] = _error("strategies", exc)
+    body["checks"] = _for_caller(request, checks)
+    if _is_admin(request):
+        body["configuration"] = configuration(settings, rt)
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
 def configuration(settings, rt) -> dict:
-    """What this deployment runs: base model and tuning, artifacts, updater, default strategy."""
+    """What this deployment runs: base model and tuning, artifacts, updater, default strategy, limits."""
     def name(path):
         return str(path) if path is not None else None
     return {"base_model": settings.base_model, "qa_tuning": name(settings.qa_tuning_path),
             "mac_artifact": name(settings.mac_artifact_path) if rt.mac is not None else None,
             "mac_storage": settings.mac_storage if rt.mac is not None else None,
-            "updater": settings.updater_spec, "default_strategy": settings.strategy}
+            "updater": settings.updater_spec, "default_strategy": settings.strategy,
+            "limits": settings.limits()}
 
 
 @router.get("/metrics", response_class=Response,
