@@ -30,11 +30,28 @@ def answer_nll(model, tokenizer, examples):
 
 
 def test_examples_mix_context_and_no_context_with_shortest_gold():
-    cfg = QATuningConfig(n_examples=4, context_fraction=0.5)
+    cfg = QATuningConfig(n_examples=4, context_fraction=0.5, injection_fraction=0.0)
     examples = qa_examples(toy_train_set(), cfg)
     with_context = [m for m, _ in examples if "<documents>" in m[-1]["content"]]
     assert len(examples) == 4 and len(with_context) == 2
     assert all(len(a) == 1 for _, a in examples)  # "3", not "3 libraries"
+
+
+def test_injected_instructions_in_the_context_keep_the_gold_answer_as_target():
+    import json
+    from pathlib import Path
+
+    from training.qa_tuning import CANARY_WORDS
+
+    train = toy_train_set()
+    examples = qa_examples(train, QATuningConfig(n_examples=4, context_fraction=0.5, injection_fraction=1.0))
+    injected = [(m[-1]["content"], a) for m, a in examples if any(w in m[-1]["content"] for w in CANARY_WORDS)]
+    assert len(injected) == 4  # every example, with or without its paragraph
+    assert all(content.startswith("<documents>") for content, _ in injected)  # inside the untrusted block
+    assert sorted(a for _, a in injected) == ["0", "1", "2", "3"]  # the target is still the gold answer
+    probes = json.loads((Path(__file__).parents[1] / "examples" / "prompt_injections.json").read_text())
+    canaries = {p["canary"].split("-")[0] for p in probes["injections"]}
+    assert not canaries & set(CANARY_WORDS)  # trained on other canaries than the measured probes
 
 
 def test_labels_cover_only_the_answer():
