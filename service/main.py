@@ -116,7 +116,10 @@ def run() -> None:
     """Console entry point ``freshlm-serve``: serve on FRESHLM_HOST:FRESHLM_PORT."""
     settings = Settings()
     configure_logging(settings.log_json)
-    uvicorn.Server(server_config(create_app(settings), settings)).run()
+    try:
+        uvicorn.Server(server_config(create_app(settings), settings)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C after its graceful shutdown: that is a clean stop
+        pass
 
 
 if __name__ == "__main__":

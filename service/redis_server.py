@@ -121,7 +121,10 @@ def _launch(socket_path: Path, persist: bool, timeout: float = 10.0) -> subproce
         "--appendonly", "yes" if persist else "no", "--daemonize", "no", "--loglevel", "warning",
         "--logfile", str(data_dir / "redis.log"),
     ]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # Its own process group: a Ctrl-C in the terminal reaches the service only, which finishes its
+    # shutdown (it still talks to Redis) and then stops this server. After a kill -9 of the service
+    # the server keeps running and the next start reuses it (start_embedded_redis).
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, process_group=0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
