@@ -143,18 +143,17 @@ def load_artifact(
         )
     expected = config_hash(base_config)
     if manifest.base_model_config_hash != expected:
+        # The hash covers the merged QA-format tuning too: name both, as either may be the mismatch.
         trained_tuning = manifest.training_data.get("qa_tuning_fingerprint")
         loaded_tuning = getattr(base_config, "qa_tuning", None)
+        trained, loaded, advice = f"config hash {manifest.base_model_config_hash}", f"config hash {expected}", ""
         if trained_tuning is not None and trained_tuning != loaded_tuning:
-            raise ArtifactError(
-                f"{path} was trained on {manifest.base_model!r} with QA-format tuning {trained_tuning}, but the "
-                f"loaded base model has {'QA-format tuning ' + loaded_tuning if loaded_tuning else 'no QA-format tuning'}: "
-                "merge the same tuning (FRESHLM_QA_TUNING / --qa-tuning) or retrain the artifact on this base"
-            )
+            trained += f", QA-format tuning {trained_tuning}"
+            loaded += f" and {'QA-format tuning ' + loaded_tuning if loaded_tuning else 'no QA-format tuning'}"
+            advice = "merge the same QA-format tuning (FRESHLM_QA_TUNING / --qa-tuning), "
         raise ArtifactError(
-            f"{path} was trained for base model {manifest.base_model!r} (config hash "
-            f"{manifest.base_model_config_hash}), but the loaded base model has config hash "
-            f"{expected}: retrain the artifact for this base model or load the matching one"
+            f"{path} was trained for base model {manifest.base_model!r} ({trained}), but the loaded base model "
+            f"has {loaded}: {advice}load the matching base model or retrain the artifact for this one"
         )
     return manifest, load_file(Path(path) / WEIGHTS)
 
