@@ -1,13 +1,16 @@
 """Greedy short-answer generation with a chat template, shared by evaluation and the service.
 
 Many prompts at once go in left-padded batches: on a CPU, decoding one token costs about as much
-for 16 prompts as for one, so evaluation asks in batches; per-request latency is measured with
-single asks.
+for 16 prompts as for one, so evaluation asks in batches and the service's scheduler
+(``service/scheduler.py``) batches concurrent questions through the same functions. A ``StepHook``
+sees every decoding step: the service streams tokens from it and stops rows whose client left,
+whose deadline passed or that reached their own token limit.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -33,6 +36,39 @@ class Deadline(StoppingCriteria):
     def check(self) -> None:
         if self.hit:
             raise GenerationTimeout("generation reached its deadline")
+
+
+StepHook = Callable[[dict[int, int | None]], set[int]]
+"""Called after each decoding step with the new token of each row of the running batch, keyed by
+the prompt's index in the call (``None``: the row ended, at a stop token or earlier); returns the
+indices of rows to stop now. A stopped row's answer is what it generated so far."""
+
+
+class _HookCriteria(StoppingCriteria):
+    """Adapts a ``StepHook`` to ``model.generate``: rows map to prompt indices, a row that produced a
+    stop token (or was stopped) reports ``None`` from then on."""
+
+    def __init__(self, hook: StepHook, indices: list[int], stop_ids: set[int], device) -> None:
+        self.hook, self.indices = hook, indices
+        self.stop = torch.tensor(sorted(stop_ids), device=device)
+        self.ended = torch.zeros(len(indices), dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new = input_ids[:, -1]
+        self.ended |= torch.isin(new, self.stop)
+        tokens = {i: (None if ended else int(t)) for i, t, ended in zip(self.indices, new.tolist(), self.ended.tolist())}
+        stopped = self.hook(tokens)
+        halt = torch.tensor([i in stopped for i in self.indices], dtype=torch.bool, device=input_ids.device)
+        self.ended |= halt
+        return halt
+
+
+def _generate_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids ``model.generate`` ends a row at: the generation config's EOS, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 def chat_input_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -62,15 +98,19 @@ def generate_answers(
     max_new_tokens: int = 24,
     batch_size: int = 16,
     deadline: float | None = None,
+    on_step: StepHook | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Extracted short answers, one per chat prompt, in order. ``generate_kwargs`` go to
-    ``model.generate`` (e.g. PEFT's per-row ``adapter_names``, one per prompt of a batch).
-    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``."""
+    ``model.generate`` (e.g. PEFT's per-row ``adapter_names``, one per prompt, in prompt order).
+    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``.
+    ``on_step``: see ``StepHook``."""
     encoded = [chat_input_ids(tokenizer, messages)[0] for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = [""] * len(encoded)
+    per_row = {k: v for k, v in generate_kwargs.items() if k == "adapter_names" and isinstance(v, list)}
+    stop_ids = _generate_stop_ids(model, tokenizer) if on_step is not None else set()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         length = max(len(encoded[i]) for i in chunk)
@@ -80,10 +120,14 @@ def generate_answers(
             input_ids[row, length - len(encoded[i]) :] = encoded[i]
             attention[row, length - len(encoded[i]) :] = 1
         stop = Deadline(deadline) if deadline is not None else None
+        criteria = [stop] if stop else []
+        if on_step is not None:
+            criteria.append(_HookCriteria(on_step, chunk, stop_ids, model.device))
+        kwargs = {**generate_kwargs, **{k: [v[i] for i in chunk] for k, v in per_row.items()}}
         output = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([stop] if stop else []), **generate_kwargs,
+            stopping_criteria=StoppingCriteriaList(criteria), **kwargs,
         )
         if stop is not None:
             stop.check()
