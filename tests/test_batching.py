@@ -91,3 +91,15 @@ def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(one_torch_thread)
     for i in (0, 2, 3):  # the other rows are untouched, and what the hook saw is what they answered
         assert together[i] == alone[i]
         assert extract_answer(tokenizer.decode(seen[i], skip_special_tokens=True)) == alone[i]
+
+
+@pytest.mark.real_model
+def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
+    """The served base (SmolLM2 with the shipped QA-format tuning merged), rag and none rows mixed."""
+    from service.core.config import Settings
+    from service.runtime import load_base_model
+
+    model, tokenizer = load_base_model(Settings(_env_file=None))
+    alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
+    assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
+    assert alone[0][0] and alone[2][0]  # real answers, not empty ones
