@@ -103,3 +103,16 @@ def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
     assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
     assert alone[0][0] and alone[2][0]  # real answers, not empty ones
+
+
+def test_bf16_autocast_only_where_asked_or_native(one_torch_thread):
+    from training.precision import autocast, cpu_bf16_enabled, cpu_bf16_flags
+
+    assert not cpu_bf16_enabled("off", "cpu") and cpu_bf16_enabled("on", "cpu")
+    assert cpu_bf16_enabled("auto", "cpu") == (bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available())
+    model, tokenizer = sharp("llama")
+    ids = tokenizer("Who approved the bridge?", return_tensors="pt")["input_ids"]
+    with autocast("cpu", True):
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    with autocast("cpu", False):
+        assert model(input_ids=ids).logits.dtype == torch.float32
