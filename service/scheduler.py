@@ -9,7 +9,8 @@ decode with it (up to ``max_batch``), and runs them as one left-padded batch thr
 
 * questions without MAC memory (retrieval, adapter, none, mixed) share a batch across tenants and
   adapter versions: each row names its own pinned version (PEFT ``adapter_names``, never a global
-  ``set_adapter``, PEFT #804);
+  ``set_adapter``, PEFT #804); a batch holds at most as many versions as stay loaded
+  (``FRESHLM_ADAPTERS_LOADED``), so loading one never evicts another of the same batch;
 * questions reading MAC memory batch with others of the same tenant and adapter version (each row
   reads its own memory entries, masked per row; the prompt head depends on the version).
 
@@ -58,8 +59,9 @@ class SchedulerConfig(BaseModel):
 
     max_batch: int = Field(8, ge=1, description="questions decoded together (1: batching off)")
     max_waiting: int = Field(64, ge=1, description="questions waiting for the model before new ones get 503")
-    batch_wait_seconds: float = Field(0.02, ge=0, description="while others are asking, how long a batch waits "
-                                                             "to fill up before it starts (a lone asker never waits)")
+    batch_wait_seconds: float = Field(0.1, ge=0, description="how long a batch waits to gather as many questions "
+                                                            "as the last batch answered plus those that waited for "
+                                                            "it (a lone asker never waits)")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After of the 503 for a full queue")
     bf16: bool = Field(False, description="decode under bf16 autocast (CPUs with native bf16)")
 
@@ -139,7 +141,7 @@ class Scheduler:
         self._waiting: deque[AskJob] = deque()
         self._cond = threading.Condition()
         self._running = 0
-        self._last_batch = 0
+        self._expect = 1  # questions the next batch waits (briefly) to gather
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -199,21 +201,32 @@ class Scheduler:
             self._fail(job, Unavailable("the service is shutting down; retry"))
 
     def _take(self) -> list[AskJob]:
-        """The oldest waiting job and up to ``max_batch - 1`` more with its key (waiting a moment
-        for more while others are asking)."""
+        """The oldest waiting job and up to ``max_batch - 1`` more with its key. Askers whose answers
+        just came back usually ask again at once: waiting a moment (``batch_wait_seconds``) for as
+        many questions as the last batch answered plus those that waited for it keeps the batches
+        full, instead of splitting the askers into a small and a large batch that alternate."""
         with self._cond:
             while not self._waiting and not self._stop.is_set():
                 self._cond.wait(timeout=0.5)
             if self._stop.is_set():
                 return []
-            if self.config.max_batch > 1 and self._last_batch > 1 and self.config.batch_wait_seconds > 0:
+            target = min(self.config.max_batch, self._expect)
+            if target > 1 and self.config.batch_wait_seconds > 0:
                 until = time.monotonic() + self.config.batch_wait_seconds
-                while len(self._waiting) < self.config.max_batch and time.monotonic() < until:
+                while len(self._waiting) < target and time.monotonic() < until:
                     self._cond.wait(timeout=max(until - time.monotonic(), 0))
                 if not self._waiting:
                     return []
-            key = self._waiting[0].key()
-            batch = [job for job in self._waiting if job.key() == key][: self.config.max_batch]
+            key, batch, versions = self._waiting[0].key(), [], set()
+            for job in self._waiting:  # at most as many adapter versions as stay loaded at once
+                if len(batch) == self.config.max_batch:
+                    break
+                if job.key() != key or (job.version is not None and job.version not in versions
+                                        and len(versions) >= self.adapters.capacity):
+                    continue
+                batch.append(job)
+                if job.version is not None:
+                    versions.add(job.version)
             for job in batch:
                 self._waiting.remove(job)
                 job._state = "running"
@@ -235,7 +248,8 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running = 0
-                    self._last_batch = len(batch)
+                    # closed-loop clients ask again when answered: expect the batch back, plus those waiting
+                    self._expect = len(batch) + len(self._waiting)
 
     def _fail(self, job: AskJob, error: Exception) -> None:
         if job._state != "done":
@@ -313,7 +327,7 @@ class Scheduler:
                 results = generate(model, self.tokenizer, [j.question for j in batch], [j.passages for j in batch],
                                    max(j.max_new_tokens for j in batch), mac=mac,
                                    adapter_active=names[0] is not None, max_prompt_tokens=self.max_prompt_tokens,
-                                   on_step=on_step, **kwargs)
+                                   on_step=on_step, prefill_each=len(batch) > 1, **kwargs)
         except PromptTooLong as exc:
             for job in batch:
                 self._fail(job, TooLarge(str(exc)))

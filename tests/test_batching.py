@@ -52,22 +52,24 @@ def with_two_versions(model):
     return peft.eval()
 
 
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_batch_answers_like_each_question_alone(kind, one_torch_thread):
+def test_a_batch_answers_like_each_question_alone(kind, prefill_each, one_torch_thread):
     model, tokenizer = sharp(kind)
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
-    together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW)
+    together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=prefill_each)
     assert together == alone
     assert len({a for a, _ in alone}) > 2, "answers must differ between questions for this test to mean something"
 
 
-def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(one_torch_thread):
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
+def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(prefill_each, one_torch_thread):
     model, tokenizer = sharp("llama")
     peft = with_two_versions(model)
     names = ["v1", "v2", "__base__", "v2"]
     alone = [generate(peft, tokenizer, [q], [p], MAX_NEW, adapter_names=[n])[0]
              for q, p, n in zip(QUESTIONS, PASSAGES, names)]
-    together = generate(peft, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, adapter_names=names)
+    together = generate(peft, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, adapter_names=names, prefill_each=prefill_each)
     assert together == alone
     # the versions really differ: the same question answered on each gives different answers
     per_version = {n: generate(peft, tokenizer, QUESTIONS[:1], PASSAGES[:1], MAX_NEW, adapter_names=[n])[0][0]
@@ -75,7 +77,8 @@ def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(one_torch_thread
     assert len(set(per_version.values())) == 3
 
 
-def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(one_torch_thread):
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
+def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(prefill_each, one_torch_thread):
     model, tokenizer = sharp("llama")
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0][0] for q, p in zip(QUESTIONS, PASSAGES)]
     seen: dict[int, list[int]] = {i: [] for i in range(len(QUESTIONS))}
@@ -86,7 +89,8 @@ def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(one_torch_thread)
                 seen[i].append(token)
         return {1} if len(seen[1]) >= 2 else set()  # row 1's client "left" after two tokens
 
-    together = [a for a, _ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook)]
+    together = [a for a, _ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook,
+                                       prefill_each=prefill_each)]
     assert len(seen[1]) == 2
     for i in (0, 2, 3):  # the other rows are untouched, and what the hook saw is what they answered
         assert together[i] == alone[i]
@@ -102,6 +106,7 @@ def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
     model, tokenizer = load_base_model(Settings(_env_file=None))
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
     assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
+    assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=True) == alone
     assert alone[0][0] and alone[2][0]  # real answers, not empty ones
 
 

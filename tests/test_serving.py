@@ -212,3 +212,30 @@ def test_questions_reading_memory_batch_together_and_each_reads_its_own_entries(
     for solo, batched in zip(alone, together):
         assert (batched["answer"], batched["memory_documents"], batched["strategy"]) == \
             (solo["answer"], solo["memory_documents"], solo["strategy"])
+
+
+def test_a_batch_never_holds_more_versions_than_stay_loaded(make_server, sharp_model_dir, tmp_path):
+    data_dir = tmp_path / "var"
+    server = make_server(base_model=str(sharp_model_dir), data_dir=data_dir, adapters_loaded=1, batch_wait_seconds=0)
+    client, scheduler = server.client, server.app.state.scheduler
+    v1, v2 = _distinct_versions(sharp_model_dir, data_dir, 2)
+    body = {"question": "How much will the Saltmarsh Bridge cost?", "strategy": "adapter", "max_new_tokens": 6}
+    alone = {}
+    for version in (v1, v2):
+        assert client.post(f"/adapters/{version}/activate").status_code == 200
+        alone[version] = client.post("/ask", json=body).json()["answer"]
+    assert alone[v1] != alone[v2]
+    order = [v1, v2, v1]
+    results: list = [[] for _ in order]
+    with Held(server):
+        threads = [ask_in_thread(server.url, {"question": "warm up", "strategy": "none", "max_new_tokens": 2}, [])]
+        wait_for(lambda: scheduler.running == 1, 30, "the first question to be taken")
+        for i, version in enumerate(order):
+            assert client.post(f"/adapters/{version}/activate").status_code == 200
+            threads.append(ask_in_thread(server.url, body, results[i]))
+            wait_for(lambda n=i + 1: scheduler.waiting == n, 30, f"question {i} to wait")
+    for t in threads:
+        t.join(timeout=120)
+    got = [r[0].json() for r in results]
+    assert [g["timings"]["batch_size"] for g in got] == [2, 1, 2]  # v1's two questions together, v2 apart
+    assert [(g["adapter_version"], g["answer"]) for g in got] == [(v, alone[v]) for v in order]

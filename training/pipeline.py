@@ -111,6 +111,7 @@ def generate(
     max_prompt_tokens: int = PipelineConfig.model_fields["max_prompt_tokens"].default,
     deadline: float | None = None,
     on_step: StepHook | None = None,
+    prefill_each: bool = False,
     **generate_kwargs,
 ) -> list[tuple[str, list[str]]]:
     """Short answers (greedy) and the memory entries each read: after the question's MAC entries
@@ -118,7 +119,9 @@ def generate(
     the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
     cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
     ``GenerationTimeout``. Several questions decode as one left-padded batch (the service's
-    scheduler batches concurrent asks through here); ``on_step`` sees each step (``StepHook``)."""
+    scheduler batches concurrent asks through here); ``on_step`` sees each step (``StepHook``);
+    ``prefill_each`` (plain generation) reports each row's first token after its own prefill
+    (``generate_answers``)."""
     budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
     passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
@@ -126,5 +129,5 @@ def generate(
                           deadline=deadline, on_step=on_step)
     prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
     texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
-                             on_step=on_step, **generate_kwargs)
+                             on_step=on_step, prefill_each=prefill_each, **generate_kwargs)
     return [(text, []) for text in texts]

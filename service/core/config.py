@@ -63,8 +63,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(24, ge=1, le=512, description="answer tokens when a question does not say")
     max_batch_asks: int = Field(8, ge=1, description="questions decoded together in one batch (1: batching off)")
     max_waiting_asks: int = Field(64, ge=1, description="questions waiting for the model; more get 503 + Retry-After")
-    batch_wait_seconds: float = Field(0.02, ge=0, le=1, description="while others are asking, how long a batch waits "
-                                                                     "to fill up (a lone asker never waits)")
+    batch_wait_seconds: float = Field(0.1, ge=0, le=1, description="how long a batch waits to gather as many "
+                                                                    "questions as the last batch answered plus those "
+                                                                    "that waited for it (a lone asker never waits)")
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for generation on a CPU: auto = only where the CPU has native bf16 "
                             "(avx512_bf16 / amx_bf16), off = never")

@@ -18,7 +18,10 @@ _STREAM_DOC = {
                    "(`{\"text\"}`: the decoded text as it grows, before the short answer is extracted), then one "
                    "`done` event (the same body as the JSON reply) or one `error` event (`{detail, type, "
                    "request_id, status}`)",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": {  # one server-sent event (OpenAPI 3.1: the per-event schema)
+        "type": "object", "required": ["data"],
+        "properties": {"event": {"type": "string", "enum": ["token", "done", "error"]},
+                       "data": {"type": "string", "contentMediaType": "application/json"}}}}},
 }
 
 

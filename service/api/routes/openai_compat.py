@@ -85,7 +85,16 @@ def _finish_reason(result: Answer, max_new_tokens: int) -> str:
     return "length" if result.completion_tokens >= max_new_tokens else "stop"
 
 
-@router.post("/chat/completions", responses=errors(400, 413, 422, 503, 504))
+_COMPLETION_DOC = {
+    "description": "a `chat.completion` (`stream: false`), or with `stream: true` a `text/event-stream` of "
+                   "`chat.completion.chunk` objects (`data: {...}`), ending with `data: [DONE]` (or `data: {\"error\"}`)",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
+                "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": {"type": "string"}}}}},
+}
+
+
+@router.post("/chat/completions", responses={200: _COMPLETION_DOC, **errors(400, 413, 422, 503, 504)})
 async def chat_completions(body: ChatCompletionIn, request: Request, tenant: TenantDep, answerer: AnswererDep,
                            settings: SettingsDep, metrics: MetricsDep):
     """A chat completion answering the last user message from the tenant's documents (memory,
