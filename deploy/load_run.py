@@ -170,16 +170,24 @@ def main() -> None:
     result: dict = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                     f"Python {platform.python_version()}", "server_env": common, "locust_csv": str(out_dir)}
 
+    def checkpoint() -> None:  # a run stopped midway keeps the phases it finished
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     server, base, _ = serve({**common, "FRESHLM_MAX_BATCH_ASKS": str(args.askers)}, documents)
     try:
         with httpx.Client(base_url=base, timeout=600) as client:  # warm-up
             client.post("/ask", json={"question": questions[0], "strategy": args.strategy, "max_new_tokens": 4})
         result["lone_asker_vs_direct"] = lone_asker_vs_direct(base, questions, args.direct_strategies.split(","),
                                                               args.max_new_tokens, args.direct_seconds)
+        checkpoint()
         result["batching_on_1_asker"] = run_locust(base, 1, args.seconds, bench_env, out_dir, "on-1")
+        checkpoint()
         result["batching_on_8_askers"] = run_locust(base, args.askers, args.seconds, bench_env, out_dir, "on-8")
+        checkpoint()
         result["batching_on_8_askers_streaming"] = run_locust(base, args.askers, args.seconds,
                                                               {**bench_env, "BENCH_STREAM": "1"}, out_dir, "on-8-stream")
+        checkpoint()
         with httpx.Client(base_url=base, timeout=60) as client:
             result["metrics_batching_on"] = [line for line in client.get("/metrics").text.splitlines()
                                              if line.startswith(("freshlm_batch_size_sum", "freshlm_batch_size_count",
@@ -196,14 +204,19 @@ def main() -> None:
     finally:
         stop_server(server)
 
-    one, eight = result["batching_on_1_asker"]["stats"]["/ask"], result["batching_on_8_askers"]["stats"]["/ask"]
-    off = result["batching_off_8_askers"]["stats"]["/ask"]
-    stream = result["batching_on_8_askers_streaming"]["stats"]
+    def entry(phase: str, name: str) -> dict | None:  # None: no request of that kind finished in the phase
+        return result[phase]["stats"].get(name)
+
+    def ratio(a: float | None, b: float | None, digits: int = 2) -> float | None:
+        return round(a / b, digits) if a and b else None
+
+    one, eight = entry("batching_on_1_asker", "/ask"), entry("batching_on_8_askers", "/ask")
+    off, ttft = entry("batching_off_8_askers", "/ask"), entry("batching_on_8_askers_streaming", "ttft")
     result["acceptance"] = {
-        "1_throughput_8_over_1": round(eight["per_s"] / one["per_s"], 2),
-        "1_throughput_on_over_off_8": round(eight["per_s"] / off["per_s"], 2),
+        "1_throughput_8_over_1": ratio(eight and eight["per_s"], one and one["per_s"]),
+        "1_throughput_on_over_off_8": ratio(eight and eight["per_s"], off and off["per_s"]),
         "2_ask_over_direct_p50": {s: v["ratio_of_p50"] for s, v in result["lone_asker_vs_direct"].items()},
-        "3_ttft_p50_over_unbatched_full_p50": round(stream["ttft"]["p50_s"] / off["p50_s"], 3),
+        "3_ttft_p50_over_unbatched_full_p50": ratio(ttft and ttft["p50_s"], off and off["p50_s"], 3),
     }
     result["wall_seconds"] = round(time.monotonic() - began, 1)
     text = json.dumps(result, indent=2)
