@@ -10,30 +10,35 @@ and the request's deadline.
   retrieval that found nothing is not reported as ``rag``.
 
 Generation is ``training.pipeline.generate``, the call the harness's ``pipeline:<strategy>`` and
-``auto`` methods measure. One generation runs at a time: on a CPU, parallel generate calls only
-contend for the same cores; adapter loading shares the same lock, so no generation ever sees an
-adapter being added. A request waits for the model at most until its deadline (then 503), and
-decoding stops at the deadline (then 504).
+``auto`` methods measure, run by the ask scheduler (``service.scheduler``): concurrent questions
+decode together in one batch, each row on its own pinned adapter version and its own memory
+entries. ``prepare`` does the per-question work before the model (strategy, retrieval, the pinned
+version, the prompt budget) in the caller's thread; ``submit`` queues it and ``events`` yields the
+answer's events (``service.scheduler.AskJob``), tokens first, then the ``Answer``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.adapters import store
 from service.adapters.live import LiveAdapters
-from service.core.errors import BadRequest, DeadlineExceeded, TooLarge, Unavailable
+from service.core.errors import BadRequest, ClientGone, TooLarge, Unavailable
 from service.corpus_index import CorpusIndex
-from training.generation import GenerationTimeout
+from service.scheduler import AskJob, Scheduler
 from training.mac.runtime import MacRuntime
-from training.pipeline import PipelineConfig, PromptTooLong, generate, parse_strategy, strategy_name
+from training.pipeline import PipelineConfig, PromptTooLong, fit_passages, parse_strategy, prompt_budget, strategy_name
 from training.retrieval import Passage
+
+_POLL_SECONDS = 0.25  # how often a waiting request looks for its client and its deadline
+_DEADLINE_GRACE_SECONDS = 1.0  # the scheduler answers a deadline itself; this is the backstop
 
 
 @dataclass
@@ -44,6 +49,29 @@ class Answer:
     adapter_version: str | None
     memory_documents: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    completion_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    """A question ready for the model (``Answerer.prepare``)."""
+
+    tenant: str
+    question: str
+    use: set[str]
+    passages: list[Passage]
+    texts: list[str] | None  # the passages' text as it goes in the prompt
+    mac: MacRuntime | None
+    version: str | None
+    max_new_tokens: int
+    retrieve_seconds: float
+
+
+@dataclass
+class Submitted:
+    prepared: Prepared
+    job: AskJob
+    queue: asyncio.Queue
 
 
 class Answerer:
@@ -57,10 +85,12 @@ class Answerer:
         adapters: LiveAdapters,
         config: PipelineConfig,
         index: CorpusIndex,
+        scheduler: Scheduler,
         mac_for: Callable[[str], MacRuntime | None] = lambda tenant: None,
     ) -> None:
         self.model, self.tokenizer, self.sessions = model, tokenizer, sessions
         self.adapters, self.config, self.index, self.mac_for = adapters, config, index, mac_for
+        self.scheduler = scheduler
 
     def question_tokens(self, question: str) -> int:
         return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
@@ -78,9 +108,10 @@ class Answerer:
         """What ``auto`` uses: the configured default strategy, restricted to what is deployed."""
         return parse_strategy(self.config.strategy) & self.available(tenant)
 
-    def answer(self, tenant: str, question: str, strategy: str, top_k: int | None, max_new_tokens: int,
-               deadline: float) -> Answer:
-        """``deadline``: a ``time.monotonic()`` value the answer must be done by."""
+    def prepare(self, tenant: str, question: str, strategy: str, top_k: int | None,
+                max_new_tokens: int) -> Prepared:
+        """Everything an answer needs before the model: the components, retrieved passages (cut to
+        the prompt budget), the tenant's memory and the adapter version pinned for the request."""
         start = time.perf_counter()
         try:
             wanted = parse_strategy(strategy)
@@ -105,34 +136,56 @@ class Answerer:
             mac = None
         if "adapter" not in use:
             version = None
-        retrieved = time.perf_counter()
         texts = [p.text for p in passages] if passages else None
-        if not self.adapters.lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise Unavailable("the model is busy with other questions and this one's deadline passed while "
-                              "it waited; retry later")
+        budget = prompt_budget(self.model, max_new_tokens, self.config.max_prompt_tokens, mac)
         try:
-            name = self.adapters.ensure(version) if version is not None else None
-            model, kwargs, hooks = self.model, {}, contextlib.nullcontext()
-            if self.adapters.peft is not None:  # per-request adapter: never a global set_adapter (PEFT #804)
-                model = self.adapters.peft
-                kwargs = {"adapter_names": [name or "__base__"]}
-                if mac is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
-                    hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(adapter_names=kwargs["adapter_names"])
-                    model, kwargs = self.adapters.base, {}
-            with hooks:
-                ((text, memory_ids),) = generate(model, self.tokenizer, [question], [texts], max_new_tokens, mac=mac,
-                                                 adapter_active=name is not None,
-                                                 max_prompt_tokens=self.config.max_prompt_tokens,
-                                                 deadline=deadline, **kwargs)
-        except GenerationTimeout:
-            raise DeadlineExceeded("the answer did not finish within the request deadline "
-                                   "(FRESHLM_ASK_DEADLINE_SECONDS); ask for fewer max_new_tokens or retry") from None
+            texts = fit_passages(self.tokenizer, question, texts, budget)
         except PromptTooLong as exc:
             raise TooLarge(str(exc)) from None
+        return Prepared(tenant, question, use, passages, texts, mac, version, max_new_tokens,
+                        time.perf_counter() - start)
+
+    def submit(self, prepared: Prepared, deadline: float) -> Submitted:
+        """Queue the question for the model (``QueueFull``, a 503, if the queue is full)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = AskJob(prepared.tenant, prepared.question, prepared.texts, prepared.mac, prepared.version,
+                     prepared.max_new_tokens, deadline, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        self.scheduler.submit(job)
+        return Submitted(prepared, job, events)
+
+    async def events(self, submitted: Submitted,
+                     is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[str, Any]]:
+        """The answer's events: ``("token", text)`` pieces as they decode, then ``("done", Answer)``;
+        a failure raises its ``ServiceError``. Closing the iterator (a streaming client that left)
+        or ``is_disconnected()`` turning true withdraws the question from the scheduler."""
+        prepared, job, events, deadline = submitted.prepared, submitted.job, submitted.queue, submitted.job.deadline
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=_POLL_SECONDS)
+                except TimeoutError:
+                    if is_disconnected is not None and await is_disconnected():
+                        self.scheduler.cancel(job)
+                        raise ClientGone() from None
+                    if time.monotonic() > deadline + _DEADLINE_GRACE_SECONDS and self.scheduler.abandon_if_waiting(job):
+                        raise Unavailable("the model is busy with other questions and this one's deadline passed "
+                                          "while it waited; retry later") from None
+                    continue
+                if kind == "token":
+                    yield kind, value
+                elif kind == "error":
+                    raise value
+                else:
+                    text, memory_ids = value
+                    use = set(prepared.use)
+                    if prepared.mac is not None and not memory_ids:
+                        use.discard("mac")
+                    timings = {"retrieve_seconds": prepared.retrieve_seconds, **job.timings(),
+                               "batch_size": float(job.batch_size)}
+                    yield "done", Answer(text, strategy_name(use), prepared.passages, prepared.version, memory_ids,
+                                         timings, len(job.tokens))
+                    return
         finally:
-            self.adapters.lock.release()
-        if mac is not None and not memory_ids:
-            use.discard("mac")
-        done = time.perf_counter()
-        return Answer(text, strategy_name(use), passages, version, memory_ids,
-                      {"retrieve_seconds": retrieved - start, "generate_seconds": done - retrieved})
+            if job._state != "done":
+                self.scheduler.cancel(job)

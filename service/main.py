@@ -16,7 +16,7 @@ from service.adapters import store
 from service.adapters.live import LiveAdapters
 from service.answerer import Answerer
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import adapters, ask, health, memory
+from service.api.routes import adapters, ask, health, memory, openai_compat
 from service.api.routes import documents as documents_routes
 from service.api.routes import tenants as tenants_routes
 from service.core.config import Settings
@@ -25,6 +25,7 @@ from service.core.logging import configure_logging
 from service.corpus_index import CorpusIndex
 from service.metrics import Metrics
 from service.runtime import Runtime, open_runtime
+from service.scheduler import Scheduler
 from service.server import server_config
 from service.worker.pipeline import build_worker, run_worker
 
@@ -70,8 +71,13 @@ async def lifespan(app: FastAPI):
         live = LiveAdapters(rt.model, settings.adapters_dir, settings.adapters_loaded)
         state.index = CorpusIndex(rt.db, settings.pipeline_config())
         state.index.refresh()  # the first answer already finds every ingested document
+        scheduler = Scheduler(rt.model, rt.tokenizer, live, settings.scheduler_config(rt.model.device),
+                              settings.max_prompt_tokens)
+        scheduler.observer = state.metrics.watch_scheduler(scheduler)
+        scheduler.start()
+        state.scheduler = scheduler
         state.answerer = Answerer(rt.model, rt.tokenizer, rt.db.read, live, settings.pipeline_config(), state.index,
-                                  rt.mac_for)
+                                  scheduler, rt.mac_for)
         if rt.mac is not None:  # the embedded worker writes memory with this model: not during an ask
             rt.mac.model_lock = live.lock
         stop = threading.Event()
@@ -85,6 +91,7 @@ async def lifespan(app: FastAPI):
             yield
         finally:
             stop.set()
+            scheduler.stop()
             if state.worker_thread is not None:
                 state.worker_thread.join(timeout=60)
 
@@ -107,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
-    for module in (documents_routes, ask, adapters, memory, tenants_routes, health):
+    for module in (documents_routes, ask, openai_compat, adapters, memory, tenants_routes, health):
         app.include_router(module.router)
     return app
 

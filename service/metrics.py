@@ -1,5 +1,10 @@
 """Prometheus metrics. Each app (and each worker) has its own registry, so tests can run several.
 
+Serving metrics follow vLLM's names (``vllm:time_to_first_token_seconds``,
+``vllm:request_queue_time_seconds``, ``vllm:num_requests_running`` / ``_waiting``,
+``vllm:generation_tokens_total``) under the ``freshlm_`` prefix; generated tokens per second is
+``rate(freshlm_generation_tokens_total[1m])``, and the last batch's own rate is a gauge.
+
 Gauges that are facts of shared state (queue depth, memory-bank size and adapter version per
 tenant) are read at scrape time from SQL and Redis; latencies are histograms observed where the
 work happens.
@@ -9,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+from service.scheduler import Scheduler, SchedulerObserver
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -25,8 +32,39 @@ class Metrics:
         self.documents_posted = Counter("freshlm_documents_posted", "New documents accepted", registry=self.registry)
         self.http_requests = Counter("freshlm_http_requests", "HTTP requests by route and status",
                                      ["method", "route", "status"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "freshlm_time_to_first_token_seconds", "From a question's arrival at the scheduler to its first token",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("freshlm_request_queue_time_seconds", "Time a question waited for its batch",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.generation_tokens = Counter("freshlm_generation_tokens", "Answer tokens generated", registry=self.registry)
+        self.batch_size = Histogram("freshlm_batch_size", "Questions decoded together", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+                                    registry=self.registry)
+        self.tokens_per_second = Gauge("freshlm_generation_tokens_per_second",
+                                       "Generated tokens per second of the last batch", registry=self.registry)
+        self.requests_cancelled = Counter("freshlm_requests_cancelled", "Questions dropped because their client left",
+                                          registry=self.registry)
+        self.num_requests_running = Gauge("freshlm_num_requests_running", "Questions decoding now",
+                                          registry=self.registry)
+        self.num_requests_waiting = Gauge("freshlm_num_requests_waiting", "Questions waiting for the model",
+                                          registry=self.registry)
         self.adapter_swaps = Counter("freshlm_adapter_swaps", "Adapter versions activated by the worker",
                                      registry=self.registry)
+
+    def watch_scheduler(self, scheduler: Scheduler) -> SchedulerObserver:
+        """Running / waiting gauges read from ``scheduler`` at scrape time, and the observer that
+        records its queue times, first tokens, batches and cancellations."""
+        self.num_requests_running.set_function(lambda: scheduler.running)
+        self.num_requests_waiting.set_function(lambda: scheduler.waiting)
+
+        def batch(rows: int, tokens: int, seconds: float) -> None:
+            self.batch_size.observe(rows)
+            self.generation_tokens.inc(tokens)
+            if seconds > 0:
+                self.tokens_per_second.set(tokens / seconds)
+
+        return SchedulerObserver(queue_time=self.queue_time.observe, first_token=self.time_to_first_token.observe,
+                                 batch=batch, cancelled=self.requests_cancelled.inc)
 
     def add_state_collector(self, read: Callable[[], dict]) -> None:
         """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries": {tenant: n} or None,

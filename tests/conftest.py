@@ -168,6 +168,25 @@ def wait_ingested(client: httpx.Client, ids: list[str], timeout: float = 120.0) 
 
 
 @pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny random Llama with its weights scaled up: peaked next-token distributions, so greedy
+    answers differ from question to question (at scale 1 every answer is empty) and any difference
+    between two code paths shows."""
+    import torch
+
+    from training.models import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("sharp-llama")
+    model, tokenizer = tiny_causal_lm("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mac_artifact_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A MAC artifact for the tiny Llama, written by the MAC code's own ``save_mac``."""
     from tests.mac_helpers import TINY_MAC, tiny_encoder

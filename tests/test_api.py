@@ -174,7 +174,8 @@ def test_ask_uses_the_stored_documents(client):
     body = response.json()
     assert body["strategy"] == "rag" and isinstance(body["answer"], str)
     assert [d["id"] for d in body["documents"]] == ["n-1"] and body["adapter_version"] is None
-    assert set(body["timings"]) == {"retrieve_seconds", "generate_seconds"}
+    assert set(body["timings"]) == {"retrieve_seconds", "queue_seconds", "first_token_seconds", "generate_seconds",
+                                    "batch_size"}
 
 
 def test_ask_without_matching_documents_answers_without_context(client):

@@ -28,25 +28,6 @@ QUESTIONS = [
 MAX_NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module")
-def sharp_model_dir(tmp_path_factory):
-    """The tiny random Llama with its weights scaled up: peaked next-token distributions, so greedy
-    answers differ from question to question (at scale 1 every answer is empty) and any difference
-    between two code paths shows."""
-    import torch
-
-    from training.models import tiny_causal_lm
-
-    path = tmp_path_factory.mktemp("sharp-llama")
-    model, tokenizer = tiny_causal_lm("llama")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def harness_answers(model, tokenizer, name: str, config: MethodConfig) -> list[str]:
     run = run_method(build_method(name, MethodContext(model, tokenizer, config)),
                      EvalSet("equality", "test", DOCS, QUESTIONS),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.generation import chat_input_ids, generate_answers
+from training.generation import StepHook, chat_input_ids, generate_answers
 from training.mac.runtime import MacRuntime
 from training.prompts import qa_messages
 
@@ -111,19 +111,24 @@ def generate(
     adapter_active: bool = False,
     max_prompt_tokens: int = PipelineConfig.model_fields["max_prompt_tokens"].default,
     deadline: float | None = None,
+    on_step: StepHook | None = None,
+    prefill_each: bool = False,
     **generate_kwargs,
 ) -> list[tuple[str, list[str]]]:
     """Short answers (greedy) and the memory entries each read: after the question's MAC entries
     when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way, cut to
     the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
     cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
-    ``GenerationTimeout``."""
+    ``GenerationTimeout``. Several questions decode as one left-padded batch (the service's
+    scheduler batches concurrent asks through here); ``on_step`` sees each step (``StepHook``);
+    ``prefill_each`` (plain generation) reports each row's first token after its own prefill
+    (``generate_answers``)."""
     budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
     passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
         return mac.answer(model, questions, passages, max_new_tokens, head=None if adapter_active else "cached",
-                          deadline=deadline)
+                          deadline=deadline, on_step=on_step)
     prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
     texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
-                             **generate_kwargs)
+                             on_step=on_step, prefill_each=prefill_each, **generate_kwargs)
     return [(text, []) for text in texts]

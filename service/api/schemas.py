@@ -159,6 +159,7 @@ class AskIn(BaseModel):
     strategy: Strategy = Field("auto", description="auto: the default strategy (FRESHLM_STRATEGY) over the deployed components; see /readyz")
     top_k: int | None = Field(None, ge=1, le=20, description="passages to retrieve (limit: FRESHLM_MAX_TOP_K)")
     max_new_tokens: int | None = Field(None, ge=1, le=512, description="answer tokens (limit: FRESHLM_MAX_ANSWER_TOKENS)")
+    stream: bool = Field(False, description="true: server-sent events, tokens as they decode, then the answer")
 
     @field_validator("question")
     @classmethod
@@ -178,7 +179,9 @@ class AskOut(BaseModel):
     documents: list[SupportingDocument] = Field(description="retrieved passages with BM25 scores")
     memory_documents: list[str] = Field(description="MAC memory entries the answer read")
     adapter_version: str | None = Field(description="the adapter version the whole answer ran on")
-    timings: dict[str, float]
+    timings: dict[str, float] = Field(description="seconds: retrieve, queue (waiting for a batch), first_token "
+                                                  "(arrival to first token), generate; batch_size: questions decoded "
+                                                  "together")
 
 
 class AdapterOut(BaseModel):

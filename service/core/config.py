@@ -15,11 +15,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.scheduler import SchedulerConfig
 from training.artifacts import shipped_artifact
 from training.mac.runtime import MacReadConfig
 from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 from training.pipeline import PipelineConfig
+from training.precision import cpu_bf16_enabled
 from training.updates import UpdateConfig
 
 _PIPELINE, _MAC, _UPDATE = PipelineConfig(), MacReadConfig(), UpdateConfig()
@@ -59,6 +61,14 @@ class Settings(BaseSettings):
                                    description="prompt tokens at most: passages are cut to fit (and to the model's "
                                                "context less the answer)")
     max_new_tokens: int = Field(24, ge=1, le=512, description="answer tokens when a question does not say")
+    max_batch_asks: int = Field(8, ge=1, description="questions decoded together in one batch (1: batching off)")
+    max_waiting_asks: int = Field(64, ge=1, description="questions waiting for the model; more get 503 + Retry-After")
+    batch_wait_seconds: float = Field(0.1, ge=0, le=1, description="how long a batch waits to gather as many "
+                                                                    "questions as the last batch answered plus those "
+                                                                    "that waited for it (a lone asker never waits)")
+    cpu_bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 autocast for generation on a CPU: auto = only where the CPU has native bf16 "
+                            "(avx512_bf16 / amx_bf16), off = never")
     index_refresh_seconds: float = Field(1.0, gt=0, description="how often the retrieval index catches up with "
                                                                 "documents another process ingested or deleted")
 
@@ -167,8 +177,13 @@ class Settings(BaseSettings):
         """The per-request limits (``/readyz`` shows them to admins)."""
         names = ("max_body_bytes", "max_batch_documents", "max_document_chars", "max_question_chars",
                  "max_question_tokens", "max_top_k", "max_answer_tokens", "max_prompt_tokens", "rag_passage_chars",
+                 "max_batch_asks", "max_waiting_asks",
                  "ask_deadline_seconds", "header_timeout_seconds", "keep_alive_seconds", "max_header_bytes")
         return {name: getattr(self, name) for name in names}
+
+    def scheduler_config(self, device) -> SchedulerConfig:
+        return SchedulerConfig(max_batch=self.max_batch_asks, max_waiting=self.max_waiting_asks,
+                               batch_wait_seconds=self.batch_wait_seconds, bf16=cpu_bf16_enabled(self.cpu_bf16, device))
 
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage)

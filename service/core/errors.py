@@ -71,6 +71,15 @@ class Unavailable(ServiceError):
     headers = {"Retry-After": "5"}
 
 
+class ClientGone(ServiceError):
+    """The client disconnected while its question waited or decoded: its work was dropped. Logged
+    as 499 (nginx's "client closed request"); nobody reads the reply."""
+    status_code, type = 499, "client_closed_request"
+
+    def __init__(self, detail: str = "the client disconnected") -> None:
+        super().__init__(detail)
+
+
 class DeadlineExceeded(ServiceError):
     status_code, type = status.HTTP_504_GATEWAY_TIMEOUT, "deadline_exceeded"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
-from training.generation import GenerationTimeout
+from training.generation import GenerationTimeout, StepHook
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, kv_heads, P, head_dim]
 
@@ -135,11 +135,13 @@ def greedy_generate(
     memory_mask: torch.Tensor | None = None,
     start: int | None = None,
     deadline: float | None = None,
+    on_step: StepHook | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch after ``[head, memory]`` (``generate`` would restart
     positions at the cache length, which is wrong for absolute-position models and for memory
     slots that keep their own positions). ``prompts`` continue ``head`` when one is given.
-    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``."""
+    ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``.
+    ``on_step``: see ``training.generation.StepHook`` (rows keyed by prompt index)."""
     device = model.device
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -160,6 +162,10 @@ def greedy_generate(
         for row in (~done).nonzero().flatten().tolist():
             if not torch.isin(next_ids[row], stop):
                 generated[row].append(int(next_ids[row]))
+        if on_step is not None:
+            ended = done | torch.isin(next_ids, stop)
+            stopped = on_step({row: None if ended[row] else int(next_ids[row]) for row in range(len(prompts))})
+            done |= torch.tensor([row in stopped for row in range(len(prompts))], dtype=torch.bool, device=device)
         done |= torch.isin(next_ids, stop)
         if done.all():
             break

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.aggregator import entry_ids, iter_bank_entries, stack_memories
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
+from training.generation import StepHook
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
 from training.memory.base import MemoryBank, Storage
 from training.models import ModelSettings
@@ -103,19 +104,20 @@ class MacRuntime:
     def answer(
         self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
         max_new_tokens: int = 24, head: PromptHead | None | str = "cached", deadline: float | None = None,
+        on_step: StepHook | None = None,
     ) -> list[tuple[str, list[str]]]:
         """Short answers after each question's memory entries (and passages in the prompt), with
         the ids of the entries read. ``head="cached"``: the writer's cached prompt head; when the
         answering model differs from the writer (an adapter is active), pass ``None`` and the head
         is computed by ``model`` as it is (entries were written after the head, so it comes first).
-        ``deadline``: as in ``greedy_generate``."""
+        ``deadline``, ``on_step``: as in ``greedy_generate``."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         memory, mask, ids = self.read(questions, model.device)
         prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
         outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
                                   stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
-                                  head=head, memory_mask=mask, start=self.mac.start(head), deadline=deadline)
+                                  head=head, memory_mask=mask, start=self.mac.start(head), deadline=deadline, on_step=on_step)
         texts = [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
         return list(zip(texts, ids))
 

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from service.db import DEFAULT_TENANT
 from service.migrate import current_revision, head_revision
 from training.pipeline import strategy_name
+from training.precision import cpu_bf16_enabled, cpu_bf16_flags
 
 router = APIRouter(tags=["ops"])
 log = logging.getLogger("freshlm.health")
@@ -126,6 +127,11 @@ def configuration(settings, rt) -> dict:
             "mac_artifact": name(settings.mac_artifact_path) if rt.mac is not None else None,
             "mac_storage": settings.mac_storage if rt.mac is not None else None,
             "updater": settings.updater_spec, "default_strategy": settings.strategy,
+            "serving": {"max_batch_asks": settings.max_batch_asks, "max_waiting_asks": settings.max_waiting_asks,
+                        "batch_wait_seconds": settings.batch_wait_seconds, "cpu_bf16": settings.cpu_bf16,
+                        "cpu_bf16_flags": list(cpu_bf16_flags()),
+                        "bf16_autocast": bool(rt.model is not None
+                                              and cpu_bf16_enabled(settings.cpu_bf16, rt.model.device))},
             "limits": settings.limits()}
 
 

@@ -1,0 +1,123 @@
+"""Batched generation equals generation one question at a time (greedy, token for token): left
+padding, the attention mask and the position ids must make a row's answer independent of the
+other rows, including rows on other adapter versions (PEFT ``adapter_names``), rows with and
+without passages (mixed strategies), and rows stopped early by the step hook."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from training.models import tiny_causal_lm
+from training.pipeline import generate
+from training.prompts import extract_answer
+
+QUESTIONS = [
+    "Who approved the harbour bridge?",
+    "How many libraries opened in Norvale in 2031, and when?",
+    "Which team won?",
+    "What is the price of the new scooter model that Quorra Motors sells in three cities?",
+]
+PASSAGES = [
+    ["The council of Norvale approved the Saltmarsh Bridge on Tuesday; it will cost 42 million crowns."],
+    None,
+    ["Pelham Rovers beat Ashgrove United 3 to 1.", "The final was played at Lindqvist Stadium."],
+    None,
+]
+MAX_NEW = 8
+
+
+def sharp(kind: str):
+    """A tiny random model with scaled-up weights: peaked next-token distributions, so answers
+    differ from question to question (at scale 1 they are mostly empty) and any difference shows."""
+    model, tokenizer = tiny_causal_lm(kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return model, tokenizer
+
+
+def with_two_versions(model):
+    """A PEFT model with an identity adapter and two random, different LoRA versions."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    peft = get_peft_model(model, config, adapter_name="identity")
+    for i, name in enumerate(["v1", "v2"]):
+        peft.add_adapter(name, config)
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for key, p in peft.named_parameters():
+                if f".{name}." in key:
+                    p.normal_(0, 0.5)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_batch_answers_like_each_question_alone(kind, prefill_each, one_torch_thread):
+    model, tokenizer = sharp(kind)
+    alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
+    together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=prefill_each)
+    assert together == alone
+    assert len({a for a, _ in alone}) > 2, "answers must differ between questions for this test to mean something"
+
+
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
+def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(prefill_each, one_torch_thread):
+    model, tokenizer = sharp("llama")
+    peft = with_two_versions(model)
+    names = ["v1", "v2", "__base__", "v2"]
+    alone = [generate(peft, tokenizer, [q], [p], MAX_NEW, adapter_names=[n])[0]
+             for q, p, n in zip(QUESTIONS, PASSAGES, names)]
+    together = generate(peft, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, adapter_names=names, prefill_each=prefill_each)
+    assert together == alone
+    # the versions really differ: the same question answered on each gives different answers
+    per_version = {n: generate(peft, tokenizer, QUESTIONS[:1], PASSAGES[:1], MAX_NEW, adapter_names=[n])[0][0]
+                   for n in ("v1", "v2", "__base__")}
+    assert len(set(per_version.values())) == 3
+
+
+@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
+def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(prefill_each, one_torch_thread):
+    model, tokenizer = sharp("llama")
+    alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0][0] for q, p in zip(QUESTIONS, PASSAGES)]
+    seen: dict[int, list[int]] = {i: [] for i in range(len(QUESTIONS))}
+
+    def hook(tokens: dict[int, int | None]) -> set[int]:
+        for i, token in tokens.items():
+            if token is not None:
+                seen[i].append(token)
+        return {1} if len(seen[1]) >= 2 else set()  # row 1's client "left" after two tokens
+
+    together = [a for a, _ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook,
+                                       prefill_each=prefill_each)]
+    assert len(seen[1]) == 2
+    for i in (0, 2, 3):  # the other rows are untouched, and what the hook saw is what they answered
+        assert together[i] == alone[i]
+        assert extract_answer(tokenizer.decode(seen[i], skip_special_tokens=True)) == alone[i]
+
+
+@pytest.mark.real_model
+def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
+    """The served base (SmolLM2 with the shipped QA-format tuning merged), rag and none rows mixed."""
+    from service.core.config import Settings
+    from service.runtime import load_base_model
+
+    model, tokenizer = load_base_model(Settings(_env_file=None))
+    alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
+    assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
+    assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=True) == alone
+    assert alone[0][0] and alone[2][0]  # real answers, not empty ones
+
+
+def test_bf16_autocast_only_where_asked_or_native(one_torch_thread):
+    from training.precision import autocast, cpu_bf16_enabled, cpu_bf16_flags
+
+    assert not cpu_bf16_enabled("off", "cpu") and cpu_bf16_enabled("on", "cpu")
+    assert cpu_bf16_enabled("auto", "cpu") == (bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available())
+    model, tokenizer = sharp("llama")
+    ids = tokenizer("Who approved the bridge?", return_tensors="pt")["input_ids"]
+    with autocast("cpu", True):
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    with autocast("cpu", False):
+        assert model(input_ids=ids).logits.dtype == torch.float32
