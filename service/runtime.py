@@ -23,6 +23,7 @@ from training.artifacts import read_manifest
 from training.mac.runtime import MacRuntime, bank_name, load_mac_runtime
 from training.memory import RedisMemoryBank
 from training.models import load_causal_lm
+from training.retrievers import Embedder, encoder_embedder, load_embedder
 from training.qa_tuning import apply_qa_tuning
 
 log = logging.getLogger("freshlm")
@@ -37,6 +38,7 @@ class Runtime:
     model: PreTrainedModel | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     mac: MacRuntime | None = None  # over the default tenant's bank; ``mac_for`` gives any tenant's
+    embed: Embedder | None = None  # passages and questions -> vectors (retriever dense / hybrid only)
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
 
     def mac_for(self, tenant: str) -> MacRuntime | None:
@@ -88,6 +90,17 @@ def load_mac(settings: Settings, rt: Runtime) -> None:
         log.error("MAC artifact %s not loaded: %s", artifact, rt.errors["mac"])
 
 
+def load_retrieval_encoder(settings: Settings, rt: Runtime) -> Embedder | None:
+    """The encoder of dense / hybrid retrieval (none for BM25): MAC's key encoder when the MAC
+    artifact names the configured one (one copy in RAM), else ``FRESHLM_ENCODER`` loaded once."""
+    if settings.retriever == "bm25":
+        return None
+    if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
+        mac = rt.mac.mac
+        return encoder_embedder(mac.encoder, mac.encoder_tokenizer, mac.config.key_tokens)
+    return load_embedder(settings.encoder, settings.device)
+
+
 @contextmanager
 def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtime]:
     """Open everything (the model only if ``load_model``); close it all on exit."""
@@ -105,6 +118,7 @@ def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtim
             log.info("loading base model %s", settings.base_model)
             rt.model, rt.tokenizer = load_base_model(settings)
             load_mac(settings, rt)
+            rt.embed = load_retrieval_encoder(settings, rt)
         yield rt
     finally:
         stop.set()

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.generation import chat_input_ids, generate_answers
 from training.mac.runtime import MacRuntime
 from training.prompts import qa_messages
+from training.retrievers import RetrieverKind
 
 COMPONENTS = ("mac", "adapter", "rag")
 # What `auto` means: the combination that was best on the validation streams (docs/BENCHMARKS.md,
@@ -44,8 +45,11 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: str = Field(DEFAULT_STRATEGY, description="what `auto` uses (restricted to the deployed components)")
+    retriever: RetrieverKind = Field("bm25", description="how passages are found: bm25, dense (MiniLM) or hybrid "
+                                                         "(both, reciprocal-rank fusion)")
     rag_top_k: int = Field(3, ge=1, le=20, description="passages in the prompt")
-    rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this share of the best")
+    rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this share of the "
+                                                                     "best (BM25 score, cosine or fused score)")
     rag_passage_words: int = Field(120, ge=10, description="words per retrieved passage")
     rag_passage_chars: int = Field(2000, ge=100, description="characters per retrieved passage (a text without spaces is cut)")
     max_prompt_tokens: int = Field(1024, ge=64, description="prompt tokens at most (passages are cut to fit), "

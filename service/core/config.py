@@ -20,6 +20,7 @@ from training.mac.runtime import MacReadConfig
 from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 from training.pipeline import PipelineConfig
+from training.retrievers import RetrieverKind
 from training.updates import UpdateConfig
 
 _PIPELINE, _MAC, _UPDATE = PipelineConfig(), MacReadConfig(), UpdateConfig()
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
 
     # answering (training.pipeline.PipelineConfig)
     strategy: str = Field(_PIPELINE.strategy, description="components `auto` uses (those deployed), e.g. mac+rag")
+    retriever: RetrieverKind = Field(_PIPELINE.retriever, description="how passages are found: bm25, dense "
+                                                                      "(the encoder's cosine) or hybrid (both, RRF)")
     rag_top_k: int = Field(_PIPELINE.rag_top_k, ge=1, le=20)
     rag_min_score_ratio: float = Field(_PIPELINE.rag_min_score_ratio, ge=0.0, le=1.0,
                                        description="drop passages scoring below this fraction of the best")
@@ -159,7 +162,7 @@ class Settings(BaseSettings):
         )
 
     def pipeline_config(self) -> PipelineConfig:
-        return PipelineConfig(strategy=self.strategy, rag_top_k=self.rag_top_k,
+        return PipelineConfig(strategy=self.strategy, retriever=self.retriever, rag_top_k=self.rag_top_k,
                               rag_min_score_ratio=self.rag_min_score_ratio, rag_passage_words=self.rag_passage_words,
                               rag_passage_chars=self.rag_passage_chars, max_prompt_tokens=self.max_prompt_tokens)
 

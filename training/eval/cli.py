@@ -33,7 +33,9 @@ from training.memory import STORAGES
 from training.methods import MethodConfig, MethodContext, build_method, method_info
 from training.methods.builtin import BASELINES
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
+from training.pipeline import PipelineConfig
 from training.qa_tuning import apply_qa_tuning
+from training.retrievers import RETRIEVERS
 from training.update_bank.runtime import UpdateBankConfig
 from training.eval.results_plot import plot_results
 
@@ -117,6 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-max-documents", type=int, default=20)
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
+    p.add_argument("--encoder", default=MethodConfig().encoder,
+                   help="sentence encoder of rag_dense / rag_hybrid and of the pipeline's dense retrieval")
+    p.add_argument("--retriever", choices=RETRIEVERS, default=PipelineConfig().retriever,
+                   help="retrieval of the pipeline:<strategy> / auto methods (the service's FRESHLM_RETRIEVER)")
     p.add_argument("--max-new-tokens", type=int, default=MethodConfig().max_new_tokens)
     p.add_argument("--mac-artifact", help="MAC artifact directory (methods mac, mac_rag)")
     p.add_argument("--mac-top-k", type=int, default=MacReadConfig().top_k,
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     evalset = load_dataset(args.dataset, args.data, args.split, args.seed, args.questions)
     evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
     model, tokenizer = load_base(args)
-    method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
+    method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, encoder=args.encoder,
+                                 pipeline=PipelineConfig(retriever=args.retriever), max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
                                  ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
                                  ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
