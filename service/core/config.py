@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     # memory (training.mac.runtime.MacReadConfig)
     mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
     mac_group_size: int = Field(_MAC.group_size, ge=1, description="memory entries read from Redis at a time")
-    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16 or int8")
+    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "
+                                                                   "or KIVI int4 / int2")
 
     # adapter updates (training.updates.UpdateConfig; a meta-trained init brings its own rank, optimizer and lr)
     adapter_optimizer: Literal["adam", "sgd"] = _UPDATE.optimizer

@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                  "artifact, or uniform; default: the meta_ft artifact)")
     p.add_argument("--update-bank-top-k", type=int, default=UpdateBankConfig().top_k,
                    help="update_bank: documents' updates each question applies, by key similarity")
-    p.add_argument("--update-bank-storage", choices=STORAGES, default=UpdateBankConfig().storage,
+    p.add_argument("--update-bank-storage", choices=("float16", "int8"), default=UpdateBankConfig().storage,
                    help="update_bank: how the bank stores entries")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)

@@ -36,7 +36,8 @@ class MacReadConfig(BaseModel):
 
     top_k: int | None = Field(1, ge=1, description="entries each question reads, by key similarity (none: all); 1 is best on val")
     group_size: int = Field(16, ge=1, description="entries read from the bank at a time")
-    storage: Storage = Field("float16", description="how new entries are stored: float16, or int8 (~52 % of the bytes)")
+    storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
+                                                          "bytes), or KIVI int4 / int2 (32 % / 19 %)")
 
 
 def bank_name(artifact: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.memory.base import Storage, check_storage, decode_entry, encode_entry
+from training.memory.base import EncodedEntry, Storage, check_storage, decode_entry, encode_entry
 
 
 class InMemoryMemoryBank:
@@ -12,7 +12,7 @@ class InMemoryMemoryBank:
 
     def __init__(self, storage: Storage = "float16") -> None:
         self.storage = check_storage(storage)
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._memory: dict[str, EncodedEntry] = {}
         self._keys: dict[str, torch.Tensor] = {}
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
@@ -23,7 +23,7 @@ class InMemoryMemoryBank:
             self._keys.pop(doc_id, None)
 
     def get(self, doc_ids: list[str]) -> list[torch.Tensor | None]:
-        return [decode_entry(*m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
+        return [decode_entry(m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
 
     def delete(self, doc_id: str) -> bool:
         self._keys.pop(doc_id, None)
@@ -47,5 +47,5 @@ class InMemoryMemoryBank:
         self._keys.clear()
 
     def nbytes(self, doc_id: str) -> int:
-        stored = (*self._memory.get(doc_id, ()), self._keys.get(doc_id))
-        return sum(t.numel() * t.element_size() for t in stored if t is not None)
+        entry, key = self._memory.get(doc_id), self._keys.get(doc_id)
+        return (entry.nbytes() if entry is not None else 0) + (key.numel() * key.element_size() if key is not None else 0)

@@ -3,11 +3,14 @@
 Key layout, all under one hash tag so multi-key transactions work on Redis Cluster:
 
 * ``{prefix}:{<bank>}:ids``           set of document ids
-* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``memory`` (fp16 bytes, or int8 bytes with ``scale``: fp16
-  bytes, one per last-axis vector), ``shape``, ``key`` (fp16 bytes)
+* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``storage`` (``float16`` / ``int8`` / ``int4`` / ``int2``),
+  ``shape``, ``memory`` (the payload: fp16, int8, or packed KIVI codes), ``scale`` (int8: fp16, one
+  per last-axis vector; KIVI: fp16, one per group), ``zero`` (KIVI: fp16, one per group), ``group``
+  (KIVI's group size), ``key`` (fp16)
 
-Each entry says how it is stored (``scale`` present or not), so a bank switched to ``int8`` storage
-keeps reading the fp16 entries written before.
+Each entry says how it is stored, so a bank switched to another storage keeps reading the entries
+written before; entries from before the ``storage`` field (issue 16) are fp16, or int8 when they
+have a ``scale``.
 
 ``<bank>`` names the artifact that produced the modulations, so memory written by one MAC
 artifact is never read with another.
@@ -19,15 +22,29 @@ import numpy as np
 import redis
 import torch
 
-from training.memory.base import Storage, check_storage, decode_entry, encode_entry
+from training.memory.base import PART_DTYPES, EncodedEntry, Storage, check_storage, decode_entry, encode_entry
+
+FIELDS = ["storage", "shape", "group", "memory", "scale", "zero"]
+NUMPY = {torch.float16: np.float16, torch.int8: np.int8, torch.uint8: np.uint8}
 
 
 def _to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().numpy().tobytes()
 
 
-def _from_bytes(payload: bytes, dtype: type, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(payload, dtype=dtype).reshape(shape).copy())
+def _from_bytes(payload: bytes, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(payload, dtype=NUMPY[dtype]).copy())
+
+
+def _decode_row(row: list[bytes | None]) -> torch.Tensor | None:
+    stored = dict(zip(FIELDS, row))
+    if stored["memory"] is None:
+        return None
+    storage = stored["storage"].decode() if stored["storage"] else ("int8" if stored["scale"] else "float16")
+    shape = tuple(int(s) for s in stored["shape"].decode().split(","))
+    parts = {name: _from_bytes(stored[name], dtype) for name, dtype in PART_DTYPES[storage].items()}
+    group = int(stored["group"]) if stored["group"] else None
+    return decode_entry(EncodedEntry(storage, shape, parts, group))
 
 
 class RedisMemoryBank:
@@ -44,10 +61,11 @@ class RedisMemoryBank:
         return f"{self._base}:m:{doc_id}"
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
-        values, scale = encode_entry(memory, self.storage)
-        fields = {"memory": _to_bytes(values), "shape": ",".join(map(str, memory.shape))}
-        if scale is not None:
-            fields["scale"] = _to_bytes(scale)
+        encoded = encode_entry(memory, self.storage)
+        fields = {"storage": encoded.storage, "shape": ",".join(map(str, encoded.shape)),
+                  **{name: _to_bytes(part) for name, part in encoded.parts.items()}}
+        if encoded.group is not None:
+            fields["group"] = str(encoded.group)
         if key is not None:
             fields["key"] = _to_bytes(key.detach().reshape(-1).to(torch.float16))
         entry = self._entry_key(doc_id)
@@ -62,20 +80,9 @@ class RedisMemoryBank:
             return []
         with self.client.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
-                pipe.hmget(self._entry_key(doc_id), ["memory", "shape", "scale"])
+                pipe.hmget(self._entry_key(doc_id), FIELDS)
             rows = pipe.execute()
-        out: list[torch.Tensor | None] = []
-        for payload, shape, scale in rows:
-            if payload is None:
-                out.append(None)
-                continue
-            shape = tuple(int(s) for s in shape.decode().split(","))
-            if scale is None:
-                out.append(decode_entry(_from_bytes(payload, np.float16, shape), None))
-            else:
-                out.append(decode_entry(_from_bytes(payload, np.int8, shape),
-                                        _from_bytes(scale, np.float16, (*shape[:-1], 1))))
-        return out
+        return [_decode_row(row) for row in rows]
 
     def delete(self, doc_id: str) -> bool:
         with self.client.pipeline(transaction=True) as pipe:
@@ -115,4 +122,4 @@ class RedisMemoryBank:
 
     def nbytes(self, doc_id: str) -> int:
         entry = self._entry_key(doc_id)
-        return sum(int(self.client.hstrlen(entry, field)) for field in ("memory", "scale", "key"))
+        return sum(int(self.client.hstrlen(entry, field)) for field in ("memory", "scale", "zero", "key"))
