@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # memory (training.mac.runtime.MacReadConfig)
     mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
     mac_group_size: int = Field(_MAC.group_size, ge=1, description="memory entries read from Redis at a time")
+    mac_rerotate: bool = Field(_MAC.rerotate, description="each memory entry read gets its own positions (its keys "
+                                                          "re-rotated; RoPE base models)")
     mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "
                                                                    "or KIVI int4 / int2")
 
@@ -175,7 +177,8 @@ class Settings(BaseSettings):
         return {name: getattr(self, name) for name in names}
 
     def mac_read_config(self) -> MacReadConfig:
-        return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage)
+        return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
+                             rerotate=self.mac_rerotate)
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,

@@ -130,7 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mac-group-size", type=int, default=MacReadConfig().group_size,
                    help="MAC: memory entries read from the bank at a time")
     p.add_argument("--mac-storage", choices=STORAGES, default=MacReadConfig().storage,
-                   help="MAC: how the bank stores entries")
+                   help="MAC: how the bank stores entries (float16, int8, KIVI int4 / int2)")
+    p.add_argument("--mac-rerotate", action="store_true",
+                   help="MAC: each entry read gets its own positions (keys re-rotated, RoPE models)")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
     p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
                                  ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
-                                                   storage=args.mac_storage),
+                                                   storage=args.mac_storage, rerotate=args.mac_rerotate),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,

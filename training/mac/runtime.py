@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.mac.aggregator import entry_ids, iter_bank_entries, stack_memories
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
+from training.mac.rerotate import read_offsets, rotary_embedding, shift_entry
 from training.memory.base import MemoryBank, Storage
 from training.models import ModelSettings
 from training.prompts import extract_answer
@@ -36,6 +37,8 @@ class MacReadConfig(BaseModel):
 
     top_k: int | None = Field(1, ge=1, description="entries each question reads, by key similarity (none: all); 1 is best on val")
     group_size: int = Field(16, ge=1, description="entries read from the bank at a time")
+    rerotate: bool = Field(False, description="give each entry read its own positions by re-rotating its keys "
+                                              "(RoPE models; the best entry next to the question)")
     storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
                                                           "bytes), or KIVI int4 / int2 (32 % / 19 %)")
 
@@ -55,9 +58,11 @@ class MacRuntime:
     config: MacReadConfig = field(default_factory=MacReadConfig)
     model_lock: threading.RLock = field(default_factory=threading.RLock)
     head: PromptHead | None = field(init=False)
+    rotary: torch.nn.Module | None = field(init=False, default=None)  # the base's RoPE, with ``rerotate``
 
     def __post_init__(self) -> None:
         self.head = prompt_head(self.base, self.tokenizer)
+        self.rotary = rotary_embedding(self.base) if self.config.rerotate else None
 
     def with_bank(self, bank: MemoryBank) -> "MacRuntime":
         """The same runtime (network, model, cached head, lock) over another bank, e.g. one per
@@ -80,9 +85,14 @@ class MacRuntime:
         """Forget a document exactly: its entry is gone."""
         return self.bank.delete(doc_id)
 
-    def question_start(self) -> int:
-        """Position of a question's first token (after the prompt head and the memory slots)."""
-        return self.mac.start(self.head)
+    def question_start(self, head: PromptHead | None | str = "cached", entries: int | None = None) -> int:
+        """Position of a question's first token, after the prompt head and the memory slots: one
+        chunk's span, or with ``rerotate`` one span per entry read (``entries``, default top_k)."""
+        head = self.head if head == "cached" else head
+        if not self.config.rerotate:
+            return self.mac.start(head)
+        entries = entries if entries is not None else (self.config.top_k or 1)
+        return self.mac.start(head) + (max(entries, 1) - 1) * self.mac.start(None)
 
     def stored_bytes(self) -> int:
         return sum(self.bank.nbytes(i) for i in self.bank.ids())
@@ -97,6 +107,10 @@ class MacRuntime:
         bank_keys = self.bank.keys() if top_k else None  # one read of the keys for the whole batch
         ids = [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
         entries = [list(iter_bank_entries(self.bank, chosen, chunk=self.config.group_size)) for chosen in ids]
+        if self.rotary is not None:  # ids are best first: the best entry gets the span next to the question
+            span = self.mac.start(None)
+            entries = [[shift_entry(e, offset, self.rotary) for e, offset in zip(row, read_offsets(len(row), span))]
+                       for row in entries]
         memory, mask = stack_memories(entries, device)
         return memory, mask, ids
 
@@ -116,7 +130,8 @@ class MacRuntime:
         prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
         outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
                                   stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
-                                  head=head, memory_mask=mask, start=self.mac.start(head), deadline=deadline)
+                                  head=head, memory_mask=mask, deadline=deadline,
+                                  start=self.question_start(head, max(map(len, ids), default=1)))
         texts = [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
         return list(zip(texts, ids))
 
@@ -126,15 +141,16 @@ class MacRuntime:
         """Mean per-token log-probability of each choice (as ``choice_logprobs``) after the memory
         (``head`` as in ``answer``)."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
-        memory, mask, _ = self.read([question], model.device)
+        memory, mask, ids = self.read([question], model.device)
         n = len(choices)
         if memory is not None:
             memory = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory]
             mask = mask.expand(n, -1)
-        ids, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
-                                            device=model.device, head=head)
-        return (-answer_nll(model, memory, ids, tokens_mask, labels, head=head, memory_mask=mask,
-                            start=self.mac.start(head))).tolist()
+        start = self.question_start(head, len(ids[0]))
+        tokens, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
+                                               device=model.device, head=head)
+        return (-answer_nll(model, memory, tokens, tokens_mask, labels, head=head, memory_mask=mask,
+                            start=start)).tolist()
 
 
 _LOADED: dict[tuple[str, str], MAC] = {}
