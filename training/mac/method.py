@@ -4,7 +4,9 @@ service's MAC) over the in-process memory bank.
 Ingesting a document is one forward pass of the base model with the amortizer's memory tokens; its
 entry (and retrieval key) goes into the bank. Answering reads each question's top-k entries by key
 similarity (all of them without ``top_k``) and generates after them. ``mac_rag`` also puts the top
-BM25 passages in the prompt. Deleting a document is ``runtime.delete``.
+BM25 passages in the prompt. Deleting a document is ``runtime.delete``. ``mac_read:<settings>``
+is ``mac`` with other read / storage settings than ``MethodConfig.mac`` (e.g.
+``mac_read:int4,k2,rot`` = int4 storage, top 2, re-rotated keys), so one harness run compares them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.artifacts import configured_artifact
-from training.mac.runtime import MacRuntime, load_mac_runtime
-from training.memory import InMemoryMemoryBank
+from training.mac.runtime import MacReadConfig, MacRuntime, load_mac_runtime
+from training.memory import STORAGES, InMemoryMemoryBank
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.retrieval import BM25Index
@@ -80,6 +82,32 @@ class MACMethod:
         self.runtime.bank.clear()
         self.documents.clear()
         self._index = None
+
+
+def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
+    """``float16|int8|int4|int2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
+    comma-separated, over ``base``."""
+    update: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part in STORAGES:
+            update["storage"] = part
+        elif part in ("rot", "norot"):
+            update["rerotate"] = part == "rot"
+        elif part == "kall":
+            update["top_k"] = None
+        elif part.startswith("k") and part[1:].isdigit() and int(part[1:]) >= 1:
+            update["top_k"] = int(part[1:])
+        else:
+            raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, norot)")
+    return base.model_copy(update=update)
+
+
+@register_method("mac_read", family=True)
+def build_mac_read(ctx: MethodContext, spec: str) -> MACMethod:
+    config = parse_read_settings(spec, ctx.config.mac)
+    runtime = load_mac_runtime(mac_artifact_path(ctx), ctx.model, ctx.tokenizer, InMemoryMemoryBank(config.storage),
+                               config)
+    return MACMethod(ctx, runtime)
 
 
 @register_method("mac")
