@@ -43,6 +43,7 @@ class Answer:
     passages: list[Passage]
     adapter_version: str | None
     memory_documents: list[str] = field(default_factory=list)
+    memory_fallback: list[str] = field(default_factory=list)  # entries gone (evicted): answered from their text
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -120,7 +121,7 @@ class Answerer:
                     hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(adapter_names=kwargs["adapter_names"])
                     model, kwargs = self.adapters.base, {}
             with hooks:
-                ((text, memory_ids),) = generate(model, self.tokenizer, [question], [texts], max_new_tokens, mac=mac,
+                ((text, memory_ids, fallback_ids),) = generate(model, self.tokenizer, [question], [texts], max_new_tokens, mac=mac,
                                                  adapter_active=name is not None,
                                                  max_prompt_tokens=self.config.max_prompt_tokens,
                                                  deadline=deadline, **kwargs)
@@ -131,8 +132,8 @@ class Answerer:
             raise TooLarge(str(exc)) from None
         finally:
             self.adapters.lock.release()
-        if mac is not None and not memory_ids:
+        if mac is not None and not memory_ids and not fallback_ids:
             use.discard("mac")
         done = time.perf_counter()
-        return Answer(text, strategy_name(use), passages, version, memory_ids,
+        return Answer(text, strategy_name(use), passages, version, memory_ids, fallback_ids,
                       {"retrieve_seconds": retrieved - start, "generate_seconds": done - retrieved})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import redis
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from service import documents
 from service.core.config import Settings
 from service.db import DEFAULT_TENANT, Database, open_database
 from service.migrate import upgrade_database
@@ -40,13 +41,27 @@ class Runtime:
     mac: MacRuntime | None = None  # over the default tenant's bank; ``mac_for`` gives any tenant's
     embed: Embedder | None = None  # passages and questions -> vectors (retriever dense / hybrid only)
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
+    _tenant_macs: dict[str, MacRuntime] = field(default_factory=dict)
 
     def mac_for(self, tenant: str) -> MacRuntime | None:
-        """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact)."""
+        """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact), one per tenant
+        and process, so its in-process key index persists; an entry that is gone is answered from
+        the document's text in SQL."""
         if self.mac is None:
             return None
-        bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant), storage=self.settings.mac_storage)
-        return self.mac.with_bank(bank)
+        if tenant not in self._tenant_macs:
+            bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant),
+                                   storage=self.settings.mac_storage, ttl_seconds=self.settings.mac_entry_ttl_seconds)
+            view = self.mac.with_bank(bank)
+            view.fallback = self._texts_of(tenant)
+            self._tenant_macs[tenant] = view
+        return self._tenant_macs[tenant]
+
+    def _texts_of(self, tenant: str):
+        def texts(ids: list[str]) -> dict[str, str]:
+            with self.db.read() as session:
+                return {r.id: r.text for r in documents.ingested(session, tenant, ids)}
+        return texts
 
 
 def tenant_bank(bank: str, tenant: str) -> str:
@@ -82,7 +97,8 @@ def load_mac(settings: Settings, rt: Runtime) -> None:
         return
     try:
         read_manifest(artifact)  # a clear error before anything reads the directory
-        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage)
+        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage,
+                               ttl_seconds=settings.mac_entry_ttl_seconds)
         rt.mac = load_mac_runtime(artifact, rt.model, rt.tokenizer, bank, settings.mac_read_config(),
                                   settings.model_settings())
     except Exception as exc:

@@ -115,8 +115,9 @@ def generate(
     max_prompt_tokens: int = PipelineConfig.model_fields["max_prompt_tokens"].default,
     deadline: float | None = None,
     **generate_kwargs,
-) -> list[tuple[str, list[str]]]:
-    """Short answers (greedy) and the memory entries each read: after the question's MAC entries
+) -> list[tuple[str, list[str], list[str]]]:
+    """Short answers (greedy), the memory entries each read and those answered from their text
+    (entries that were gone): after the question's MAC entries
     when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way, cut to
     the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
     cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
@@ -124,9 +125,10 @@ def generate(
     budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
     passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
-        return mac.answer(model, questions, passages, max_new_tokens, head=None if adapter_active else "cached",
+        return mac.answer_with_fallback(model, questions, passages, max_new_tokens,
+                                        head=None if adapter_active else "cached",
                           deadline=deadline)
     prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
     texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
                              **generate_kwargs)
-    return [(text, []) for text in texts]
+    return [(text, [], []) for text in texts]

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # memory (training.mac.runtime.MacReadConfig)
     mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
     mac_group_size: int = Field(_MAC.group_size, ge=1, description="memory entries read from Redis at a time")
+    mac_entry_ttl_seconds: int | None = Field(
+        None, ge=1, description="TTL of each memory entry in Redis, refreshed when read (none: no TTL); with "
+                                "maxmemory-policy volatile-lru, Redis evicts the least recently read entries when full, "
+                                "and an evicted entry is answered from its text and rebuilt from SQL")
     mac_rerotate: bool = Field(_MAC.rerotate, description="each memory entry read gets its own positions (its keys "
                                                           "re-rotated; RoPE base models)")
     mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "

@@ -69,7 +69,7 @@ class PipelineMethod:
             answered = generate(self.model, self.ctx.tokenizer, batch, [self._passages(q) for q in batch],
                                 self.ctx.config.max_new_tokens, mac=self.mac, adapter_active=self.updater is not None,
                                 max_prompt_tokens=self.ctx.config.pipeline.max_prompt_tokens)
-            answers += [text for text, _ in answered]
+            answers += [text for text, *_ in answered]
         return answers
 
     def choice_scores(self, question: Question) -> list[float]:

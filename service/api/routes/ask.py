@@ -45,6 +45,7 @@ async def ask(body: AskIn, tenant: TenantDep, answerer: AnswererDep, settings: S
         strategy=result.strategy,
         documents=[SupportingDocument(id=p.doc_id, score=p.score, passage=p.text) for p in result.passages],
         memory_documents=result.memory_documents,
+        memory_fallback=result.memory_fallback,
         adapter_version=result.adapter_version,
         timings=result.timings,
     )
