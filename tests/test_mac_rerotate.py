@@ -100,7 +100,7 @@ def test_mac_read_settings_parse_and_refuse_unknown_parts():
     from training.mac.method import parse_read_settings
 
     base = MacReadConfig()
-    assert parse_read_settings("int4,k2,rot", base) == MacReadConfig(storage="int4", top_k=2, rerotate=True)
+    assert parse_read_settings("int4-k2-rot", base) == MacReadConfig(storage="int4", top_k=2, rerotate=True)
     assert parse_read_settings("kall", base).top_k is None
     with pytest.raises(ValueError, match="unknown setting"):
         parse_read_settings("int3", base)

@@ -43,6 +43,7 @@ class SharedCopiesBank(InMemoryMemoryBank):
         self._memory[doc_id] = EncodedEntry("float16", tuple(memory.shape), {"memory": memory})  # as encode_entry stores it
         if key is not None:
             self._keys[doc_id] = key
+            self.index.add([doc_id], key.float().numpy()[None])
 
 
 MODES = {

@@ -6,7 +6,7 @@ entry (and retrieval key) goes into the bank. Answering reads each question's to
 similarity (all of them without ``top_k``) and generates after them. ``mac_rag`` also puts the top
 BM25 passages in the prompt. Deleting a document is ``runtime.delete``. ``mac_read:<settings>``
 is ``mac`` with other read / storage settings than ``MethodConfig.mac`` (e.g.
-``mac_read:int4,k2,rot`` = int4 storage, top 2, re-rotated keys), so one harness run compares them.
+``mac_read:int4-k2-rot`` = int4 storage, top 2, re-rotated keys), so one harness run compares them.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class MACMethod:
 
 def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
     """``float16|int8|int4|int2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
-    comma-separated, over ``base``."""
+    joined by ``-`` (the harness splits its method list on commas), over ``base``."""
     update: dict = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
+    for part in filter(None, (p.strip() for p in spec.split("-"))):
         if part in STORAGES:
             update["storage"] = part
         elif part in ("rot", "norot"):
