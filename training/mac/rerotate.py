@@ -37,13 +37,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@torch.no_grad()
 def shift_keys(keys: torch.Tensor, offset: int, rotary: nn.Module) -> torch.Tensor:
-    """``keys [..., head_dim]`` (post-RoPE) as if computed ``offset`` positions later."""
+    """``keys [..., head_dim]`` (post-RoPE) as if computed ``offset`` positions later (differentiable:
+    training back-propagates through it to the memory tokens)."""
     if offset == 0:
         return keys
     like = keys.new_zeros(1, 1, keys.shape[-1], dtype=torch.float32)
-    cos, sin = rotary(like, torch.tensor([[offset]], device=keys.device))  # [1, 1, rotary dim]
+    with torch.no_grad():
+        cos, sin = rotary(like, torch.tensor([[offset]], device=keys.device))  # [1, 1, rotary dim]
     scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     cos, sin = cos[0, 0].float() / scaling, sin[0, 0].float() / scaling
     width = cos.shape[-1]  # partial rotary: only the first ``width`` dimensions rotate
