@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAC: memory entries read from the bank at a time")
     p.add_argument("--mac-storage", choices=STORAGES, default=MacReadConfig().storage,
                    help="MAC: how the bank stores entries (float16, int8, KIVI int4 / int2)")
+    p.add_argument("--mac-write-cache", help="mac_read methods: directory that keeps written entries across runs "
+                                             "(a run cut short resumes without writing them again)")
     p.add_argument("--mac-rerotate", action="store_true",
                    help="MAC: each entry read gets its own positions (keys re-rotated, RoPE models)")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, encoder=args.encoder,
                                  pipeline=PipelineConfig(retriever=args.retriever), max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
                                  ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
-                                 ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact,
+                                 ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact, mac_write_cache=args.mac_write_cache,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
                                                    storage=args.mac_storage, rerotate=args.mac_rerotate),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,

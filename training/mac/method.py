@@ -11,6 +11,7 @@ is ``mac`` with other read / storage settings than ``MethodConfig.mac`` (e.g.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -119,12 +120,27 @@ class SharedIngestMAC(MACMethod):
 
     def ingest(self, document: Document) -> None:
         written = _WRITTEN.get((self.artifact, document.text))
+        cache = self._cache_file(document.text)
+        if written is None and cache is not None and cache.exists():
+            written = _WRITTEN[(self.artifact, document.text)] = tuple(torch.load(cache, weights_only=True))
         if written is None:
             runtime = self.runtime
             with runtime.model_lock:
                 ((memory, key),) = runtime.mac.memorize(runtime.base, runtime.tokenizer, runtime.head, [document.text])
             written = _WRITTEN[(self.artifact, document.text)] = (memory.detach().cpu(), key.detach().cpu())
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(list(written), cache)
         self.runtime.bank.put(document.id, *written)
+
+    def _cache_file(self, text: str) -> Path | None:
+        """``MethodConfig.mac_write_cache``: entries kept on disk across runs (a run cut short
+        resumes without writing them again), named by the artifact's manifest and the text."""
+        root = self.ctx.config.mac_write_cache
+        if root is None:
+            return None
+        manifest = (Path(self.artifact) / "manifest.json").read_bytes()
+        return Path(root) / f"{hashlib.sha256(manifest + text.encode()).hexdigest()[:32]}.pt"
 
 
 @register_method("mac_read", family=True)

@@ -48,6 +48,7 @@ class MethodConfig(BaseModel):
     ner_backend: str = "auto"  # auto | spacy | heuristic
     mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
     mac: MacReadConfig = Field(default_factory=MacReadConfig)  # how questions read MAC memory (the service's defaults)
+    mac_write_cache: str | None = None  # mac_read: directory keeping written entries across runs
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step
