@@ -104,3 +104,5 @@ def test_mac_read_settings_parse_and_refuse_unknown_parts():
     assert parse_read_settings("kall", base).top_k is None
     with pytest.raises(ValueError, match="unknown setting"):
         parse_read_settings("int3", base)
+    with pytest.raises(ValueError, match="rerotate needs a top_k"):
+        parse_read_settings("kall-rot", base)

@@ -102,7 +102,7 @@ def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
             update["top_k"] = int(part[1:])
         else:
             raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, norot)")
-    return base.model_copy(update=update)
+    return MacReadConfig.model_validate(base.model_dump() | update)
 
 
 _WRITTEN: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (artifact, text) -> fp32 entry, key

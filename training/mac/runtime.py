@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.aggregator import entry_ids, read_entries, stack_memories
@@ -40,6 +40,13 @@ class MacReadConfig(BaseModel):
     group_size: int = Field(16, ge=1, description="entries read from the bank at a time")
     rerotate: bool = Field(False, description="give each entry read its own positions by re-rotating its keys "
                                               "(RoPE models; the best entry next to the question)")
+
+    @model_validator(mode="after")
+    def _bounded_positions(self) -> "MacReadConfig":
+        if self.rerotate and self.top_k is None:
+            raise ValueError("rerotate needs a top_k: every entry of the bank at its own positions would run past "
+                             "the model's context")
+        return self
     storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
                                                           "bytes), or KIVI int4 / int2 (32 % / 19 %)")
 
@@ -163,9 +170,10 @@ class MacRuntime:
     ) -> list[tuple[str, list[str], list[str]]]:
         """Short answers after each question's memory entries (and passages in the prompt), with
         the ids of the entries read and of those answered from their text instead (entries that
-        were gone, with a ``fallback``; their texts come before the passages). ``head="cached"``: the writer's cached prompt head; when the
-        answering model differs from the writer (an adapter is active), pass ``None`` and the head
-        is computed by ``model`` as it is (entries were written after the head, so it comes first).
+        were gone, with a ``fallback``; their texts come before the passages). ``head="cached"``:
+        the writer's cached prompt head; when the answering model differs from the writer (an
+        adapter is active), pass ``None`` and the head is computed by ``model`` as it is (entries
+        were written after the head, so it comes first).
         ``deadline``: as in ``greedy_generate``."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
