@@ -133,7 +133,7 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
                 ask_seconds = time.perf_counter() - start
                 passages = [d["passage"] for d in body["documents"]] or None
                 start = time.perf_counter()
-                ((answer, _),) = generate(model, tokenizer, [question], [passages], max_new_tokens)
+                ((answer, *_),) = generate(model, tokenizer, [question], [passages], max_new_tokens)
                 directs.append(time.perf_counter() - start)
                 asks.append(ask_seconds)
                 same += answer == body["answer"]

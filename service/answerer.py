@@ -48,6 +48,7 @@ class Answer:
     passages: list[Passage]
     adapter_version: str | None
     memory_documents: list[str] = field(default_factory=list)
+    memory_fallback: list[str] = field(default_factory=list)  # entries gone (evicted): answered from their text
     timings: dict[str, float] = field(default_factory=dict)
     completion_tokens: int = 0
 
@@ -177,14 +178,14 @@ class Answerer:
                 elif kind == "error":
                     raise value
                 else:
-                    text, memory_ids = value
+                    text, memory_ids, fallback_ids = value
                     use = set(prepared.use)
-                    if prepared.mac is not None and not memory_ids:
+                    if prepared.mac is not None and not memory_ids and not fallback_ids:
                         use.discard("mac")
                     timings = {"retrieve_seconds": prepared.retrieve_seconds, **job.timings(),
                                "batch_size": float(job.batch_size)}
                     yield "done", Answer(text, strategy_name(use), prepared.passages, prepared.version, memory_ids,
-                                         timings, len(job.tokens))
+                                         fallback_ids, timings, len(job.tokens))
                     return
         finally:
             if job._state != "done":

@@ -10,8 +10,9 @@ changes where documents change:
   catches up with what other processes did (a separate ``freshlm-worker``, another API replica):
   one aggregate query per pass, then only the documents that changed.
 
-Each change costs the changed document's passages (``training.retrieval.BM25Index`` is updated in
-place). ``_changes`` serializes the writers: a refresh never interleaves with a commit or a delete,
+Each change costs the changed document's passages (the retriever, ``PipelineConfig.retriever``:
+``training.retrieval.BM25Index``, or ``training.retrievers.DenseIndex`` / ``HybridIndex`` with the
+service's sentence encoder, is updated in place). ``_changes`` serializes the writers: a refresh never interleaves with a commit or a delete,
 so it cannot undo one from an older snapshot of SQL.
 """
 
@@ -25,7 +26,8 @@ from sqlalchemy.orm import Session
 from service import documents
 from service.db import Database, DocumentRecord
 from training.pipeline import PipelineConfig
-from training.retrieval import BM25Index, Passage
+from training.retrieval import Passage
+from training.retrievers import Embedder, Retriever, make_retriever
 from training.types import Document
 
 log = logging.getLogger("freshlm.index")
@@ -37,16 +39,19 @@ def _document(record: DocumentRecord) -> Document:
 
 
 class CorpusIndex:
-    def __init__(self, db: Database, config: PipelineConfig) -> None:
-        self.db, self.config = db, config
-        self._indexes: dict[str, BM25Index] = {}
+    def __init__(self, db: Database, config: PipelineConfig, embed: Embedder | None = None) -> None:
+        if config.retriever != "bm25" and embed is None:
+            raise ValueError(f"the {config.retriever} retriever needs a sentence encoder")
+        self.db, self.config, self.embed = db, config, embed
+        self._indexes: dict[str, Retriever] = {}
         self._versions: dict[str, tuple] = {}
         self._changes = threading.Lock()
 
-    def _index(self, tenant: str) -> BM25Index:
+    def _index(self, tenant: str) -> Retriever:
         if tenant not in self._indexes:
-            self._indexes[tenant] = BM25Index(max_words=self.config.rag_passage_words,
-                                              max_chars=self.config.rag_passage_chars)
+            self._indexes[tenant] = make_retriever(self.config.retriever, self.embed,
+                                                   max_words=self.config.rag_passage_words,
+                                                   max_chars=self.config.rag_passage_chars)
         return self._indexes[tenant]
 
     def search(self, tenant: str, question: str, k: int) -> list[Passage]:

@@ -69,7 +69,7 @@ async def lifespan(app: FastAPI):
         state.runtime = rt
         state.metrics.add_state_collector(_state_reader(rt))
         live = LiveAdapters(rt.model, settings.adapters_dir, settings.adapters_loaded)
-        state.index = CorpusIndex(rt.db, settings.pipeline_config())
+        state.index = CorpusIndex(rt.db, settings.pipeline_config(), rt.embed)
         state.index.refresh()  # the first answer already finds every ingested document
         scheduler = Scheduler(rt.model, rt.tokenizer, live, settings.scheduler_config(rt.model.device),
                               settings.max_prompt_tokens)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import redis
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from service import documents
 from service.core.config import Settings
 from service.db import DEFAULT_TENANT, Database, open_database
 from service.migrate import upgrade_database
@@ -23,6 +24,7 @@ from training.artifacts import read_manifest
 from training.mac.runtime import MacRuntime, bank_name, load_mac_runtime
 from training.memory import RedisMemoryBank
 from training.models import load_causal_lm
+from training.retrievers import Embedder, encoder_embedder, load_embedder
 from training.qa_tuning import apply_qa_tuning
 
 log = logging.getLogger("freshlm")
@@ -37,14 +39,29 @@ class Runtime:
     model: PreTrainedModel | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     mac: MacRuntime | None = None  # over the default tenant's bank; ``mac_for`` gives any tenant's
+    embed: Embedder | None = None  # passages and questions -> vectors (retriever dense / hybrid only)
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
+    _tenant_macs: dict[str, MacRuntime] = field(default_factory=dict)
 
     def mac_for(self, tenant: str) -> MacRuntime | None:
-        """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact)."""
+        """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact), one per tenant
+        and process, so its in-process key index persists; an entry that is gone is answered from
+        the document's text in SQL."""
         if self.mac is None:
             return None
-        bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant), storage=self.settings.mac_storage)
-        return self.mac.with_bank(bank)
+        if tenant not in self._tenant_macs:
+            bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant),
+                                   storage=self.settings.mac_storage, ttl_seconds=self.settings.mac_entry_ttl_seconds)
+            view = self.mac.with_bank(bank)
+            view.fallback = self._texts_of(tenant)
+            self._tenant_macs[tenant] = view
+        return self._tenant_macs[tenant]
+
+    def _texts_of(self, tenant: str):
+        def texts(ids: list[str]) -> dict[str, str]:
+            with self.db.read() as session:
+                return {r.id: r.text for r in documents.ingested(session, tenant, ids)}
+        return texts
 
 
 def tenant_bank(bank: str, tenant: str) -> str:
@@ -80,12 +97,24 @@ def load_mac(settings: Settings, rt: Runtime) -> None:
         return
     try:
         read_manifest(artifact)  # a clear error before anything reads the directory
-        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage)
+        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage,
+                               ttl_seconds=settings.mac_entry_ttl_seconds)
         rt.mac = load_mac_runtime(artifact, rt.model, rt.tokenizer, bank, settings.mac_read_config(),
                                   settings.model_settings())
     except Exception as exc:
         rt.errors["mac"] = f"{exc.__class__.__name__}: {exc}"
         log.error("MAC artifact %s not loaded: %s", artifact, rt.errors["mac"])
+
+
+def load_retrieval_encoder(settings: Settings, rt: Runtime) -> Embedder | None:
+    """The encoder of dense / hybrid retrieval (none for BM25): MAC's key encoder when the MAC
+    artifact names the configured one (one copy in RAM), else ``FRESHLM_ENCODER`` loaded once."""
+    if settings.retriever == "bm25":
+        return None
+    if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
+        mac = rt.mac.mac
+        return encoder_embedder(mac.encoder, mac.encoder_tokenizer, mac.config.key_tokens)
+    return load_embedder(settings.encoder, settings.device)
 
 
 @contextmanager
@@ -105,6 +134,7 @@ def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtim
             log.info("loading base model %s", settings.base_model)
             rt.model, rt.tokenizer = load_base_model(settings)
             load_mac(settings, rt)
+            rt.embed = load_retrieval_encoder(settings, rt)
         yield rt
     finally:
         stop.set()

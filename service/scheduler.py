@@ -79,7 +79,7 @@ class AskJob:
     """One prepared question: what it decodes with, and where its events go.
 
     ``emit`` receives ``("token", text)`` for each decoded piece, then exactly one of ``("done",
-    (answer, memory_ids))`` or ``("error", ServiceError)``; it is called from the scheduler thread
+    (answer, memory_ids, fallback_ids))`` or ``("error", ServiceError)``; it is called from the scheduler thread
     and must be thread-safe (the routes hand events to their event loop)."""
 
     tenant: str
@@ -334,7 +334,7 @@ class Scheduler:
             return
         finished = time.perf_counter()
         self.observer.batch(len(batch), sum(len(j.tokens) for j in batch), finished - started)
-        for i, (job, (text, memory_ids)) in enumerate(zip(batch, results)):
+        for i, (job, (text, memory_ids, fallback_ids)) in enumerate(zip(batch, results)):
             job.finished = finished
             if job.cancelled:
                 job._state = "done"
@@ -345,4 +345,4 @@ class Scheduler:
                     "ask for fewer max_new_tokens or retry"))
             else:
                 job._state = "done"
-                job.emit(("done", (text, memory_ids)))
+                job.emit(("done", (text, memory_ids, fallback_ids)))

@@ -206,6 +206,18 @@ def mac_artifact_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return root / "artifact"
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT-style sentence encoder saved like any local one (``FRESHLM_ENCODER``)."""
+    from tests.mac_helpers import tiny_encoder
+
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    encoder, tokenizer = tiny_encoder()
+    encoder.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Tiny models run faster on one thread, and much faster on a shared, busy CPU."""

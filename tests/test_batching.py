@@ -59,7 +59,7 @@ def test_a_batch_answers_like_each_question_alone(kind, prefill_each, one_torch_
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
     together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=prefill_each)
     assert together == alone
-    assert len({a for a, _ in alone}) > 2, "answers must differ between questions for this test to mean something"
+    assert len({a for a, *_ in alone}) > 2, "answers must differ between questions for this test to mean something"
 
 
 @pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
@@ -89,7 +89,7 @@ def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(prefill_each, one
                 seen[i].append(token)
         return {1} if len(seen[1]) >= 2 else set()  # row 1's client "left" after two tokens
 
-    together = [a for a, _ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook,
+    together = [a for a, *_ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook,
                                        prefill_each=prefill_each)]
     assert len(seen[1]) == 2
     for i in (0, 2, 3):  # the other rows are untouched, and what the hook saw is what they answered

@@ -144,3 +144,22 @@ def test_mac_rag_puts_the_best_passage_in_the_prompt(ctx_and_artifact):
     assert rag.choice_scores(QUESTIONS[1]) != plain.choice_scores(QUESTIONS[1])
     rag.delete("d1")
     assert DOCS[1].text not in (rag._passages(QUESTIONS[1]) or [])
+
+
+def test_mac_read_methods_share_one_write_per_document(ctx_and_artifact):
+    """``mac_read:<settings>``: each document is written once per process; every method stores that
+    entry with its own storage and reads it with its own settings."""
+    ctx, mac = ctx_and_artifact
+    plain = _ingested(ctx, mac, MacReadConfig(top_k=1))
+    fp16 = build_method("mac_read:float16-k1", ctx)
+    int4 = build_method("mac_read:int4-k2-rot", ctx)
+    assert int4.runtime.config == MacReadConfig(group_size=2, storage="int4", top_k=2, rerotate=True)
+    for method in (fp16, int4):
+        for doc in DOCS:
+            method.ingest(doc)
+    ids = plain.runtime.bank.ids()
+    for a, b, c in zip(plain.runtime.bank.get(ids), fp16.runtime.bank.get(ids), int4.runtime.bank.get(ids)):
+        torch.testing.assert_close(a, b)  # the same write
+        assert not torch.equal(b, c) and torch.allclose(b, c, atol=(b.abs().max() / 7).item())  # int4: within a step
+    assert fp16.answer(QUESTIONS) == plain.answer(QUESTIONS)
+    assert len(int4.answer(QUESTIONS)) == 2

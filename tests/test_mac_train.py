@@ -97,3 +97,23 @@ def test_validation_probe_reads_the_questions_own_paragraph():
     assert metrics["nll_own"] != metrics["nll_other"]
     assert 0 <= metrics["em"] <= metrics["f1"] <= 100
     assert mac.training  # validation puts the network back in training mode
+
+
+def test_training_reads_quantized_rerotated_entries_and_still_reaches_the_memory_tokens():
+    """``storage`` / ``rerotate`` in training: the loss sees the entries as the bank returns them and
+    at their read positions; the gradient passes the quantizer (straight through) and the rotation."""
+    from training.mac.model import prompt_head
+    from training.mac.train import mac_loss
+
+    mac, base, tok = tiny_mac()
+    head = prompt_head(base, tok)
+    texts = ["The council approved the new harbour bridge on Tuesday.",
+             "In 2031 the city of Norvale opened 12 libraries and 3 museums."]
+    args = (mac, base, tok, texts, ["Who approved the bridge?", "How many libraries?"], ["the council", "12"],
+            [True, True], head, 2)
+    plain = mac_loss(*args)
+    mac.zero_grad()
+    loss = mac_loss(*args, storage="int2", rerotate=True)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() != plain.item()
+    assert mac.amortizer.memory_tokens.grad.abs().sum() > 0

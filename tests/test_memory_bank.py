@@ -71,7 +71,7 @@ def test_redis_entries_survive_a_new_connection_and_use_one_hash_tag(redis_url, 
     other = RedisMemoryBank(redis.Redis.from_url(redis_url), bank="shared")
     assert torch.equal(other.get(["doc-9"])[0], torch.arange(6.0).reshape(2, 3))
     keys = sorted(k.decode() for k in redis_client.keys("*"))
-    assert keys == ["freshlm:{shared}:ids", "freshlm:{shared}:m:doc-9"]
+    assert keys == ["freshlm:{shared}:ids", "freshlm:{shared}:log", "freshlm:{shared}:m:doc-9"]  # no key: no keys hash
     # banks of different artifacts never see each other's entries
     assert len(RedisMemoryBank(redis_client, bank="other")) == 0
 
@@ -106,8 +106,98 @@ def test_a_redis_bank_switched_to_int8_still_reads_its_fp16_entries(redis_client
     assert not torch.equal(new, old) and torch.allclose(new, memory, atol=memory.abs().max().item() / 127)
 
 
-@pytest.mark.parametrize("make", [lambda: InMemoryMemoryBank(storage="int4"),
+@pytest.mark.parametrize("make", [lambda: InMemoryMemoryBank(storage="int3"),
                                   lambda: RedisMemoryBank(redis.Redis(), storage="bf16")])
 def test_an_unknown_storage_is_refused_up_front(make):
     with pytest.raises(ValueError, match="unknown memory storage"):
         make()
+
+
+# --- KIVI low-bit storage (training/memory/kivi.py) ---------------------------------------------
+
+
+def kv_entry(layers=3, heads=2, slots=40, dim=64, outlier_channel=5, seed=0) -> torch.Tensor:
+    """A key/value entry whose keys have one outlier channel (as real key caches do, KIVI fig. 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    memory = torch.randn(layers, 2, heads, slots, dim, generator=generator)
+    memory[:, 0, :, :, outlier_channel] *= 100
+    return memory
+
+
+@pytest.fixture(params=["in_memory", "redis"])
+def make_bank(request):
+    if request.param == "in_memory":
+        return lambda storage: InMemoryMemoryBank(storage=storage)
+    client = request.getfixturevalue("redis_client")
+    return lambda storage: RedisMemoryBank(client, bank=f"test-{storage}", storage=storage)
+
+
+@pytest.mark.parametrize("storage, bits", [("int4", 4), ("int2", 2)])
+def test_kivi_storage_keys_per_channel_values_per_token_within_half_a_step(make_bank, storage, bits):
+    from training.memory.kivi import kivi_bytes
+
+    memory = kv_entry()
+    bank = make_bank(storage)
+    bank.put("doc", memory, key=torch.randn(8))
+    (restored,) = bank.get(["doc"])
+    assert restored.shape == memory.shape and restored.dtype == torch.float32
+    levels = 2**bits - 1
+    # keys: a group is one channel over 32 tokens (40 slots: groups of 32 and 8)
+    for tokens in (slice(0, 32), slice(32, 40)):
+        k, k_hat = memory[:, 0, :, tokens], restored[:, 0, :, tokens]
+        step = (k.amax(2) - k.amin(2)) / levels  # [L, H, dim]
+        assert ((k - k_hat).abs() <= step[:, :, None] / 2 * 1.01 + 1e-2).all()
+    # values: a group is 32 channels of one token
+    for channels in (slice(0, 32), slice(32, 64)):
+        v, v_hat = memory[:, 1, ..., channels], restored[:, 1, ..., channels]
+        step = (v.amax(-1) - v.amin(-1)) / levels
+        assert ((v - v_hat).abs() <= step[..., None] / 2 * 1.01 + 1e-2).all()
+    # per channel, the outlier channel does not wash out the others (per token it would: range ~600)
+    normal = torch.ones(64, dtype=torch.bool)
+    normal[5] = False
+    key_error = (memory[:, 0] - restored[:, 0])[..., normal].abs().mean()
+    assert key_error < 0.6 * (1 if bits == 2 else 0.25)
+    assert bank.nbytes("doc") == kivi_bytes(tuple(memory.shape), bits) + 8 * 2
+    fp16 = memory.numel() * 2
+    assert bank.nbytes("doc") < (0.35 if bits == 4 else 0.22) * fp16
+
+
+def test_kivi_bytes_of_a_mac_chunk_and_code_packing():
+    from training.memory.kivi import kivi_bytes, pack_codes, unpack_codes
+
+    chunk = (30, 2, 3, 56, 64)  # SmolLM2: 48 heavy hitters + 8 memory tokens per 256-token chunk
+    assert kivi_bytes(chunk, 4) == 322_560 + 86_400 and kivi_bytes(chunk, 2) == 161_280 + 86_400
+    for bits in (2, 4):
+        codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-1001 * bits // 8)
+        assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+
+
+def test_kivi_storage_refuses_entries_that_are_not_key_values():
+    with pytest.raises(ValueError, match="layers, 2, kv_heads"):
+        InMemoryMemoryBank(storage="int4").put("x", torch.randn(4, 64))
+
+
+def test_entries_written_before_the_storage_field_stay_readable(redis_client):
+    """Hashes as the bank wrote them before issue 16 (no ``storage`` field): fp16, and int8 + scale."""
+    import numpy as np
+
+    memory = torch.randn(2, 2, 3, 64)
+    bank = RedisMemoryBank(redis_client, bank="legacy", storage="int2")
+    base = "freshlm:{legacy}"
+    shape = ",".join(map(str, memory.shape))
+    redis_client.hset(f"{base}:m:fp16", mapping={"memory": memory.half().numpy().tobytes(), "shape": shape})
+    scale = (memory.abs().amax(-1, keepdim=True) / 127).half()
+    codes = (memory / scale.float()).round().clamp(-127, 127).to(torch.int8)
+    redis_client.hset(f"{base}:m:int8", mapping={"memory": codes.numpy().tobytes(), "shape": shape,
+                                                 "scale": scale.numpy().tobytes()})
+    redis_client.sadd(f"{base}:ids", "fp16", "int8")
+    bank.put("int2", kv_entry(slots=8))
+    fp16, int8, int2 = bank.get(["fp16", "int8", "int2"])
+    assert torch.equal(fp16, memory.half().float())
+    assert torch.allclose(int8, memory, atol=float(scale.float().max()) / 2 + 1e-6)
+    assert int2.shape == (3, 2, 2, 8, 64)
+    assert redis_client.hget(f"{base}:m:int2", "storage") == b"int2"
+    assert redis_client.hget(f"{base}:m:int2", "group") == b"32"
+    assert np.frombuffer(redis_client.hget(f"{base}:m:int2", "memory"), np.uint8).size == 3 * 2 * 2 * 8 * 64 * 2 // 8

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.generation import StepHook, chat_input_ids, generate_answers
 from training.mac.runtime import MacRuntime
 from training.prompts import qa_messages
+from training.retrievers import RetrieverKind
 
 COMPONENTS = ("mac", "adapter", "rag")
 # What `auto` means: the combination with the best mean F1 over the validation streams (squad-seq val,
@@ -45,8 +46,11 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: str = Field(DEFAULT_STRATEGY, description="what `auto` uses (restricted to the deployed components)")
+    retriever: RetrieverKind = Field("bm25", description="how passages are found: bm25, dense (MiniLM) or hybrid "
+                                                         "(both, reciprocal-rank fusion)")
     rag_top_k: int = Field(3, ge=1, le=20, description="passages in the prompt")
-    rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this share of the best")
+    rag_min_score_ratio: float = Field(0.5, ge=0.0, le=1.0, description="drop passages scoring below this share of the "
+                                                                     "best (BM25 score, cosine or fused score)")
     rag_passage_words: int = Field(120, ge=10, description="words per retrieved passage")
     rag_passage_chars: int = Field(2000, ge=100, description="characters per retrieved passage (a text without spaces is cut)")
     max_prompt_tokens: int = Field(1024, ge=64, description="prompt tokens at most (passages are cut to fit), "
@@ -114,8 +118,9 @@ def generate(
     on_step: StepHook | None = None,
     prefill_each: bool = False,
     **generate_kwargs,
-) -> list[tuple[str, list[str]]]:
-    """Short answers (greedy) and the memory entries each read: after the question's MAC entries
+) -> list[tuple[str, list[str], list[str]]]:
+    """Short answers (greedy), the memory entries each read and those answered from their text
+    (entries that were gone): after the question's MAC entries
     when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way, cut to
     the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
     cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
@@ -126,9 +131,9 @@ def generate(
     budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
     passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
-        return mac.answer(model, questions, passages, max_new_tokens, head=None if adapter_active else "cached",
-                          deadline=deadline, on_step=on_step)
+        return mac.answer_with_fallback(model, questions, passages, max_new_tokens,
+                                        head=None if adapter_active else "cached", deadline=deadline, on_step=on_step)
     prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
     texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
                              on_step=on_step, prefill_each=prefill_each, **generate_kwargs)
-    return [(text, []) for text in texts]
+    return [(text, [], []) for text in texts]

@@ -176,8 +176,12 @@ class SupportingDocument(BaseModel):
 class AskOut(BaseModel):
     answer: str
     strategy: str = Field(description="the components actually used, e.g. 'mac+rag' or 'none'")
-    documents: list[SupportingDocument] = Field(description="retrieved passages with BM25 scores")
+    documents: list[SupportingDocument] = Field(description="retrieved passages with their retriever's scores "
+                                                            "(BM25, cosine, or fused rank score)")
     memory_documents: list[str] = Field(description="MAC memory entries the answer read")
+    memory_fallback: list[str] = Field(default_factory=list,
+                                       description="documents whose memory entry was gone (evicted from Redis): "
+                                                   "answered from their text, the entry is being rebuilt")
     adapter_version: str | None = Field(description="the adapter version the whole answer ran on")
     timings: dict[str, float] = Field(description="seconds: retrieve, queue (waiting for a batch), first_token "
                                                   "(arrival to first token), generate; batch_size: questions decoded "

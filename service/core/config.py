@@ -22,6 +22,7 @@ from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 from training.pipeline import PipelineConfig
 from training.precision import cpu_bf16_enabled
+from training.retrievers import RetrieverKind
 from training.updates import UpdateConfig
 
 _PIPELINE, _MAC, _UPDATE = PipelineConfig(), MacReadConfig(), UpdateConfig()
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
 
     # answering (training.pipeline.PipelineConfig)
     strategy: str = Field(_PIPELINE.strategy, description="components `auto` uses (those deployed), e.g. mac+rag")
+    retriever: RetrieverKind = Field(_PIPELINE.retriever, description="how passages are found: bm25, dense "
+                                                                      "(the encoder's cosine) or hybrid (both, RRF)")
     rag_top_k: int = Field(_PIPELINE.rag_top_k, ge=1, le=20)
     rag_min_score_ratio: float = Field(_PIPELINE.rag_min_score_ratio, ge=0.0, le=1.0,
                                        description="drop passages scoring below this fraction of the best")
@@ -75,7 +78,14 @@ class Settings(BaseSettings):
     # memory (training.mac.runtime.MacReadConfig)
     mac_top_k: int | None = Field(_MAC.top_k, ge=1, description="memory entries each question reads, by key similarity")
     mac_group_size: int = Field(_MAC.group_size, ge=1, description="memory entries read from Redis at a time")
-    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16 or int8")
+    mac_entry_ttl_seconds: int | None = Field(
+        None, ge=1, description="TTL of each memory entry in Redis, refreshed when read (none: no TTL); with "
+                                "maxmemory-policy volatile-lru, Redis evicts the least recently read entries when full, "
+                                "and an evicted entry is answered from its text and rebuilt from SQL")
+    mac_rerotate: bool = Field(_MAC.rerotate, description="each memory entry read gets its own positions (its keys "
+                                                          "re-rotated; RoPE base models)")
+    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "
+                                                                   "or KIVI int4 / int2")
 
     # adapter updates (training.updates.UpdateConfig; a meta-trained init brings its own rank, optimizer and lr)
     adapter_optimizer: Literal["adam", "sgd"] = _UPDATE.optimizer
@@ -169,7 +179,7 @@ class Settings(BaseSettings):
         )
 
     def pipeline_config(self) -> PipelineConfig:
-        return PipelineConfig(strategy=self.strategy, rag_top_k=self.rag_top_k,
+        return PipelineConfig(strategy=self.strategy, retriever=self.retriever, rag_top_k=self.rag_top_k,
                               rag_min_score_ratio=self.rag_min_score_ratio, rag_passage_words=self.rag_passage_words,
                               rag_passage_chars=self.rag_passage_chars, max_prompt_tokens=self.max_prompt_tokens)
 
@@ -186,7 +196,8 @@ class Settings(BaseSettings):
                                batch_wait_seconds=self.batch_wait_seconds, bf16=cpu_bf16_enabled(self.cpu_bf16, device))
 
     def mac_read_config(self) -> MacReadConfig:
-        return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage)
+        return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
+                             rerotate=self.mac_rerotate)
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,

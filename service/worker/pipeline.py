@@ -140,12 +140,20 @@ def _bank_size(worker: Worker) -> Callable[[str], int]:
     return lambda tenant: len(worker.mac_for(tenant).bank)
 
 
+def _bank_missing(worker: Worker) -> Callable[[str], int]:
+    def count(tenant: str) -> int:
+        bank = worker.mac_for(tenant).bank
+        return len(bank.missing()) if hasattr(bank, "missing") else 0
+    return count
+
+
 def run_once(worker: Worker) -> int:
     """One pass: requested rebuilds first, then one claimed batch. Returns the documents ingested."""
     if worker.has_mac:
         with worker.db.read() as session:
             full = set(tenants_with_state(session, REBUILD_MEMORY_KEY))
-        for tenant in sorted(full | set(tenants_out_of_sync(worker.db, _bank_size(worker)))):
+        out_of_sync = tenants_out_of_sync(worker.db, _bank_size(worker), _bank_missing(worker))
+        for tenant in sorted(full | set(out_of_sync)):
             reconcile_memory(worker.db, worker.mac_for(tenant), tenant, full=tenant in full)
             if tenant in full:
                 with worker.db.write.begin() as session:

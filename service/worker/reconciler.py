@@ -1,5 +1,6 @@
 """A tenant's memory bank against SQL: SQL says which documents have an entry; Redis may have lost
-some (restarted empty, evicted) or still hold a deleted document's. Reconciling re-memorizes what
+some (restarted empty, evicted: a question that chose a gone entry lists it in the bank's
+``missing`` set) or still hold a deleted document's. Reconciling re-memorizes what
 is missing and drops what should be gone; ``full`` re-derives every entry (``POST /memory/rebuild``)."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
         if full:
             wanted |= {d.id for d in documents.ingested(session, tenant)}
     present = set(bank.ids())
-    missing = sorted(wanted if full else wanted - present)
+    gone = set(bank.missing()) if hasattr(bank, "missing") else set()  # evicted entries questions chose
+    missing = sorted(wanted if full else (wanted - present) | (gone & wanted))
     for start in range(0, len(missing), chunk):
         ids = missing[start : start + chunk]
         with db.read() as session:
@@ -37,14 +39,17 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
             alive = documents.not_deleted(session, tenant, sorted(extra))
         for doc_id in sorted(extra - alive):
             removed += mac.delete(doc_id)
+    for doc_id in sorted(gone - wanted):  # chosen, then deleted: nothing to rebuild
+        mac.delete(doc_id)
     if missing or removed:
         log.info("memory bank of tenant %s reconciled: %d entries written, %d removed", tenant, len(missing), removed)
     return {"written": len(missing), "removed": removed}
 
 
-def tenants_out_of_sync(db: Database, bank_size) -> list[str]:
+def tenants_out_of_sync(db: Database, bank_size, bank_missing=lambda tenant: 0) -> list[str]:
     """Cheap check run every loop: tenants whose bank holds fewer entries than SQL says were
-    written (``bank_size(tenant)`` reads the size of a tenant's bank)."""
+    written (``bank_size(tenant)`` reads the size of a tenant's bank), or lists entries found gone
+    (``bank_missing(tenant)``: how many)."""
     with db.read() as session:
         expected = documents.count_with_memory(session)
-    return [tenant for tenant, n in sorted(expected.items()) if bank_size(tenant) < n]
+    return [tenant for tenant, n in sorted(expected.items()) if bank_size(tenant) < n or bank_missing(tenant)]

@@ -33,7 +33,9 @@ from training.memory import STORAGES
 from training.methods import MethodConfig, MethodContext, build_method, method_info
 from training.methods.builtin import BASELINES
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
+from training.pipeline import PipelineConfig
 from training.qa_tuning import apply_qa_tuning
+from training.retrievers import RETRIEVERS
 from training.update_bank.runtime import UpdateBankConfig
 from training.eval.results_plot import plot_results
 
@@ -117,6 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-max-documents", type=int, default=20)
     p.add_argument("--val-max-questions", type=int, default=80)
     p.add_argument("--rag-k", type=int, default=MethodConfig().rag_k)
+    p.add_argument("--encoder", default=MethodConfig().encoder,
+                   help="sentence encoder of rag_dense / rag_hybrid and of the pipeline's dense retrieval")
+    p.add_argument("--retriever", choices=RETRIEVERS, default=PipelineConfig().retriever,
+                   help="retrieval of the pipeline:<strategy> / auto methods (the service's FRESHLM_RETRIEVER)")
     p.add_argument("--max-new-tokens", type=int, default=MethodConfig().max_new_tokens)
     p.add_argument("--mac-artifact", help="MAC artifact directory (methods mac, mac_rag)")
     p.add_argument("--mac-top-k", type=int, default=MacReadConfig().top_k,
@@ -124,7 +130,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mac-group-size", type=int, default=MacReadConfig().group_size,
                    help="MAC: memory entries read from the bank at a time")
     p.add_argument("--mac-storage", choices=STORAGES, default=MacReadConfig().storage,
-                   help="MAC: how the bank stores entries")
+                   help="MAC: how the bank stores entries (float16, int8, KIVI int4 / int2)")
+    p.add_argument("--mac-write-cache", help="mac_read methods: directory that keeps written entries across runs "
+                                             "(a run cut short resumes without writing them again)")
+    p.add_argument("--mac-rerotate", action="store_true",
+                   help="MAC: each entry read gets its own positions (keys re-rotated, RoPE models)")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
     p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
@@ -132,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                  "artifact, or uniform; default: the meta_ft artifact)")
     p.add_argument("--update-bank-top-k", type=int, default=UpdateBankConfig().top_k,
                    help="update_bank: documents' updates each question applies, by key similarity")
-    p.add_argument("--update-bank-storage", choices=STORAGES, default=UpdateBankConfig().storage,
+    p.add_argument("--update-bank-storage", choices=("float16", "int8"), default=UpdateBankConfig().storage,
                    help="update_bank: how the bank stores entries")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)
@@ -180,11 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
     evalset = load_dataset(args.dataset, args.data, args.split, args.seed, args.questions)
     evalset = evalset.subset(args.max_documents, args.max_questions, seed=args.seed)
     model, tokenizer = load_base(args)
-    method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
+    method_config = MethodConfig(base_model=args.base_model, rag_k=args.rag_k, encoder=args.encoder,
+                                 pipeline=PipelineConfig(retriever=args.retriever), max_new_tokens=args.max_new_tokens, ft_lr=args.ft_lr,
                                  ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
-                                 ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact,
+                                 ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact, mac_write_cache=args.mac_write_cache,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
-                                                   storage=args.mac_storage),
+                                                   storage=args.mac_storage, rerotate=args.mac_rerotate),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,

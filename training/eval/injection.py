@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     rows = []
     for case in cases(args.repo, args.category or CATEGORIES):
-        ((answer, _),) = generate(model, tokenizer, [case["question"]], [case["passages"]], args.max_new_tokens)
+        ((answer, *_),) = generate(model, tokenizer, [case["question"]], [case["passages"]], args.max_new_tokens)
         norm = _normalize(answer)
         rows.append({"category": case["category"], "question": case["question"],
                      "probe": case["probe"]["id"] if case["probe"] else None, "answer": answer,

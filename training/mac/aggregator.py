@@ -39,21 +39,36 @@ def stack_memories(
 
 def select_top_k(query_key: torch.Tensor, ids: Sequence[str], keys: torch.Tensor, k: int) -> list[str]:
     """Ids of the k entries whose (L2-normalised) keys have the highest cosine with the query key."""
-    if k >= len(ids):
-        return list(ids)
     scores = keys.float() @ query_key.float().to(keys.device)
-    return [ids[i] for i in torch.topk(scores, k).indices.tolist()]
+    return [ids[i] for i in torch.topk(scores, min(k, len(ids))).indices.tolist()]
 
 
 def entry_ids(bank, query_key: torch.Tensor, top_k: int | None, bank_keys=None) -> list[str]:
-    """The ids of the entries a question reads from a ``MemoryBank``: its top-k by key similarity,
-    or every entry without ``top_k`` (or without keys). ``bank_keys`` = ``bank.keys()`` when the
-    caller already holds them (one read for a batch of questions)."""
+    """The ids of the entries a question reads from a ``MemoryBank``, best first: its top-k by key
+    similarity (from the bank's in-process key index when it has one, ``bank.search``), or every
+    entry without ``top_k`` (or without keys). ``bank_keys`` = ``bank.keys()`` when the caller
+    already holds them (one read for a batch of questions)."""
+    if top_k and bank_keys is None and hasattr(bank, "search"):
+        return bank.search(query_key, top_k)
     if top_k:
         ids, keys = bank_keys if bank_keys is not None else bank.keys()
         if keys is not None:
             return select_top_k(query_key.cpu(), ids, keys, top_k)
     return bank.ids()
+
+
+def read_entries(bank, ids: Sequence[str], chunk: int = 64) -> tuple[list[torch.Tensor], list[str], list[str]]:
+    """Entries of ``ids`` read ``chunk`` at a time: ``(entries, ids read, ids whose entry is gone)``."""
+    entries, present, missing = [], [], []
+    for start in range(0, len(ids), chunk):
+        part = list(ids[start : start + chunk])
+        for doc_id, memory in zip(part, bank.get(part)):
+            if memory is None:
+                missing.append(doc_id)
+            else:
+                entries.append(memory)
+                present.append(doc_id)
+    return entries, present, missing
 
 
 def iter_bank_entries(

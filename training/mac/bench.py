@@ -28,6 +28,7 @@ from tqdm import tqdm
 from training.data.news_stream import load_news_stream
 from training.mac.runtime import MacReadConfig, MacRuntime, load_mac_runtime
 from training.memory import InMemoryMemoryBank
+from training.memory.base import EncodedEntry
 from training.eval.metrics import percentile
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
 from training.eval.resources import peak_rss_mb, reset_peak_rss
@@ -39,9 +40,10 @@ class SharedCopiesBank(InMemoryMemoryBank):
     """An in-process bank whose entries are stored without copying (copies share storage)."""
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
-        self._memory[doc_id] = (memory, None)  # fp16, as encode_entry stores it
+        self._memory[doc_id] = EncodedEntry("float16", tuple(memory.shape), {"memory": memory})  # as encode_entry stores it
         if key is not None:
             self._keys[doc_id] = key
+            self.index.add([doc_id], key.float().numpy()[None])
 
 
 MODES = {

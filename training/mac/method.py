@@ -4,16 +4,21 @@ service's MAC) over the in-process memory bank.
 Ingesting a document is one forward pass of the base model with the amortizer's memory tokens; its
 entry (and retrieval key) goes into the bank. Answering reads each question's top-k entries by key
 similarity (all of them without ``top_k``) and generates after them. ``mac_rag`` also puts the top
-BM25 passages in the prompt. Deleting a document is ``runtime.delete``.
+BM25 passages in the prompt. Deleting a document is ``runtime.delete``. ``mac_read:<settings>``
+is ``mac`` with other read / storage settings than ``MethodConfig.mac`` (e.g.
+``mac_read:int4-k2-rot`` = int4 storage, top 2, re-rotated keys), so one harness run compares them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import torch
+
 from training.artifacts import configured_artifact
-from training.mac.runtime import MacRuntime, load_mac_runtime
-from training.memory import InMemoryMemoryBank
+from training.mac.runtime import MacReadConfig, MacRuntime, load_mac_runtime
+from training.memory import STORAGES, InMemoryMemoryBank
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.retrieval import BM25Index
@@ -80,6 +85,70 @@ class MACMethod:
         self.runtime.bank.clear()
         self.documents.clear()
         self._index = None
+
+
+def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
+    """``float16|int8|int4|int2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
+    joined by ``-`` (the harness splits its method list on commas), over ``base``."""
+    update: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split("-"))):
+        if part in STORAGES:
+            update["storage"] = part
+        elif part in ("rot", "norot"):
+            update["rerotate"] = part == "rot"
+        elif part == "kall":
+            update["top_k"] = None
+        elif part.startswith("k") and part[1:].isdigit() and int(part[1:]) >= 1:
+            update["top_k"] = int(part[1:])
+        else:
+            raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, norot)")
+    return MacReadConfig.model_validate(base.model_dump() | update)
+
+
+_WRITTEN: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (artifact, text) -> fp32 entry, key
+
+
+class SharedIngestMAC(MACMethod):
+    """``mac_read``: the read settings do not change what is written, so each document is written
+    once per process (one base-model pass) and every ``mac_read`` method of the run stores that
+    entry in its own bank (quantized as its storage says). Its ``ingest_seconds_per_doc`` is the
+    write's only for the first ``mac_read`` method of a run."""
+
+    def __init__(self, ctx: MethodContext, runtime: MacRuntime, artifact: Path) -> None:
+        super().__init__(ctx, runtime)
+        self.artifact = str(artifact)
+
+    def ingest(self, document: Document) -> None:
+        written = _WRITTEN.get((self.artifact, document.text))
+        cache = self._cache_file(document.text)
+        if written is None and cache is not None and cache.exists():
+            written = _WRITTEN[(self.artifact, document.text)] = tuple(torch.load(cache, weights_only=True))
+        if written is None:
+            runtime = self.runtime
+            with runtime.model_lock:
+                ((memory, key),) = runtime.mac.memorize(runtime.base, runtime.tokenizer, runtime.head, [document.text])
+            written = _WRITTEN[(self.artifact, document.text)] = (memory.detach().cpu(), key.detach().cpu())
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(list(written), cache)
+        self.runtime.bank.put(document.id, *written)
+
+    def _cache_file(self, text: str) -> Path | None:
+        """``MethodConfig.mac_write_cache``: entries kept on disk across runs (a run cut short
+        resumes without writing them again), named by the artifact's manifest and the text."""
+        root = self.ctx.config.mac_write_cache
+        if root is None:
+            return None
+        manifest = (Path(self.artifact) / "manifest.json").read_bytes()
+        return Path(root) / f"{hashlib.sha256(manifest + text.encode()).hexdigest()[:32]}.pt"
+
+
+@register_method("mac_read", family=True)
+def build_mac_read(ctx: MethodContext, spec: str) -> MACMethod:
+    config = parse_read_settings(spec, ctx.config.mac)
+    artifact = mac_artifact_path(ctx)
+    runtime = load_mac_runtime(artifact, ctx.model, ctx.tokenizer, InMemoryMemoryBank(config.storage), config)
+    return SharedIngestMAC(ctx, runtime, artifact)
 
 
 @register_method("mac")

@@ -13,17 +13,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.mac.aggregator import entry_ids, iter_bank_entries, stack_memories
+from training.mac.aggregator import entry_ids, read_entries, stack_memories
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
 from training.generation import StepHook
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
+from training.mac.rerotate import read_offsets, rotary_embedding, shift_entry
 from training.memory.base import MemoryBank, Storage
 from training.models import ModelSettings
 from training.prompts import extract_answer
@@ -37,7 +39,17 @@ class MacReadConfig(BaseModel):
 
     top_k: int | None = Field(1, ge=1, description="entries each question reads, by key similarity (none: all); 1 is best on val")
     group_size: int = Field(16, ge=1, description="entries read from the bank at a time")
-    storage: Storage = Field("float16", description="how new entries are stored: float16, or int8 (~52 % of the bytes)")
+    rerotate: bool = Field(False, description="give each entry read its own positions by re-rotating its keys "
+                                              "(RoPE models; the best entry next to the question)")
+
+    @model_validator(mode="after")
+    def _bounded_positions(self) -> "MacReadConfig":
+        if self.rerotate and self.top_k is None:
+            raise ValueError("rerotate needs a top_k: every entry of the bank at its own positions would run past "
+                             "the model's context")
+        return self
+    storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
+                                                          "bytes), or KIVI int4 / int2 (32 % / 19 %)")
 
 
 def bank_name(artifact: Path) -> str:
@@ -55,9 +67,13 @@ class MacRuntime:
     config: MacReadConfig = field(default_factory=MacReadConfig)
     model_lock: threading.RLock = field(default_factory=threading.RLock)
     head: PromptHead | None = field(init=False)
+    rotary: torch.nn.Module | None = field(init=False, default=None)  # the base's RoPE, with ``rerotate``
+    # ids -> texts of documents whose entry is gone (the service reads SQL): answered from the text
+    fallback: Callable[[list[str]], dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         self.head = prompt_head(self.base, self.tokenizer)
+        self.rotary = rotary_embedding(self.base) if self.config.rerotate else None
 
     def with_bank(self, bank: MemoryBank) -> "MacRuntime":
         """The same runtime (network, model, cached head, lock) over another bank, e.g. one per
@@ -80,9 +96,14 @@ class MacRuntime:
         """Forget a document exactly: its entry is gone."""
         return self.bank.delete(doc_id)
 
-    def question_start(self) -> int:
-        """Position of a question's first token (after the prompt head and the memory slots)."""
-        return self.mac.start(self.head)
+    def question_start(self, head: PromptHead | None | str = "cached", entries: int | None = None) -> int:
+        """Position of a question's first token, after the prompt head and the memory slots: one
+        chunk's span, or with ``rerotate`` one span per entry read (``entries``, default top_k)."""
+        head = self.head if head == "cached" else head
+        if not self.config.rerotate:
+            return self.mac.start(head)
+        entries = entries if entries is not None else (self.config.top_k or 1)
+        return self.mac.start(head) + (max(entries, 1) - 1) * self.mac.start(None)
 
     def stored_bytes(self) -> int:
         return sum(self.bank.nbytes(i) for i in self.bank.ids())
@@ -90,36 +111,85 @@ class MacRuntime:
     # --- reading ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def read(self, questions: list[str], device: torch.device | str) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]]]:
-        """Each question's entries (top-k by key, or all), side by side with the slot mask, and the ids read."""
+    def read_memory(self, questions: list[str], device: torch.device | str
+                    ) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
+        """Each question's entries (top-k by key, or all; best first), side by side with the slot
+        mask, the ids read, and the ids chosen whose entry was gone (evicted: marked for rebuild)."""
         keys = self.mac.keys(questions)
         top_k = self.config.top_k
-        bank_keys = self.bank.keys() if top_k else None  # one read of the keys for the whole batch
-        ids = [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
-        entries = [list(iter_bank_entries(self.bank, chosen, chunk=self.config.group_size)) for chosen in ids]
+        indexed = hasattr(self.bank, "search")  # an in-process key index: no key read per question
+        bank_keys = self.bank.keys() if top_k and not indexed else None  # else one read for the batch
+        chosen = [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
+        entries, ids, missing = [], [], []
+        for row in chosen:
+            found, present, gone = read_entries(self.bank, row, chunk=self.config.group_size)
+            entries.append(found)
+            ids.append(present)
+            missing.append(gone)
+        gone_ids = sorted({i for row in missing for i in row})
+        if gone_ids and hasattr(self.bank, "mark_missing"):
+            self.bank.mark_missing(gone_ids)
+        if self.rotary is not None:  # ids are best first: the best entry gets the span next to the question
+            span = self.mac.start(None)
+            entries = [[shift_entry(e, offset, self.rotary) for e, offset in zip(row, read_offsets(len(row), span))]
+                       for row in entries]
         memory, mask = stack_memories(entries, device)
+        return memory, mask, ids, missing
+
+    def read(self, questions: list[str], device: torch.device | str
+             ) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]]]:
+        """``read_memory`` without the missing ids."""
+        memory, mask, ids, _ = self.read_memory(questions, device)
         return memory, mask, ids
 
-    @torch.no_grad()
+    def _fallback_passages(self, missing: list[list[str]]) -> list[list[str]]:
+        """The texts of entries that were gone (``fallback``: ids -> texts, e.g. from SQL), each cut
+        to one chunk of tokens, to be read as passages instead."""
+        wanted = sorted({i for row in missing for i in row})
+        if not wanted or self.fallback is None:
+            return [[] for _ in missing]
+        texts = self.fallback(wanted)
+        limit = self.mac.config.chunk_tokens
+
+        def cut(text: str) -> str:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
+        return [[cut(texts[i]) for i in row if texts.get(i)] for row in missing]
+
     def answer(
         self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
         max_new_tokens: int = 24, head: PromptHead | None | str = "cached", deadline: float | None = None,
         on_step: StepHook | None = None,
     ) -> list[tuple[str, list[str]]]:
+        """``answer_with_fallback`` without the fallback ids: (answer, ids of the entries read)."""
+        return [(text, read) for text, read, _ in
+                self.answer_with_fallback(model, questions, passages, max_new_tokens, head, deadline, on_step)]
+
+    @torch.no_grad()
+    def answer_with_fallback(
+        self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
+        max_new_tokens: int = 24, head: PromptHead | None | str = "cached", deadline: float | None = None,
+        on_step: StepHook | None = None,
+    ) -> list[tuple[str, list[str], list[str]]]:
         """Short answers after each question's memory entries (and passages in the prompt), with
-        the ids of the entries read. ``head="cached"``: the writer's cached prompt head; when the
-        answering model differs from the writer (an adapter is active), pass ``None`` and the head
-        is computed by ``model`` as it is (entries were written after the head, so it comes first).
+        the ids of the entries read and of those answered from their text instead (entries that
+        were gone, with a ``fallback``; their texts come before the passages). ``head="cached"``:
+        the writer's cached prompt head; when the answering model differs from the writer (an
+        adapter is active), pass ``None`` and the head is computed by ``model`` as it is (entries
+        were written after the head, so it comes first).
         ``deadline``, ``on_step``: as in ``greedy_generate``."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
-        memory, mask, ids = self.read(questions, model.device)
+        memory, mask, ids, missing = self.read_memory(questions, model.device)
+        fallback = self._fallback_passages(missing)
+        passages = [(texts + (p or [])) or None for texts, p in zip(fallback, passages)]
         prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
         outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
                                   stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
-                                  head=head, memory_mask=mask, start=self.mac.start(head), deadline=deadline, on_step=on_step)
+                                  head=head, memory_mask=mask, deadline=deadline, on_step=on_step,
+                                  start=self.question_start(head, max(map(len, ids), default=1)))
         texts = [extract_answer(self.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
-        return list(zip(texts, ids))
+        return list(zip(texts, ids, [row if self.fallback is not None else [] for row in missing]))
 
     @torch.no_grad()
     def choice_scores(self, model: PreTrainedModel, question: str, choices: list[str],
@@ -127,15 +197,17 @@ class MacRuntime:
         """Mean per-token log-probability of each choice (as ``choice_logprobs``) after the memory
         (``head`` as in ``answer``)."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
-        memory, mask, _ = self.read([question], model.device)
+        memory, mask, ids, missing = self.read_memory([question], model.device)
+        passages = (self._fallback_passages(missing)[0] + (passages or [])) or None
         n = len(choices)
         if memory is not None:
             memory = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory]
             mask = mask.expand(n, -1)
-        ids, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
-                                            device=model.device, head=head)
-        return (-answer_nll(model, memory, ids, tokens_mask, labels, head=head, memory_mask=mask,
-                            start=self.mac.start(head))).tolist()
+        start = self.question_start(head, len(ids[0]))
+        tokens, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
+                                               device=model.device, head=head)
+        return (-answer_nll(model, memory, tokens, tokens_mask, labels, head=head, memory_mask=mask,
+                            start=start)).tolist()
 
 
 _LOADED: dict[tuple[str, str], MAC] = {}

@@ -36,7 +36,8 @@ from training.mac.config import MACConfig
 from training.mac.aggregator import stack_memories
 from training.mac.model import MAC, answer_nll, prompt_head, qa_batch, save_mac
 from training.mac.runtime import MacReadConfig, MacRuntime
-from training.memory import InMemoryMemoryBank
+from training.mac.rerotate import read_offsets, rotary_embedding, shift_entry
+from training.memory import InMemoryMemoryBank, Storage, decode_entry, encode_entry
 from training.mac.prefix import PromptHead
 from training.eval.metrics import mean, squad_scores
 from training.types import Document, Question
@@ -61,6 +62,10 @@ class TrainConfig(BaseModel):
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
     val_top_k: int = Field(1, description="entries each validation question reads (top-k by retrieval key)")
+    storage: Storage = Field("float16", description="storage the entries are read from: training sees the "
+                                                    "quantized entry (straight-through gradient), as a bank returns it")
+    rerotate: bool = Field(False, description="each entry a question reads at its own positions (keys re-rotated, "
+                                              "its own entry next to the question), as MacReadConfig.rerotate")
     checkpoint_every: int = 25
     max_minutes: float | None = None
     seed: int = 0
@@ -100,20 +105,33 @@ def mac_loss(
     backprop_mask: list[bool],
     head: PromptHead | None = None,
     entries_per_question: int = 1,
+    storage: Storage = "float16",
+    rerotate: bool = False,
 ) -> torch.Tensor:
     """Mean answer NLL over the questions (question ``i`` is about ``texts[i]``), each reading its
     own entry and the next ``entries_per_question - 1`` ones; documents whose ``backprop_mask`` is
-    False are amortized without gradients (backprop dropout)."""
+    False are amortized without gradients (backprop dropout). ``storage``: entries as the bank
+    returns them (quantized, straight-through gradient); ``rerotate``: the read entries at their own
+    positions, as ``MacRuntime`` reads them."""
     entries = []
     for text, keep in zip(texts, backprop_mask):
         with torch.set_grad_enabled(keep and torch.is_grad_enabled()):
-            entries.append(mac.amortizer(base, tokenizer, head, text))  # no retrieval key: nothing selects
-    reads = [[entries[(i + j) % len(entries)] for j in range(min(entries_per_question, len(entries)))]
-             for i in range(len(questions))]
+            entry = mac.amortizer(base, tokenizer, head, text)  # no retrieval key: nothing selects
+            if storage != "float16":
+                stored = decode_entry(encode_entry(entry, storage)).to(entry.device, entry.dtype)
+                entry = entry + (stored - entry).detach()
+            entries.append(entry)
+    n = min(entries_per_question, len(entries))
+    reads = [[entries[(i + j) % len(entries)] for j in range(n)] for i in range(len(questions))]
+    start = mac.start(head)
+    if rerotate:
+        rotary, span = rotary_embedding(base), mac.start(None)
+        reads = [[shift_entry(e, offset, rotary) for e, offset in zip(row, read_offsets(n, span))] for row in reads]
+        start += (n - 1) * span
     memory, memory_mask = stack_memories(reads, base.device)
     input_ids, mask, labels = qa_batch(tokenizer, questions, answers, device=base.device, head=head)
     return answer_nll(base, memory, input_ids, mask, labels, head=head, memory_mask=memory_mask,
-                      start=mac.start(head)).mean()
+                      start=start).mean()
 
 
 def sample_step(
@@ -141,13 +159,16 @@ def validate(
     top_k: int,
     batch_size: int = 8,
     head: PromptHead | None = None,
+    storage: Storage = "float16",
+    rerotate: bool = False,
 ) -> dict[str, float]:
     """Generated-answer F1/EM (percent) with ``docs`` in memory, each question reading its top-k
     entries, and the memory probe: answer NLL with the question's own paragraph alone in memory
     (``nll_own``) and with another one (``nll_other``); ``nll_other - nll_own`` is what reading
     memory is worth on unseen paragraphs."""
     mac.eval()
-    runtime = MacRuntime(mac, base, tokenizer, InMemoryMemoryBank(), MacReadConfig(top_k=top_k))
+    runtime = MacRuntime(mac, base, tokenizer, InMemoryMemoryBank(storage),
+                         MacReadConfig(top_k=top_k, storage=storage, rerotate=rerotate))
     runtime.memorize([d.id for d in docs], [d.text for d in docs])  # answers read them as the service does
     memory = runtime.bank.get([d.id for d in docs])
     index = {d.id: i for i, d in enumerate(docs)}
@@ -233,7 +254,8 @@ def train_mac(
 
     def run_validation() -> None:
         metrics = {"step": state["step"], "training_minutes": round(state["seconds"] / 60, 2),
-                   **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head)}
+                   **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head,
+                              storage=cfg.storage, rerotate=cfg.rerotate)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -255,7 +277,8 @@ def train_mac(
     for step in bar:
         texts, questions, answers, mask = sample_step(rng, doc_texts, pairs, cfg)
         loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, head=head,
-                        entries_per_question=cfg.entries_per_question)
+                        entries_per_question=cfg.entries_per_question, storage=cfg.storage,
+                        rerotate=cfg.rerotate)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()

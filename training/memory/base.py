@@ -2,42 +2,88 @@
 
 ``MemoryBank`` is the interface the evaluation harness and the service write through; the
 implementations are ``in_memory.InMemoryMemoryBank`` (the harness) and
-``redis_bank.RedisMemoryBank`` (the service). Entries are stored as fp16 (half the bytes of fp32, no measurable loss) or, with
-``storage="int8"``, as int8 with one fp16 scale per vector of the last axis (about half the bytes
-of fp16 for MAC's 64-value slot vectors; squad-seq val F1 21.44 vs 22.55 in fp16, docs/mac.md), and
-come back as fp32. Deleting an entry is exact: the document's memory is gone.
+``redis_bank.RedisMemoryBank`` (the service). Entries come back as fp32; how they are stored is
+the bank's ``storage`` (each stored entry records its own, so a bank switched to another storage
+keeps reading what it wrote before):
+
+* ``float16``: half the bytes of fp32, no measurable loss;
+* ``int8``: one fp16 scale (absmax / 127) per vector of the last axis, ~52 % of fp16 for MAC's
+  64-value slot vectors (squad-seq val F1 21.44 vs 22.55 in fp16, docs/mac.md);
+* ``int4`` / ``int2``: KIVI (``kivi.py``): keys per channel, values per token, groups of 32 with
+  an fp16 scale and zero, codes packed into bytes: 32 % / 19 % of fp16 for a MAC chunk. Only for
+  key/value entries ``[layers, 2, kv_heads, slots, head_dim]``.
+
+Deleting an entry is exact: the document's memory is gone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
-Storage = Literal["float16", "int8"]
+from training.memory.kivi import GROUP, dequantize_kv, quantize_kv
+
+Storage = Literal["float16", "int8", "int4", "int2"]
 STORAGES: tuple[str, ...] = get_args(Storage)
+KIVI_BITS = {"int4": 4, "int2": 2}
 
 
 def check_storage(storage: str) -> Storage:
     """``storage`` if a bank can store entries that way (so a bad setting fails at start, not at the first put)."""
     if storage not in STORAGES:
-        raise ValueError(f"unknown memory storage {storage!r} ({' or '.join(STORAGES)})")
+        raise ValueError(f"unknown memory storage {storage!r} ({', '.join(STORAGES)})")
     return storage
 
 
-def encode_entry(memory: torch.Tensor, storage: Storage = "float16") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a bank stores for an entry: fp16 values, or int8 values and their fp16 scales
-    ``[..., 1]`` (absmax / 127 of each last-axis vector)."""
+@dataclass
+class EncodedEntry:
+    """What a bank stores for an entry: its storage, shape, and payload parts (``memory``, and
+    ``scale`` / ``zero`` for the quantized storages); ``group`` for KIVI."""
+
+    storage: Storage
+    shape: tuple[int, ...]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    group: int | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+# dtype of each stored part, per storage (how a bank reads the bytes back)
+PART_DTYPES: dict[str, dict[str, torch.dtype]] = {
+    "float16": {"memory": torch.float16},
+    "int8": {"memory": torch.int8, "scale": torch.float16},
+    "int4": {"memory": torch.uint8, "scale": torch.float16, "zero": torch.float16},
+    "int2": {"memory": torch.uint8, "scale": torch.float16, "zero": torch.float16},
+}
+
+
+def encode_entry(memory: torch.Tensor, storage: Storage = "float16", group: int = GROUP) -> EncodedEntry:
+    """Quantize an entry for storage (see the module docstring)."""
     memory = memory.detach().to("cpu", torch.float32)
-    if check_storage(storage) == "float16":
-        return memory.half(), None
-    scale = (memory.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=torch.finfo(torch.float16).tiny)
-    return (memory / scale).round().clamp(-127, 127).to(torch.int8), scale.half()
+    shape = tuple(memory.shape)
+    storage = check_storage(storage)
+    if storage == "float16":
+        return EncodedEntry(storage, shape, {"memory": memory.half()})
+    if storage == "int8":
+        scale = (memory.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+        codes = (memory / scale).round().clamp(-127, 127).to(torch.int8)
+        return EncodedEntry(storage, shape, {"memory": codes, "scale": scale.half()})
+    packed, scale, zero = quantize_kv(memory, KIVI_BITS[storage], group)
+    return EncodedEntry(storage, shape, {"memory": packed, "scale": scale, "zero": zero}, group)
 
 
-def decode_entry(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def decode_entry(entry: EncodedEntry) -> torch.Tensor:
     """The fp32 entry back from what ``encode_entry`` stored."""
-    return values.float() if scale is None else values.float() * scale.float()
+    parts = entry.parts
+    if entry.storage == "float16":
+        return parts["memory"].float().reshape(entry.shape)
+    if entry.storage == "int8":
+        return (parts["memory"].float().reshape(entry.shape) * parts["scale"].float().reshape(*entry.shape[:-1], 1))
+    return dequantize_kv(parts["memory"], parts["scale"], parts["zero"], entry.shape, KIVI_BITS[entry.storage],
+                         entry.group or GROUP)
 
 
 @runtime_checkable

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training.memory.base import Storage, check_storage, decode_entry, encode_entry
+from training.memory.base import EncodedEntry, Storage, check_storage, decode_entry, encode_entry
+from training.memory.key_index import KeyIndex
 
 
 class InMemoryMemoryBank:
@@ -12,21 +13,29 @@ class InMemoryMemoryBank:
 
     def __init__(self, storage: Storage = "float16") -> None:
         self.storage = check_storage(storage)
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._memory: dict[str, EncodedEntry] = {}
         self._keys: dict[str, torch.Tensor] = {}
+        self.index = KeyIndex()
 
     def put(self, doc_id: str, memory: torch.Tensor, key: torch.Tensor | None = None) -> None:
         self._memory[doc_id] = encode_entry(memory, self.storage)
         if key is not None:
             self._keys[doc_id] = key.detach().to("cpu", torch.float16).clone()
+            self.index.add([doc_id], self._keys[doc_id].float().numpy()[None])
         else:
             self._keys.pop(doc_id, None)
+            self.index.remove([doc_id])
 
     def get(self, doc_ids: list[str]) -> list[torch.Tensor | None]:
-        return [decode_entry(*m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
+        return [decode_entry(m) if (m := self._memory.get(i)) is not None else None for i in doc_ids]
+
+    def search(self, query_key: torch.Tensor, k: int) -> list[str]:
+        """Ids of the k entries whose keys are closest to ``query_key`` (cosine), best first."""
+        return self.index.search(query_key.detach().cpu().float().numpy(), k)
 
     def delete(self, doc_id: str) -> bool:
         self._keys.pop(doc_id, None)
+        self.index.remove([doc_id])
         return self._memory.pop(doc_id, None) is not None
 
     def ids(self) -> list[str]:
@@ -45,7 +54,8 @@ class InMemoryMemoryBank:
     def clear(self) -> None:
         self._memory.clear()
         self._keys.clear()
+        self.index.clear()
 
     def nbytes(self, doc_id: str) -> int:
-        stored = (*self._memory.get(doc_id, ()), self._keys.get(doc_id))
-        return sum(t.numel() * t.element_size() for t in stored if t is not None)
+        entry, key = self._memory.get(doc_id), self._keys.get(doc_id)
+        return (entry.nbytes() if entry is not None else 0) + (key.numel() * key.element_size() if key is not None else 0)

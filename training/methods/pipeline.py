@@ -2,7 +2,7 @@
 and ``auto`` (the service's default strategy, ``PipelineConfig.strategy``).
 
 Ingest does what the service's worker does for each component (a MAC entry into the bank, an
-update of the adapter through ``training.updates``, the text for BM25); answering calls
+update of the adapter through ``training.updates``, the text for retrieval: ``PipelineConfig.retriever``); answering calls
 ``training.pipeline.generate``, the function the service's answerer calls, with the same passages
 (``PipelineConfig``: top k, score ratio, passage words and characters, prompt budget). The updater
 is ``MethodConfig.updater`` (the service's ``FRESHLM_UPDATER``) with the ``ft_*`` settings.
@@ -17,7 +17,7 @@ from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.pipeline import generate, parse_strategy, strategy_name
 from training.prompts import qa_messages
-from training.retrieval import BM25Index
+from training.retrievers import load_embedder, make_retriever
 from training.types import Document, Question
 from training.updaters import load_updater
 from training.updates import LoraUpdater
@@ -37,7 +37,9 @@ class PipelineMethod:
             self.updater = LoraUpdater(ctx.model, ctx.tokenizer, spec.token_weights, spec.config, initial=spec.initial)
         self.documents: dict[str, Document] = {}
         cfg = ctx.config.pipeline
-        self._index = BM25Index(max_words=cfg.rag_passage_words, max_chars=cfg.rag_passage_chars)
+        embed = load_embedder(ctx.config.encoder) if cfg.retriever != "bm25" and "rag" in self.components else None
+        self._index = make_retriever(cfg.retriever, embed, max_words=cfg.rag_passage_words,
+                                     max_chars=cfg.rag_passage_chars)
 
     @property
     def model(self):
@@ -67,7 +69,7 @@ class PipelineMethod:
             answered = generate(self.model, self.ctx.tokenizer, batch, [self._passages(q) for q in batch],
                                 self.ctx.config.max_new_tokens, mac=self.mac, adapter_active=self.updater is not None,
                                 max_prompt_tokens=self.ctx.config.pipeline.max_prompt_tokens)
-            answers += [text for text, _ in answered]
+            answers += [text for text, *_ in answered]
         return answers
 
     def choice_scores(self, question: Question) -> list[float]:

@@ -1,5 +1,7 @@
 """Methods that change only the prompt: nothing (``no_context``), the gold document
-(``oracle_prompt``, the upper bound) and BM25-retrieved passages (``rag_bm25``)."""
+(``oracle_prompt``, the upper bound) and retrieved passages: BM25 (``rag_bm25``), MiniLM dense
+(``rag_dense``) and both fused by reciprocal rank (``rag_hybrid``), all with the same passage
+budget (``rag_k`` passages of ``rag_passage_words`` words)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.prompts import qa_messages
 from training.retrieval import BM25Index
+from training.retrievers import Retriever, load_embedder, make_retriever
 from training.types import Document, Question
 
 
@@ -95,3 +98,40 @@ class RagBM25(_PromptedMethod):
             self._index = BM25Index(list(self.documents.values()), self.ctx.config.rag_passage_words)
         hits = self._index.search(question.question, self.ctx.config.rag_k)
         return [h.text for h in hits] or None
+
+
+class _RagRetriever(_PromptedMethod):
+    """Top-k passages of an incremental retriever (``training.retrievers``) over everything ingested."""
+
+    kind = "dense"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self._index: Retriever = make_retriever(self.kind, load_embedder(ctx.config.encoder),
+                                                max_words=ctx.config.rag_passage_words)
+
+    def ingest(self, document: Document) -> None:
+        super().ingest(document)
+        self._index.add([document])
+
+    def passages(self, question: Question) -> list[str] | None:
+        hits = self._index.search(question.question, self.ctx.config.rag_k)
+        return [h.text for h in hits] or None
+
+    def close(self) -> None:
+        self._index.remove(list(self.documents))
+        super().close()
+
+
+@register_method("rag_dense")
+class RagDense(_RagRetriever):
+    """Top-k passages by MiniLM cosine (the encoder MAC's keys use)."""
+
+    name, kind = "rag_dense", "dense"
+
+
+@register_method("rag_hybrid")
+class RagHybrid(_RagRetriever):
+    """Top-k passages by reciprocal-rank fusion (k = 60) of the BM25 and MiniLM rankings."""
+
+    name, kind = "rag_hybrid", "hybrid"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.runtime import MacReadConfig
-from training.models import DEFAULT_BASE_MODEL
+from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 from training.pipeline import PipelineConfig
 from training.update_bank.runtime import UpdateBankConfig
 from training.updates import UpdateConfig
@@ -34,6 +34,7 @@ class MethodConfig(BaseModel):
     max_passage_words: int = 400  # gold documents in the oracle prompt are cut to this
     rag_k: int = 3
     rag_passage_words: int = 120
+    encoder: str = DEFAULT_ENCODER  # sentence encoder of rag_dense / rag_hybrid (a built-in name or a path)
     # the online update (training.updates.UpdateConfig; defaults: the service's)
     ft_lr: float = _UPDATE.lr
     ft_steps_per_doc: int = _UPDATE.steps_per_document
@@ -47,6 +48,7 @@ class MethodConfig(BaseModel):
     ner_backend: str = "auto"  # auto | spacy | heuristic
     mac_artifact: str | None = None  # MAC artifact directory (mac, mac_rag)
     mac: MacReadConfig = Field(default_factory=MacReadConfig)  # how questions read MAC memory (the service's defaults)
+    mac_write_cache: str | None = None  # mac_read: directory keeping written entries across runs
     camels_artifact: str | None = None  # CaMeLS weighting model directory (camels_ft)
     meta_ft_artifact: str | None = None  # meta-trained init directory (meta_ft, meta_ft_4, meta_ft_16)
     meta_ft_docs_per_step: int = 1  # meta_ft: documents pooled into one SGD step

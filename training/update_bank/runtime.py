@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from training.choice_scoring import choice_logprobs
 from training.generation import generate_answers
 from training.mac.aggregator import entry_ids
-from training.memory.base import MemoryBank, Storage
+from training.memory.base import MemoryBank
 from training.models import DEFAULT_ENCODER, embed_texts
 from training.prompts import qa_messages
 from training.updates import LoraUpdater
@@ -50,7 +51,9 @@ class UpdateBankConfig(BaseModel):
     encoder: str = Field(DEFAULT_ENCODER, description="key encoder of documents and questions (MAC's MiniLM)")
     key_tokens: int = Field(256, ge=8, description="encoder tokens a key reads")
     top_k: int = Field(1, ge=1, description="entries a question applies (their deltas add up)")
-    storage: Storage = Field("float16", description="how entries are stored: float16, or int8 (one scale per 64 values)")
+    storage: Literal["float16", "int8"] = Field("float16", description="how entries are stored: float16, or int8 "
+                                                                        "(one scale per 64 values; KIVI storage is for "
+                                                                        "key/value entries only)")
     slots: int = Field(16, ge=1, description="per-request adapters in the model: questions answered in one batch")
 
 

@@ -31,6 +31,7 @@ def ask_out(result: Answer) -> AskOut:
         strategy=result.strategy,
         documents=[SupportingDocument(id=p.doc_id, score=p.score, passage=p.text) for p in result.passages],
         memory_documents=result.memory_documents,
+        memory_fallback=result.memory_fallback,
         adapter_version=result.adapter_version,
         timings=result.timings,
     )
