@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Engine, ForeignKey, MetaData, String, Table, Text, insert, select, update,
+    JSON, Column, DateTime, Engine, ForeignKey, MetaData, String, Table, Text, create_engine, event, insert, select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 
@@ -63,6 +64,17 @@ class RegistryError(LookupError):
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for a process outside the service (the retrain job): on SQLite it waits for the
+    service's write lock instead of failing at once."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _busy_timeout(dbapi_conn, _record):
+            dbapi_conn.execute("PRAGMA busy_timeout=30000")
+    return engine
 
 
 def artifact_id(path: str | Path) -> str:

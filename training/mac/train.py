@@ -190,10 +190,21 @@ def train_mac(
     on_best=None,
     progress: bool = True,
     stop_at: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce_grads=None,
 ) -> dict:
     """Train in place; resumes from ``checkpoint``; calls ``on_best(mac, metrics)`` whenever the
     validation F1 (ties: lower loss) improves; ``stop_at`` pauses (checkpointed) before the end of
-    the schedule. Returns the state: step, history, best validation metrics."""
+    the schedule. Returns the state: step, history, best validation metrics.
+
+    Data parallel (``training.retrain.distributed``): with ``shard=(rank, world)`` every process
+    draws the same global step (same seed) and computes the loss of its ``rank::world`` share;
+    ``reduce_grads(params)`` averages the gradients across processes before clipping, so the
+    update equals the single-process one (``docs_per_step`` must divide by ``world``). Only rank 0
+    writes the checkpoint."""
+    rank, world = shard
+    if cfg.docs_per_step % world:
+        raise ValueError(f"docs_per_step={cfg.docs_per_step} does not divide among {world} processes")
     base.requires_grad_(False)
     base.eval()
     params = [p for p in mac.parameters() if p.requires_grad]
@@ -213,7 +224,7 @@ def train_mac(
         log.info("resuming MAC training at step %d", state["step"])
 
     def save_checkpoint() -> None:
-        if checkpoint is None:
+        if checkpoint is None or rank != 0:
             return
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_suffix(".tmp")
@@ -254,9 +265,13 @@ def train_mac(
     running: dict[str, float] = {}
     for step in bar:
         texts, questions, answers, mask = sample_step(rng, doc_texts, pairs, cfg)
+        if world > 1:  # this process's share of the global step
+            texts, questions, answers, mask = (part[rank::world] for part in (texts, questions, answers, mask))
         loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, head=head,
                         entries_per_question=cfg.entries_per_question)
         loss.backward()
+        if reduce_grads is not None:
+            loss = reduce_grads(params, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         schedule.step()
