@@ -1,9 +1,15 @@
 """docker-compose.yml's topology as plain processes on a real PostgreSQL and a real redis-server:
 ``python -m service.migrate`` (the one-shot), two API processes (``freshlm-serve``) and one
-worker (``freshlm-worker``). Documents posted to one API are answered by the other; both stop
-cleanly on SIGTERM."""
+worker (``freshlm-worker``). Documents posted to one API are answered by the other; the retrain
+job (the compose ``retrain`` service's command) trains, registers and activates a new MAC
+artifact from what was ingested, the worker writes its bank and switches, and both API processes
+answer with it without a restart while a client asks continuously with zero errors; everything
+stops cleanly on SIGTERM."""
 
 from __future__ import annotations
+
+import json
+import threading
 
 import httpx
 
@@ -12,9 +18,10 @@ from tests.test_deploy import Topology, topology_env
 
 USER = {"Authorization": "Bearer user-key"}
 ADMIN = {"Authorization": "Bearer op-key"}
+NAMES = ["Ida Brandt", "Oskar Lind", "Mira Holm", "Ravi Sen", "Lea Wolff", "Tomas Berg", "Nora Kade", "Elin Voss",
+         "Jon Arve", "Siri Dahl", "Per Moe", "Ulla Finn"]
 DOCS = [{"id": f"news-{i}", "text": f"Bulletin {i}: the ferry from Norvale to Saltmarsh carried {200 + i} "
-         f"passengers on day {i}, and the harbour master {name} signed the log."}
-        for i, name in enumerate(["Ida Brandt", "Oskar Lind", "Mira Holm", "Ravi Sen", "Lea Wolff", "Tomas Berg"])]
+         f"passengers on day {i}, and the harbour master {name} signed the log."} for i, name in enumerate(NAMES)]
 
 
 def _ready(url: str) -> bool:
@@ -55,6 +62,50 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         assert answer["strategy"] == "mac+rag" and answer["documents"][0]["id"] == "news-3"
         assert len(answer["memory_documents"]) == 1
         assert one.get("/artifacts").json()["pointers"][0]["serving"] == mac_id
+
+        # a client asks both processes continuously through the retrain and the switch
+        stop, outcomes = threading.Event(), []
+
+        def ask_continuously():
+            clients = [httpx.Client(base_url=top.urls[n], headers=USER, timeout=120) for n in ("api-1", "api-2")]
+            while not stop.is_set():
+                for c in clients:
+                    try:
+                        r = c.post("/ask", json={"question": "Who signed the log on day 5?", "strategy": "mac+rag",
+                                                 "max_new_tokens": 2})
+                        outcomes.append((r.status_code, r.json().get("memory_documents")))
+                    except httpx.HTTPError as exc:  # counted as an error, never lost
+                        outcomes.append((repr(exc), None))
+        asker = threading.Thread(target=ask_continuously)
+        asker.start()
+        qa = tmp_path / "qa.jsonl"  # the tiny random model writes no questions: the operator's file is the signal
+        qa.write_text("".join(json.dumps({"type": "question", "id": f"q{i}", "question": "Who signed the log?",
+                                          "answers": [n], "doc_ids": [f"default/news-{i}"]}) + "\n"
+                              for i, n in enumerate(NAMES)))
+        data = top.env["FRESHLM_DATA_DIR"]
+        retrain = top.run("retrain", ["-m", "training.retrain", "--store", f"{data}/artifacts", "--work-dir",
+                                      f"{data}/retrain", "--activate", "--max-minutes", "10", "--qa-file", str(qa),
+                                      "--steps", "4", "--lr", "0.05", "--question-tokens", "8", "--answer-tokens", "2",
+                                      "--f1-tolerance", "100", "--nll-tolerance", "100", "--no-progress"])
+        assert retrain.returncode == 0, top.log("retrain")[-3000:]
+        report = json.loads((tmp_path / "data" / "retrain" / "report.json").read_text())
+        new_id = report["artifact"]
+        assert report["decision"] == "registered" and report["parent"] == mac_id and new_id != mac_id
+        for name in ("api-1", "api-2"):  # both processes follow, neither restarts
+            wait_for(lambda: httpx.get(f"{top.urls[name]}/readyz").json()["artifacts"]["mac"]["loaded"] == new_id,
+                     timeout=180, what=f"{name} to answer with the retrained artifact")
+        asked_before = len(outcomes)
+        wait_for(lambda: len(outcomes) >= asked_before + 4, what="answers after the switch")
+        stop.set()
+        asker.join(timeout=120)
+        assert outcomes and all(code == 200 for code, _ in outcomes), [o for o in outcomes if o[0] != 200][:5]
+        assert all(docs for _, docs in outcomes[asked_before:])  # answered from the (new) memory bank
+        pids = {n: p.pid for n, p in top.procs.items()}
+        assert all(p.poll() is None for p in top.procs.values()) and pids == {n: p.pid for n, p in top.procs.items()}
+        listing = two.get("/artifacts").json()
+        assert listing["pointers"][0] == {"kind": "mac", "active": new_id, "serving": new_id, "switch": None}
+        (new,) = [a for a in listing["artifacts"] if a["id"] == new_id]
+        assert new["parent"] == mac_id and new["source"] == "retrain" and "retrain" in new["metrics"]
     finally:
         codes = top.stop()
     assert_clean_stop(top, codes)

@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     val_docs: int = Field(24, description="val paragraphs in memory during validation")
     val_questions: int = Field(48, description="val questions generated and scored (F1) per validation")
     val_top_k: int = Field(1, description="entries each validation question reads (top-k by retrieval key)")
+    val_answer_tokens: int = Field(24, description="answer tokens generated per validation question")
     checkpoint_every: int = 25
     max_minutes: float | None = None
     seed: int = 0
@@ -141,6 +142,7 @@ def validate(
     top_k: int,
     batch_size: int = 8,
     head: PromptHead | None = None,
+    max_new_tokens: int = 24,
 ) -> dict[str, float]:
     """Generated-answer F1/EM (percent) with ``docs`` in memory, each question reading its top-k
     entries, and the memory probe: answer NLL with the question's own paragraph alone in memory
@@ -161,7 +163,7 @@ def validate(
         for choice, out in ((mine, own), ([(m + 1) % len(memory) for m in mine], other)):
             kv, kv_mask = stack_memories([[memory[c]] for c in choice], base.device)
             out += answer_nll(base, kv, tokens, mask, labels, head=head, memory_mask=kv_mask, start=start).tolist()
-        predictions = [text for text, _ in runtime.answer(base, texts)]
+        predictions = [text for text, _ in runtime.answer(base, texts, max_new_tokens=max_new_tokens)]
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
     mac.train()
@@ -244,7 +246,8 @@ def train_mac(
 
     def run_validation() -> None:
         metrics = {"step": state["step"], "training_minutes": round(state["seconds"] / 60, 2),
-                   **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head)}
+                   **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head,
+                            max_new_tokens=cfg.val_answer_tokens)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]

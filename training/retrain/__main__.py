@@ -36,7 +36,7 @@ import torch
 from training import artifact_registry as registry
 from training.artifacts import config_hash, shipped_artifact
 from training.data.evalset import EvalSet
-from training.data.jsonl import load_jsonl_dataset
+from training.data.jsonl import load_jsonl_dataset, load_jsonl_questions
 from training.mac.model import load_mac, prompt_head, save_mac
 from training.mac.train import TrainConfig, train_mac, validate
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
@@ -71,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "questions with doc_ids; ids as the job names documents: 'tenant/id' unless --tenant): "
                      "they join the signal of their documents, training or held-out side")
     train = p.add_argument_group("training")
-    train.add_argument("--questions-per-doc", type=int, default=2)
+    train.add_argument("--questions-per-doc", type=int, default=2,
+                       help="questions the model writes per document (0: only the --qa-file signal)")
+    train.add_argument("--question-tokens", type=int, default=64, help="tokens generated to write a document's questions")
+    train.add_argument("--answer-tokens", type=int, default=24, help="tokens of a teacher or evaluated answer")
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--docs-per-step", type=int, default=4)
     train.add_argument("--lr", type=float, default=1e-3)
@@ -171,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = work / f"{current_id[:16]}{'-' + args.corrupt_signal if args.corrupt_signal else ''}"
     signal_deadline = started + 0.5 * (deadline - started) if deadline else None
     mine = [d for i, d in enumerate(docs) if i % world == rank]
-    extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline, progress)
+    if args.questions_per_doc > 0:
+        extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline, progress,
+                      question_tokens=args.question_tokens, answer_tokens=args.answer_tokens)
     distributed.barrier()
     signal = read_signal(signal_files)
     train_questions = questions_of(signal, train_docs)
     held_questions = questions_of(signal, held)
     if args.qa_file:
-        given = load_jsonl_dataset(args.qa_file).questions if args.qa_file.endswith(".jsonl") else []
+        given = load_jsonl_questions(args.qa_file)
         train_ids, held_ids = {d.id for d in train_docs}, {d.id for d in held}
         train_questions += [q for q in given if len(q.doc_ids) == 1 and q.doc_ids[0] in train_ids and q.answers]
         held_questions += [q for q in given if len(q.doc_ids) == 1 and q.doc_ids[0] in held_ids and q.answers]
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     remaining = (deadline - time.monotonic()) / 60 if deadline else None
     cfg = TrainConfig(steps=args.steps, docs_per_step=args.docs_per_step, lr=args.lr, warmup_steps=min(20, args.steps),
                       eval_every=args.steps, val_docs=len(held), val_questions=len(held_questions),
-                      checkpoint_every=max(1, args.steps // 10), seed=args.seed,
+                      checkpoint_every=max(1, args.steps // 10), seed=args.seed, val_answer_tokens=args.answer_tokens,
                       max_minutes=None if remaining is None else max(remaining * 0.6, 0.1))
     state = train_mac(candidate, base, tokenizer, train_set, held_set, cfg, checkpoint=run_dir / "mac.ckpt.pt",
                       progress=progress, shard=(rank, world),
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     head = prompt_head(base, tokenizer)
     canary = load_jsonl_dataset(args.canary)
     evaluate = lambda mac: figures(validate(mac, base, tokenizer, canary.documents, canary.questions, top_k=1,
-                                            head=head))
+                                            head=head, max_new_tokens=args.answer_tokens))
     results = {"current": {"held_out": figures(validations[0]), "canary": evaluate(current)},
                "new": {"held_out": figures(validations[-1]), "canary": evaluate(candidate)}}
     accepted, reasons = decide(results["current"], results["new"],

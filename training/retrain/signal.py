@@ -71,7 +71,8 @@ def teacher_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def extend_signal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, docs: list[Document], path: Path,
-                  questions_per_doc: int, deadline: float | None = None, progress: bool = True) -> int:
+                  questions_per_doc: int, deadline: float | None = None, progress: bool = True,
+                  question_tokens: int = 64, answer_tokens: int = 24) -> int:
     """Append the signal of every document of ``docs`` not yet in ``path``; stops at ``deadline``
     (``time.monotonic()``). Returns the documents added."""
     from tqdm import tqdm
@@ -84,8 +85,8 @@ def extend_signal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, do
         for doc in tqdm(todo, desc="signal", disable=not progress):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            questions = write_questions(model, tokenizer, doc, questions_per_doc)
-            answers = teacher_answers(model, tokenizer, doc, questions) if questions else []
+            questions = write_questions(model, tokenizer, doc, questions_per_doc, max_new_tokens=question_tokens)
+            answers = teacher_answers(model, tokenizer, doc, questions, answer_tokens) if questions else []
             pairs = [{"question": q, "answer": a} for q, a in zip(questions, answers) if a.strip()]
             out.write(json.dumps({"doc_id": doc.id, "pairs": pairs}) + "\n")
             out.flush()
