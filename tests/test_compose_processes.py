@@ -39,7 +39,7 @@ def start_topology(tmp_path, postgres_url, redis_url, tiny_model_dir, mac_artifa
     top.start_api("api-1", _free_port())
     top.start_api("api-2", _free_port())
     for name, url in top.urls.items():
-        wait_for(lambda: _ready(url) or top.procs[name].poll() is not None, timeout=180, what=f"{name} to be ready")
+        wait_for(lambda: _ready(url) or top.procs[name].poll() is not None, timeout=600, what=f"{name} to be ready")
         assert top.procs[name].poll() is None, top.log(name)
     return top
 
@@ -51,14 +51,14 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         one, two = (httpx.Client(base_url=top.urls[n], headers=USER, timeout=120) for n in ("api-1", "api-2"))
         assert one.post("/documents", json={"documents": DOCS}).status_code == 202
         wait_for(lambda: all(two.get(f"/documents/{d['id']}").json()["status"] == "ingested" for d in DOCS),
-                 what="the worker process to ingest")
+                 timeout=600, what="the worker process to ingest")
         ready = two.get("/readyz").json()
         assert ready["checks"]["worker"] == "external: run freshlm-worker" and ready["checks"]["schema"] == "ok"
         mac_id = ready["artifacts"]["mac"]["serving"]
         assert ready["artifacts"]["mac"]["loaded"] == mac_id
         answer = wait_for(lambda: (b := two.post("/ask", json={"question": "Which log did Ravi Sen sign?",
                                                                 "strategy": "mac+rag", "max_new_tokens": 4}).json())
-                          ["documents"] and b, what="the second API's index to catch up")
+                          ["documents"] and b, timeout=600, what="the second API's index to catch up")
         assert answer["strategy"] == "mac+rag" and answer["documents"][0]["id"] == "news-3"
         assert len(answer["memory_documents"]) == 1
         assert one.get("/artifacts").json()["pointers"][0]["serving"] == mac_id
@@ -93,9 +93,9 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         assert report["decision"] == "registered" and report["parent"] == mac_id and new_id != mac_id
         for name in ("api-1", "api-2"):  # both processes follow, neither restarts
             wait_for(lambda: httpx.get(f"{top.urls[name]}/readyz").json()["artifacts"]["mac"]["loaded"] == new_id,
-                     timeout=180, what=f"{name} to answer with the retrained artifact")
+                     timeout=600, what=f"{name} to answer with the retrained artifact")
         asked_before = len(outcomes)
-        wait_for(lambda: len(outcomes) >= asked_before + 4, what="answers after the switch")
+        wait_for(lambda: len(outcomes) >= asked_before + 4, timeout=600, what="answers after the switch")
         stop.set()
         asker.join(timeout=120)
         assert outcomes and all(code == 200 for code, _ in outcomes), [o for o in outcomes if o[0] != 200][:5]

@@ -131,3 +131,11 @@ def topology_env(tmp_path: Path, postgres_url: str, redis_url: str, tiny_model_d
         "FRESHLM_WORKER_POLL_SECONDS": "0.1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     })
     return env
+
+
+def test_env_example_names_every_setting():
+    from service.core.config import Settings
+
+    text = (REPO_ROOT / "deploy" / "env.example").read_text()
+    missing = [name for name in Settings.model_fields if f"FRESHLM_{name.upper()}=" not in text]
+    assert missing == [], missing

@@ -158,5 +158,8 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_model_dir, m
         assert report["processes"] == n and report["steps"] == 6
     start = load_file(mac_artifact_dir / "weights.safetensors")
     for name, one in outs[1].items():
-        assert not (one == start[name]).all()  # training moved the weights...
-        assert (outs[2][name] - one).abs().max().item() < 1e-5, name  # ...and two processes moved them the same
+        moved = (one - start[name]).abs().max().item()
+        diff = (outs[2][name] - one).abs().max().item()
+        print(f"{name}: max |1 process - start| = {moved:.3e}, max |2 processes - 1 process| = {diff:.3e}")
+        assert moved > 1e-4  # training moved the weights...
+        assert diff < 1e-5, name  # ...and two processes moved them the same
