@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from training import artifact_registry
+
 DOCUMENT_STATUSES = ("pending", "ingested", "failed", "deleted")
 DEFAULT_TENANT = "default"  # owns every row written before tenants existed, and serves the open mode
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"  # safe inside Redis key hash tags and URLs
@@ -133,6 +135,12 @@ class AdapterVersionRecord(Base):
     documents: Mapped[list[str]] = mapped_column(JSON, default=list, doc="ids absorbed by this step")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# The artifact registry's tables (``training.artifact_registry``: the retrain job writes them too,
+# without importing the service) are part of the schema the migrations own.
+for _table in artifact_registry.metadata.tables.values():
+    _table.to_metadata(Base.metadata)
 
 
 class ServiceState(Base):

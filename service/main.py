@@ -15,8 +15,9 @@ from service import documents, tenants
 from service.adapters import store
 from service.adapters.live import LiveAdapters
 from service.answerer import Answerer
+from service.artifacts import run_follower
 from service.api.middleware import RequestContextMiddleware
-from service.api.routes import adapters, ask, health, memory, openai_compat
+from service.api.routes import adapters, artifacts, ask, health, memory, openai_compat
 from service.api.routes import documents as documents_routes
 from service.api.routes import tenants as tenants_routes
 from service.core.config import Settings
@@ -28,6 +29,7 @@ from service.runtime import Runtime, open_runtime
 from service.scheduler import Scheduler
 from service.server import server_config
 from service.worker.pipeline import build_worker, run_worker
+from training import artifact_registry as registry
 
 log = logging.getLogger("freshlm")
 
@@ -39,6 +41,8 @@ def _state_reader(rt: Runtime):
             out = {"queue_depth": documents.queue_depth(session), "documents": documents.status_counts(session),
                    "adapter_versions": {t: store.active_version(session, t) for t in ids}}
         out["memory_bank_entries"] = {t: len(rt.mac_for(t).bank) for t in ids} if rt.mac is not None else None
+        out["artifacts"] = {kind: {**p, "loaded": rt.mac_id if kind == "mac" else None}
+                            for kind, p in registry.pointers(rt.db.engine).items()}
         return out
     return read
 
@@ -78,9 +82,12 @@ async def lifespan(app: FastAPI):
         state.scheduler = scheduler
         state.answerer = Answerer(rt.model, rt.tokenizer, rt.db.read, live, settings.pipeline_config(), state.index,
                                   scheduler, rt.mac_for)
-        if rt.mac is not None:  # the embedded worker writes memory with this model: not during an ask
+        rt.mac_lock = live.lock  # the embedded worker writes memory with this model: not during an ask
+        if rt.mac is not None:
             rt.mac.model_lock = live.lock
         stop = threading.Event()
+        threading.Thread(target=run_follower, args=(rt, stop, settings.artifact_poll_seconds), name="artifact-follower",
+                         daemon=True).start()
         threading.Thread(target=state.index.run, args=(stop, settings.index_refresh_seconds), name="index-refresh",
                          daemon=True).start()
         state.worker_thread = (start_worker_thread(rt, state.index, state.metrics, stop)
@@ -114,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
-    for module in (documents_routes, ask, openai_compat, adapters, memory, tenants_routes, health):
+    for module in (documents_routes, ask, openai_compat, adapters, artifacts, memory, tenants_routes, health):
         app.include_router(module.router)
     return app
 

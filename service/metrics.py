@@ -95,6 +95,24 @@ class _StateCollector:
             for tenant, n in sorted(state["memory_bank_entries"].items()):
                 bank.add_metric([tenant], n)
             yield bank
+        artifacts = state.get("artifacts") or {}
+        if artifacts:
+            info = InfoMetricFamily("freshlm_artifact", "Active and serving artifact per kind (and the one this "
+                                    "process has loaded)", labels=["kind"])
+            done = GaugeMetricFamily("freshlm_artifact_switch_done", "Memory entries written for the artifact "
+                                     "being switched to", labels=["kind", "target"])
+            total = GaugeMetricFamily("freshlm_artifact_switch_total", "Memory entries the switch must write",
+                                      labels=["kind", "target"])
+            for kind, p in sorted(artifacts.items()):
+                info.add_metric([kind], {"active": p["active_id"], "serving": p["serving_id"],
+                                         "loaded": p.get("loaded") or "none"})
+                progress = p.get("progress")
+                if progress and progress.get("total") is not None:
+                    done.add_metric([kind, progress["target"]], progress["done"])
+                    total.add_metric([kind, progress["target"]], progress["total"])
+            yield info
+            yield done
+            yield total
         info = InfoMetricFamily("freshlm_adapter", "The live adapter version", labels=["tenant"])
         for tenant, version in sorted(state["adapter_versions"].items()):
             info.add_metric([tenant], {"version": version or "none"})

@@ -48,3 +48,25 @@ def upgrade_database(engine: Engine) -> str:
             command.stamp(config, LEGACY_REVISION)
         command.upgrade(config, "head")
     return current_revision(engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``freshlm-migrate`` / ``python -m service.migrate``: bring the configured database
+    (``FRESHLM_DATABASE_URL``) to the head revision and exit; the compose file's one-shot
+    ``migrate`` service, which the API and the worker wait for."""
+    import argparse
+
+    from service.core.config import Settings
+    from service.db import make_engine
+
+    parser = argparse.ArgumentParser(prog="freshlm-migrate", description=main.__doc__.split(";")[0])
+    parser.parse_args(argv)
+    engine = make_engine(Settings().sqlalchemy_url)
+    try:
+        print(f"database schema at revision {upgrade_database(engine)}")
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

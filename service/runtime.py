@@ -2,6 +2,10 @@
 database (migrated), Redis (embedded and supervised by default), the base model with its QA-format
 tuning, and the MAC runtime over the Redis memory bank (vLLM builds its engine first, then the app
 state).
+
+The configured artifacts are registered in the artifact registry at start (the initial versions
+of their kinds); the MAC runtime is the registry's *serving* MAC artifact, so an artifact activated
+at run time (and switched to by the worker) stays in use across restarts.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,7 +25,8 @@ from service.core.config import Settings
 from service.db import DEFAULT_TENANT, Database, open_database
 from service.migrate import upgrade_database
 from service.redis_server import EmbeddedRedis, start_embedded_redis, supervise
-from training.artifacts import read_manifest
+from training import artifact_registry as registry
+from training.artifacts import SHIPPED_DIR, read_manifest
 from training.mac.runtime import MacRuntime, bank_name, load_mac_runtime
 from training.memory import RedisMemoryBank
 from training.models import load_causal_lm
@@ -40,22 +46,43 @@ class Runtime:
     tokenizer: PreTrainedTokenizerBase | None = None
     mac: MacRuntime | None = None  # over the default tenant's bank; ``mac_for`` gives any tenant's
     embed: Embedder | None = None  # passages and questions -> vectors (retriever dense / hybrid only)
+    mac_id: str | None = None  # the registry id of the MAC artifact ``mac`` runs
+    mac_lock: threading.RLock | None = None  # the model lock every MAC runtime of this process writes under
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
-    _tenant_macs: dict[str, MacRuntime] = field(default_factory=dict)
+    registered: dict[str, str] = field(default_factory=dict)  # kind -> id of the configured artifact
+    _tenant_macs: dict[str, tuple[MacRuntime, MacRuntime]] = field(default_factory=dict)  # tenant -> (mac, view)
+
+    def mac_runtime(self, path: str | Path) -> MacRuntime:
+        """A MAC runtime for the artifact at ``path``, over its own bank (``bank_name``)."""
+        bank = RedisMemoryBank(self.redis, bank=bank_name(Path(path)), storage=self.settings.mac_storage,
+                               ttl_seconds=self.settings.mac_entry_ttl_seconds)
+        runtime = load_mac_runtime(Path(path), self.model, self.tokenizer, bank, self.settings.mac_read_config(),
+                                   self.settings.model_settings())
+        if self.mac_lock is not None:
+            runtime.model_lock = self.mac_lock
+        return runtime
+
+    def use_mac(self, ident: str, runtime: MacRuntime) -> None:
+        """Answer (and write new documents) with ``runtime`` from now on: one assignment, so a
+        request reads either the old runtime or the new one, never a mix (tenant views of the old
+        one are rebuilt on their next use, ``mac_for``)."""
+        self.mac, self.mac_id = runtime, ident
 
     def mac_for(self, tenant: str) -> MacRuntime | None:
         """The MAC runtime over ``tenant``'s own bank (None without a MAC artifact), one per tenant
         and process, so its in-process key index persists; an entry that is gone is answered from
         the document's text in SQL."""
-        if self.mac is None:
+        mac = self.mac  # read once: an artifact switch (use_mac) replaces it
+        if mac is None:
             return None
-        if tenant not in self._tenant_macs:
-            bank = RedisMemoryBank(self.redis, bank=tenant_bank(self.mac.bank.bank, tenant),
+        cached = self._tenant_macs.get(tenant)
+        if cached is None or cached[0] is not mac:
+            bank = RedisMemoryBank(self.redis, bank=tenant_bank(mac.bank.bank, tenant),
                                    storage=self.settings.mac_storage, ttl_seconds=self.settings.mac_entry_ttl_seconds)
-            view = self.mac.with_bank(bank)
+            view = mac.with_bank(bank)
             view.fallback = self._texts_of(tenant)
-            self._tenant_macs[tenant] = view
-        return self._tenant_macs[tenant]
+            cached = self._tenant_macs[tenant] = (mac, view)
+        return cached[1]
 
     def _texts_of(self, tenant: str):
         def texts(ids: list[str]) -> dict[str, str]:
@@ -89,18 +116,49 @@ def load_base_model(settings: Settings) -> tuple[PreTrainedModel, PreTrainedToke
     return model, tokenizer
 
 
+def _source(path: Path) -> str:
+    return "shipped" if Path(path).resolve().is_relative_to(SHIPPED_DIR.resolve()) else "configured"
+
+
+def register_configured(settings: Settings, rt: Runtime) -> None:
+    """Register the configured artifacts (idempotent); each becomes the active and serving version
+    of its kind if the kind has none yet. On failure ``errors["registry"]`` says why."""
+    paths = {"qa-format": settings.qa_tuning_path, "mac": settings.mac_artifact_path}
+    if settings.updater_spec not in (None, "uniform"):
+        paths["updater"] = Path(settings.updater_spec)
+    for kind, path in paths.items():
+        if path is None:
+            continue
+        try:
+            rt.registered[kind] = registry.register(rt.db.engine, path, source=_source(path), activate_if_none=True)
+        except Exception as exc:
+            rt.errors["registry"] = f"{kind} artifact {path}: {exc.__class__.__name__}: {exc}"
+            log.error("artifact registry: %s", rt.errors["registry"])
+
+
+def serving_mac(rt: Runtime) -> tuple[str | None, Path | None]:
+    """The registry's serving MAC artifact (id, path); the configured one without a registry."""
+    configured = rt.settings.mac_artifact_path
+    try:
+        current = registry.pointer(rt.db.engine, "mac")
+        row = registry.get(rt.db.engine, current["serving_id"]) if current else None
+    except Exception as exc:
+        log.error("artifact registry not readable (%s): using the configured MAC artifact", exc)
+        row = None
+    if row is None:
+        return rt.registered.get("mac"), configured
+    return row["id"], Path(row["path"])
+
+
 def load_mac(settings: Settings, rt: Runtime) -> None:
-    """The MAC runtime over a Redis bank named after the artifact; on failure the service serves
-    without it and ``errors["mac"]`` says why."""
-    artifact = settings.mac_artifact_path
-    if artifact is None:
+    """The MAC runtime of the serving MAC artifact over a Redis bank named after it; on failure the
+    service serves without it and ``errors["mac"]`` says why."""
+    if settings.mac_artifact_path is None:
         return
+    ident, artifact = serving_mac(rt)
     try:
         read_manifest(artifact)  # a clear error before anything reads the directory
-        bank = RedisMemoryBank(rt.redis, bank=bank_name(artifact), storage=settings.mac_storage,
-                               ttl_seconds=settings.mac_entry_ttl_seconds)
-        rt.mac = load_mac_runtime(artifact, rt.model, rt.tokenizer, bank, settings.mac_read_config(),
-                                  settings.model_settings())
+        rt.use_mac(ident, rt.mac_runtime(artifact))
     except Exception as exc:
         rt.errors["mac"] = f"{exc.__class__.__name__}: {exc}"
         log.error("MAC artifact %s not loaded: %s", artifact, rt.errors["mac"])
@@ -130,6 +188,7 @@ def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtim
         if settings.auto_migrate:
             log.info("database schema at revision %s", upgrade_database(db.engine))
         rt = Runtime(settings, db, client, embedded)
+        register_configured(settings, rt)
         if load_model:
             log.info("loading base model %s", settings.base_model)
             rt.model, rt.tokenizer = load_base_model(settings)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qa-tune": ("training.qa_tuning", "QA-format tuning of a base model (a qa_lora artifact)"),
     "results-table": ("training.eval.results_table", "markdown tables from result JSONs"),
     "results-merge": ("training.eval.results_merge", "join result parts of one evaluation"),
+    "retrain": ("training.retrain.__main__", "a new MAC artifact from the ingested documents, registered if not worse"),
     "export-artifact": ("training.artifacts", "copy an artifact with fp16 tensors (what ships in artifacts/)"),
 }
 
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"freshlm: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
-    return 0
+    status = module.main(argv[1:])
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

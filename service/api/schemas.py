@@ -204,6 +204,31 @@ class AdaptersOut(BaseModel):
     versions: list[AdapterOut]
 
 
+class ArtifactOut(BaseModel):
+    id: str = Field(description="content address: sha256 of kind, base-model fingerprint, config and weights")
+    kind: str
+    parent: str | None = Field(description="the artifact it was trained from")
+    source: str = Field(description="shipped | configured | retrain")
+    base_model: str | None
+    metrics: dict[str, Any]
+    created_at: datetime
+    active: bool = Field(description="the version the operator activated for its kind")
+    serving: bool = Field(description="the version answers use now (a MAC switch moves it once the new bank is complete)")
+    path: str | None = Field(None, description="the artifact directory (the operator only)")
+
+
+class ArtifactPointerOut(BaseModel):
+    kind: str
+    active: str
+    serving: str
+    switch: dict[str, Any] | None = Field(description="a switch under way: target, entries written / total")
+
+
+class ArtifactsOut(BaseModel):
+    pointers: list[ArtifactPointerOut]
+    artifacts: list[ArtifactOut]
+
+
 class Accepted(BaseModel):
     detail: str
 

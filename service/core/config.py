@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         None, description="adapter updates per document: 'uniform', a CaMeLS weighting-model artifact or a "
                           "meta-trained init artifact (none: documents do not update the adapter)")
 
+    artifact_poll_seconds: float = Field(2.0, gt=0, description="how often an API process reads the artifact "
+                                                                "registry's serving pointer (live pickup)")
+
     # answering (training.pipeline.PipelineConfig)
     strategy: str = Field(_PIPELINE.strategy, description="components `auto` uses (those deployed), e.g. mac+rag")
     retriever: RetrieverKind = Field(_PIPELINE.retriever, description="how passages are found: bm25, dense "

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                 chosen = args.tenant or tenants.tenant_ids(session)
             if args.rebuild_memory:
                 zero = {"written": 0, "removed": 0}
-                result = {t: reconcile_memory(rt.db, rt.mac_for(t), t, full=True) if rt.mac else zero for t in chosen}
+                result = {t: {k: v for k, v in reconcile_memory(rt.db, rt.mac_for(t), t, full=True).items()
+                              if k in zero} if rt.mac else zero for t in chosen}
             else:
                 result = {t: {"version": rebuild_adapter(worker, t)} for t in chosen}
             print(json.dumps(result))

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from service import documents
 from service.adapters.publisher import AdapterPublisher, SwapConflict, build_publisher
+from service.artifacts import BankSwitch
 from service.core.config import Settings
 from service.corpus_index import CorpusIndex
 from service.db import (
@@ -48,6 +49,7 @@ class Worker:
     index: CorpusIndex | None = None  # the API process's retrieval index (embedded worker only)
     on_ingested: Callable[[float], None] = lambda seconds: None
     on_swap: Callable[[], None] = lambda: None
+    switch: BankSwitch | None = None  # moves the memory to a newly activated MAC artifact
 
     @property
     def has_mac(self) -> bool:
@@ -63,7 +65,7 @@ class Worker:
 def build_worker(rt: Runtime) -> Worker:
     """The worker of a runtime: its MAC runtime, and the configured updater on a private model copy."""
     settings = rt.settings
-    worker = Worker(settings, rt.db, mac_for=rt.mac_for)
+    worker = Worker(settings, rt.db, mac_for=rt.mac_for, switch=BankSwitch(rt, chunk=2 * settings.worker_batch))
     if settings.updater_spec:
         worker.publisher = build_publisher(settings.updater_spec, rt.model, rt.tokenizer, settings.update_config(),
                                            rt.db, settings.adapters_dir, lr=settings.adapter_lr)
@@ -148,7 +150,13 @@ def _bank_missing(worker: Worker) -> Callable[[str], int]:
 
 
 def run_once(worker: Worker) -> int:
-    """One pass: requested rebuilds first, then one claimed batch. Returns the documents ingested."""
+    """One pass: a step of a MAC artifact switch, requested rebuilds, then one claimed batch.
+    Returns the documents ingested."""
+    if worker.switch is not None:
+        try:
+            worker.switch.step()
+        except Exception:  # a switch that cannot proceed must not stop ingestion
+            log.exception("MAC artifact switch step failed; retrying next pass")
     if worker.has_mac:
         with worker.db.read() as session:
             full = set(tenants_with_state(session, REBUILD_MEMORY_KEY))

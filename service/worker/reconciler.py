@@ -15,8 +15,9 @@ log = logging.getLogger("freshlm.worker")
 
 
 def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = False,
-                     chunk: int = 16) -> dict[str, int]:
-    """``mac`` is the tenant's runtime (its bank)."""
+                     chunk: int = 16, limit: int | None = None) -> dict[str, int]:
+    """``mac`` is the tenant's runtime (its bank). ``limit``: write at most that many entries now
+    (a background bank switch works in bounded steps); ``remaining`` says how many are left."""
     bank = mac.bank
     with db.read() as session:
         wanted = documents.ids_with_memory(session, tenant)
@@ -25,6 +26,8 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
     present = set(bank.ids())
     gone = set(bank.missing()) if hasattr(bank, "missing") else set()  # evicted entries questions chose
     missing = sorted(wanted if full else (wanted - present) | (gone & wanted))
+    remaining = missing[limit:] if limit is not None else []
+    missing = missing[:limit] if limit is not None else missing
     for start in range(0, len(missing), chunk):
         ids = missing[start : start + chunk]
         with db.read() as session:
@@ -43,7 +46,7 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
         mac.delete(doc_id)
     if missing or removed:
         log.info("memory bank of tenant %s reconciled: %d entries written, %d removed", tenant, len(missing), removed)
-    return {"written": len(missing), "removed": removed}
+    return {"written": len(missing), "removed": removed, "wanted": len(wanted), "remaining": len(remaining)}
 
 
 def tenants_out_of_sync(db: Database, bank_size, bank_missing=lambda tenant: 0) -> list[str]:

@@ -74,3 +74,20 @@ def write_jsonl_dataset(evalset: EvalSet, path: str | Path) -> None:
         for q in evalset.questions:
             record = {k: v for k, v in asdict(q).items() if k != "meta" and v is not None}
             out.write(json.dumps({"type": "question", **record}) + "\n")
+
+
+def load_jsonl_questions(path: str | Path) -> list[Question]:
+    """The question lines of a JSONL file (documents, if any, are skipped): an operator's
+    question/answer file about documents that live elsewhere (the retrain job's ``--qa-file``)."""
+    path = Path(path)
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("type") == "question":
+                out.append(_question(record))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise DatasetFormatError(f"{path}:{lineno}: {exc}") from exc
+    return out

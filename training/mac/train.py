@@ -66,6 +66,7 @@ class TrainConfig(BaseModel):
                                                     "quantized entry (straight-through gradient), as a bank returns it")
     rerotate: bool = Field(False, description="each entry a question reads at its own positions (keys re-rotated, "
                                               "its own entry next to the question), as MacReadConfig.rerotate")
+    val_answer_tokens: int = Field(24, description="answer tokens generated per validation question")
     checkpoint_every: int = 25
     max_minutes: float | None = None
     seed: int = 0
@@ -161,6 +162,7 @@ def validate(
     head: PromptHead | None = None,
     storage: Storage = "float16",
     rerotate: bool = False,
+    max_new_tokens: int = 24,
 ) -> dict[str, float]:
     """Generated-answer F1/EM (percent) with ``docs`` in memory, each question reading its top-k
     entries, and the memory probe: answer NLL with the question's own paragraph alone in memory
@@ -182,7 +184,7 @@ def validate(
         for choice, out in ((mine, own), ([(m + 1) % len(memory) for m in mine], other)):
             kv, kv_mask = stack_memories([[memory[c]] for c in choice], base.device)
             out += answer_nll(base, kv, tokens, mask, labels, head=head, memory_mask=kv_mask, start=start).tolist()
-        predictions = [text for text, _ in runtime.answer(base, texts)]
+        predictions = [text for text, _ in runtime.answer(base, texts, max_new_tokens=max_new_tokens)]
         scores += [squad_scores(p, q.answers) for p, q in zip(predictions, batch)]
         samples += [[q.question, p, q.answers[0]] for p, q in zip(predictions, batch)]
     mac.train()
@@ -211,10 +213,21 @@ def train_mac(
     on_best=None,
     progress: bool = True,
     stop_at: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce_grads=None,
 ) -> dict:
     """Train in place; resumes from ``checkpoint``; calls ``on_best(mac, metrics)`` whenever the
     validation F1 (ties: lower loss) improves; ``stop_at`` pauses (checkpointed) before the end of
-    the schedule. Returns the state: step, history, best validation metrics."""
+    the schedule. Returns the state: step, history, best validation metrics.
+
+    Data parallel (``training.retrain.distributed``): with ``shard=(rank, world)`` every process
+    draws the same global step (same seed) and computes the loss of its ``rank::world`` share;
+    ``reduce_grads(params)`` averages the gradients across processes before clipping, so the
+    update equals the single-process one (``docs_per_step`` must divide by ``world``). Only rank 0
+    writes the checkpoint."""
+    rank, world = shard
+    if cfg.docs_per_step % world:
+        raise ValueError(f"docs_per_step={cfg.docs_per_step} does not divide among {world} processes")
     base.requires_grad_(False)
     base.eval()
     params = [p for p in mac.parameters() if p.requires_grad]
@@ -234,7 +247,7 @@ def train_mac(
         log.info("resuming MAC training at step %d", state["step"])
 
     def save_checkpoint() -> None:
-        if checkpoint is None:
+        if checkpoint is None or rank != 0:
             return
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_suffix(".tmp")
@@ -255,7 +268,7 @@ def train_mac(
     def run_validation() -> None:
         metrics = {"step": state["step"], "training_minutes": round(state["seconds"] / 60, 2),
                    **validate(mac, base, tokenizer, val_docs, val_questions, cfg.val_top_k, head=head,
-                              storage=cfg.storage, rerotate=cfg.rerotate)}
+                              storage=cfg.storage, rerotate=cfg.rerotate, max_new_tokens=cfg.val_answer_tokens)}
         state["history"].append(metrics)
         log.info("validation %s", json.dumps(metrics))
         best = state["best"]
@@ -276,10 +289,14 @@ def train_mac(
     running: dict[str, float] = {}
     for step in bar:
         texts, questions, answers, mask = sample_step(rng, doc_texts, pairs, cfg)
+        if world > 1:  # this process's share of the global step
+            texts, questions, answers, mask = (part[rank::world] for part in (texts, questions, answers, mask))
         loss = mac_loss(mac, base, tokenizer, texts, questions, answers, mask, head=head,
                         entries_per_question=cfg.entries_per_question, storage=cfg.storage,
                         rerotate=cfg.rerotate)
         loss.backward()
+        if reduce_grads is not None:
+            loss = reduce_grads(params, loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         optimizer.step()
         schedule.step()

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from service.db import DEFAULT_TENANT
 from service.migrate import current_revision, head_revision
+from training import artifact_registry as registry
 from training.pipeline import strategy_name
 from training.precision import cpu_bf16_enabled, cpu_bf16_flags
 
@@ -105,6 +106,8 @@ def readyz(request: Request) -> JSONResponse:
     ready = all(v == "ok" or not v.startswith("error") for v in checks.values())
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     if checks["database"] == "ok":
+        body["artifacts"] = artifact_status(rt)
+    if checks["database"] == "ok":
         principal = getattr(request.state, "principal", None)
         tenant = principal.tenant if principal is not None else DEFAULT_TENANT
         try:
@@ -117,6 +120,18 @@ def readyz(request: Request) -> JSONResponse:
     if _is_admin(request):
         body["configuration"] = configuration(settings, rt)
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def artifact_status(rt) -> dict:
+    """Per kind: active and serving artifact, the one this process answers with, and a MAC switch's
+    progress (entries of the new bank written / to write)."""
+    try:
+        pointers = registry.pointers(rt.db.engine)
+    except Exception as exc:
+        return {"error": _error("artifacts", exc)}
+    return {kind: {"active": p["active_id"], "serving": p["serving_id"],
+                   **({"loaded": rt.mac_id} if kind == "mac" else {}), "switch": p["progress"]}
+            for kind, p in sorted(pointers.items())}
 
 
 def configuration(settings, rt) -> dict:
