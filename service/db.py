@@ -15,12 +15,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Boolean, DateTime, Engine, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator, create_engine,
+    JSON, Boolean, Engine, Float, ForeignKey, Index, Integer, String, Text, create_engine,
     event, select, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from training import artifact_registry
+from training.sql_types import UTCDateTime
 
 DOCUMENT_STATUSES = ("pending", "ingested", "failed", "deleted")
 DEFAULT_TENANT = "default"  # owns every row written before tenants existed, and serves the open mode
@@ -30,23 +31,6 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"  # safe inside Redis key hash t
 ACTIVE_ADAPTER_KEY = "active_adapter"
 REBUILD_ADAPTER_KEY = "adapter_rebuild_requested"
 REBUILD_MEMORY_KEY = "memory_rebuild_requested"
-
-
-class UTCDateTime(TypeDecorator):
-    """Timestamps are UTC and come back timezone-aware on every engine (SQLite drops the zone)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is not None and value.tzinfo is not None:
-            value = value.astimezone(timezone.utc)
-        return value
-
-    def process_result_value(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value
 
 
 class Base(DeclarativeBase):

@@ -242,9 +242,9 @@ class Scheduler:
                 self._run(batch)
             except Exception as exc:  # one bad batch must not stop the loop
                 log.exception("a batch failed")
-                for job in batch:
-                    self._fail(job, exc if isinstance(exc, ServiceError) else Unavailable(
-                        f"generation failed ({exc.__class__.__name__}); retry"))
+                for job in batch:  # an unexpected failure is a 500 (logged above), the class name only
+                    self._fail(job, exc if isinstance(exc, ServiceError) else ServiceError(
+                        f"internal error ({exc.__class__.__name__})"))
             finally:
                 with self._cond:
                     self._running = 0

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Engine, ForeignKey, MetaData, String, Table, Text, create_engine, event, insert, select,
+    JSON, Column, Engine, ForeignKey, MetaData, String, Table, Text, create_engine, event, insert, select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 
 from training.artifacts import MANIFEST, WEIGHTS, read_manifest
+from training.sql_types import UTCDateTime
 
 metadata = MetaData()
 
@@ -43,7 +44,7 @@ artifacts_table = Table(
     Column("source", String(32), nullable=False, doc="shipped | configured | retrain"),
     Column("base_model", String(500)),
     Column("metrics", JSON),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
 )
 
 pointers_table = Table(
@@ -52,7 +53,7 @@ pointers_table = Table(
     Column("active_id", String(64), ForeignKey("artifacts.id"), nullable=False, doc="what the operator activated"),
     Column("serving_id", String(64), ForeignKey("artifacts.id"), nullable=False, doc="what answers use now"),
     Column("progress", JSON, doc="switch in progress: {'target', 'done', 'total', 'started_at'}"),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 LIVE_KINDS = ("mac",)  # kinds a running deployment switches without a restart
