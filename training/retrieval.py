@@ -50,6 +50,15 @@ def tokenize(texts: list[str]) -> list[list[str]]:
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
+def labelled_passages(documents: Iterable[Document], hashes: Iterable[str | None] | None, max_words: int,
+                      max_chars: int | None) -> list[tuple[Document, str | None, list[Passage]]]:
+    """Each document with its content hash (None without ``hashes``) and its passages: what every
+    index's ``add`` takes apart."""
+    documents = list(documents)
+    hashes = list(hashes) if hashes is not None else [None] * len(documents)
+    return [(doc, h, split_passages(doc, max_words, max_chars=max_chars)) for doc, h in zip(documents, hashes)]
+
+
 class BM25Index:
     """A BM25 index over the passages of documents, safe to search while another thread updates it."""
 
@@ -81,10 +90,7 @@ class BM25Index:
 
     def add(self, documents: Iterable[Document], hashes: Iterable[str | None] | None = None) -> None:
         """Index documents (replacing any indexed under the same id); ``hashes`` label their content."""
-        documents = list(documents)
-        hashes = list(hashes) if hashes is not None else [None] * len(documents)
-        passages = [(doc, h, split_passages(doc, self.max_words, max_chars=self.max_chars))
-                    for doc, h in zip(documents, hashes)]
+        passages = labelled_passages(documents, hashes, self.max_words, self.max_chars)
         tokens = tokenize([p.text for _, _, ps in passages for p in ps]) if passages else []
         with self._lock:
             self.remove(doc.id for doc, _, _ in passages)

@@ -23,7 +23,7 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 import torch
 
-from training.retrieval import BM25Index, Passage, split_passages
+from training.retrieval import BM25Index, Passage, labelled_passages
 from training.types import Document
 
 RetrieverKind = Literal["bm25", "dense", "hybrid"]
@@ -107,10 +107,7 @@ class DenseIndex:
 
     def add(self, documents: Iterable[Document], hashes: Iterable[str | None] | None = None) -> None:
         """Index documents (replacing any under the same id); embedding happens outside the lock."""
-        documents = list(documents)
-        hashes = list(hashes) if hashes is not None else [None] * len(documents)
-        passages = [(doc, h, split_passages(doc, self.max_words, max_chars=self.max_chars))
-                    for doc, h in zip(documents, hashes)]
+        passages = labelled_passages(documents, hashes, self.max_words, self.max_chars)
         texts = [p.text for _, _, ps in passages for p in ps]
         vectors = self.embed(texts) if texts else None
         with self._lock:
