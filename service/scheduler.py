@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.adapters.live import LiveAdapters
-from service.core.errors import DeadlineExceeded, ServiceError, TooLarge, Unavailable
+from service.core.errors import DeadlineExceeded, ServiceError, TooLarge, Unavailable, as_service_error
 from training.mac.runtime import MacRuntime
 from training.pipeline import PromptTooLong, generate
 from training.precision import autocast
@@ -242,9 +242,9 @@ class Scheduler:
                 self._run(batch)
             except Exception as exc:  # one bad batch must not stop the loop
                 log.exception("a batch failed")
-                for job in batch:  # an unexpected failure is a 500 (logged above), the class name only
-                    self._fail(job, exc if isinstance(exc, ServiceError) else ServiceError(
-                        f"internal error ({exc.__class__.__name__})"))
+                error = as_service_error(exc)  # a store that is down: 503; anything else: 500
+                for job in batch:
+                    self._fail(job, error)
             finally:
                 with self._cond:
                     self._running = 0

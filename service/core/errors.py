@@ -142,14 +142,22 @@ def response_for(exc: Exception) -> SafeJSONResponse:
     if isinstance(exc, StarletteHTTPException):
         return SafeJSONResponse(error_body(exc.detail, _HTTP_TYPES.get(exc.status_code, "http_error")),
                                 status_code=exc.status_code, headers=exc.headers)
+    return response_for(as_service_error(exc))
+
+
+def as_service_error(exc: Exception) -> ServiceError:
+    """An exception as the error a caller gets: a store that is down is a 503 (retry), anything
+    else unexpected a 500 naming only the class. The reason goes to the log, never to the caller."""
+    if isinstance(exc, ServiceError):
+        return exc
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-        log.error("redis unavailable: %s", exc)  # the reason goes to the log, never to the caller
-        return response_for(Unavailable("the memory bank (Redis) is unavailable"))
+        log.error("redis unavailable: %s", exc)
+        return Unavailable("the memory bank (Redis) is unavailable")
     if isinstance(exc, sqlalchemy.exc.OperationalError):
         log.error("database unavailable: %s", exc)
-        return response_for(Unavailable("the database is unavailable"))
+        return Unavailable("the database is unavailable")
     log.error("unhandled error", exc_info=exc)
-    return SafeJSONResponse(error_body(f"internal error ({exc.__class__.__name__})", "internal_error"), status_code=500)
+    return ServiceError(f"internal error ({exc.__class__.__name__})")
 
 
 def install_error_handlers(app: FastAPI) -> None:
