@@ -2,6 +2,7 @@
 questions answered continuously while versions are swapped."""
 
 import threading
+import time
 
 import torch
 
@@ -243,8 +244,13 @@ def test_old_adapter_weights_are_pruned_outside_the_rollback_window(make_client,
     # the initial version (rebuilds start there) and the two newest, the active one among them
     assert kept == {versions[0]["version"], versions[-2]["version"], versions[-1]["version"]}
     assert listing["active"] == versions[-1]["version"]
-    on_disk = {p.name for p in (tmp_path / "var" / "adapters").iterdir() if not p.name.startswith(".")}
-    assert on_disk == kept
+    def on_disk() -> set[str]:
+        return {p.name for p in (tmp_path / "var" / "adapters").iterdir() if not p.name.startswith(".")}
+
+    deadline = time.monotonic() + 30  # the worker prunes right after it publishes: it may still be at it
+    while on_disk() != kept and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert on_disk() == kept
     pruned = versions[1]["version"]
     refused = client.post(f"/adapters/{pruned}/activate")
     assert refused.status_code == 409 and "rollback window" in refused.json()["detail"]
