@@ -32,7 +32,6 @@ evicted, and the embedded worker writes MAC memory with the same model, only bet
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections import deque
@@ -49,7 +48,6 @@ from training.mac.runtime import MacRuntime
 from training.pipeline import PromptTooLong, generate
 from training.precision import autocast
 
-log = logging.getLogger("freshlm.scheduler")
 
 
 class SchedulerConfig(BaseModel):
@@ -241,7 +239,7 @@ class Scheduler:
             try:
                 self._run(batch)
             except Exception as exc:  # one bad batch must not stop the loop
-                log.exception("a batch failed")
+                # logs it once (a store that is down: its reason; anything else: the traceback)
                 error = as_service_error(exc)  # a store that is down: 503; anything else: 500
                 for job in batch:
                     self._fail(job, error)
