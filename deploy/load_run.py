@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the direct generation calls run this checkout's code, like the servers
@@ -110,13 +111,17 @@ def run_locust(base: str, askers: int, seconds: float, env: dict[str, str], out_
 def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str], max_new_tokens: int,
                          budget_seconds: float) -> dict:
     """Alternate ``POST /ask`` (client-side latency) with a direct ``training.pipeline.generate``
-    call on the same question and the passages the answer used, in this process (the same model
-    and QA tuning as the server's defaults); nothing else asks meanwhile."""
+    call on the same question and the passages the answer used, in this process (the same model,
+    QA tuning and prefix cache as the server's defaults: both reuse the prompts' key/values from the
+    second round of questions on); nothing else asks meanwhile."""
     from service.core.config import Settings
     from service.runtime import load_base_model
     from training.pipeline import generate
+    from training.prefix_cache import PrefixCache
 
-    model, tokenizer = load_base_model(Settings(_env_file=None))  # FRESHLM_* as the servers got them
+    settings = Settings(_env_file=None)  # FRESHLM_* as the servers got them
+    model, tokenizer = load_base_model(settings)
+    cache = PrefixCache(settings.scheduler_config(model.device).prefix_cache)
     out: dict[str, dict] = {}
     per_strategy = budget_seconds / len(strategies)
     with httpx.Client(base_url=base, timeout=600) as client:
@@ -133,7 +138,7 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
                 ask_seconds = time.perf_counter() - start
                 passages = [d["passage"] for d in body["documents"]] or None
                 start = time.perf_counter()
-                ((answer, *_),) = generate(model, tokenizer, [question], [passages], max_new_tokens)
+                ((answer, *_),) = generate(model, tokenizer, [question], [passages], max_new_tokens, prefix_cache=cache)
                 directs.append(time.perf_counter() - start)
                 asks.append(ask_seconds)
                 same += answer == body["answer"]
@@ -168,7 +173,8 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="freshlm-locust-"))
     began = time.monotonic()
     result: dict = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                    f"Python {platform.python_version()}", "server_env": common, "locust_csv": str(out_dir)}
+                    f"Python {platform.python_version()}, torch threads {torch.get_num_threads()}",
+                    "server_env": common, "locust_csv": str(out_dir)}
 
     def checkpoint() -> None:  # a run stopped midway keeps the phases it finished
         if args.out:
@@ -193,7 +199,9 @@ def main() -> None:
                                              if line.startswith(("freshlm_batch_size_sum", "freshlm_batch_size_count",
                                                                  "freshlm_time_to_first_token_seconds_sum",
                                                                  "freshlm_time_to_first_token_seconds_count",
-                                                                 "freshlm_generation_tokens_total"))]
+                                                                 "freshlm_generation_tokens_total",
+                                                                 "freshlm_prefix_cache_queries_total",
+                                                                 "freshlm_prefix_cache_hits_total"))]
     finally:
         stop_server(server)
     server, base, _ = serve({**common, "FRESHLM_MAX_BATCH_ASKS": "1"}, documents)

@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from service.scheduler import Scheduler, SchedulerObserver
+from training.prefix_cache import PrefixCache
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -56,6 +57,7 @@ class Metrics:
         records its queue times, first tokens, batches and cancellations."""
         self.num_requests_running.set_function(lambda: scheduler.running)
         self.num_requests_waiting.set_function(lambda: scheduler.waiting)
+        self.registry.register(_PrefixCacheCollector(scheduler.prefix_cache))
 
         def batch(rows: int, tokens: int, seconds: float) -> None:
             self.batch_size.observe(rows)
@@ -70,6 +72,25 @@ class Metrics:
         """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries": {tenant: n} or None,
         "adapter_versions": {tenant: version or None}}."""
         self.registry.register(_StateCollector(read))
+
+
+class _PrefixCacheCollector:
+    """vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``, in prompt tokens; the hit rate is
+    ``rate(hits) / rate(queries)``."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.cache = cache
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        yield CounterMetricFamily("freshlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=self.cache.prompt_tokens)
+        yield CounterMetricFamily("freshlm_prefix_cache_hits", "Prompt tokens whose prefill the prefix cache saved",
+                                  value=self.cache.hit_tokens)
+        yield GaugeMetricFamily("freshlm_prefix_cache_bytes", "Key/values held by the prefix cache",
+                                value=self.cache.bytes)
 
 
 class _StateCollector:

@@ -46,6 +46,7 @@ from service.adapters.live import LiveAdapters
 from service.core.errors import DeadlineExceeded, ServiceError, TooLarge, Unavailable, as_service_error
 from training.mac.runtime import MacRuntime
 from training.pipeline import PromptTooLong, generate
+from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.precision import autocast
 
 
@@ -62,6 +63,8 @@ class SchedulerConfig(BaseModel):
                                                             "it (a lone asker never waits)")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After of the 503 for a full queue")
     bf16: bool = Field(False, description="decode under bf16 autocast (CPUs with native bf16)")
+    prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig,
+                                            description="prompt prefixes kept for reuse, per tenant and adapter version")
 
 
 class QueueFull(Unavailable):
@@ -135,6 +138,7 @@ class Scheduler:
                  config: SchedulerConfig, max_prompt_tokens: int, observer: SchedulerObserver | None = None) -> None:
         self.model, self.tokenizer, self.adapters, self.config = model, tokenizer, adapters, config
         self.max_prompt_tokens = max_prompt_tokens
+        self.prefix_cache = PrefixCache(config.prefix_cache)
         self.observer = observer or SchedulerObserver()
         self._waiting: deque[AskJob] = deque()
         self._cond = threading.Condition()
@@ -286,9 +290,11 @@ class Scheduler:
         names = [self.adapters.ensure(job.version) if job.version is not None else None for job in batch]
         mac = batch[0].mac  # a MAC batch shares tenant and version (``AskJob.key``)
         model, kwargs, hooks = self.model, {}, contextlib.nullcontext()
+        if mac is None:  # a prompt's key/values depend on the tenant's adapter version
+            kwargs = {"prefix_cache": self.prefix_cache, "cache_namespaces": [(j.tenant, j.version) for j in batch]}
         if self.adapters.peft is not None:
             model = self.adapters.peft
-            kwargs = {"adapter_names": [name or "__base__" for name in names]}
+            kwargs["adapter_names"] = [name or "__base__" for name in names]
             if mac is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
                 hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(adapter_names=kwargs["adapter_names"])
                 model, kwargs = self.adapters.base, {}

@@ -108,6 +108,11 @@ def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
     assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
     assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=True) == alone
     assert alone[0][0] and alone[2][0]  # real answers, not empty ones
+    from training.prefix_cache import PrefixCache, PrefixCacheConfig
+
+    cache = PrefixCache(PrefixCacheConfig())
+    for _ in range(2):  # cold (the system prompt shared), then warm (all but each prompt's last token)
+        assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefix_cache=cache) == alone
 
 
 def test_bf16_autocast_only_where_asked_or_native(one_torch_thread):
@@ -121,3 +126,50 @@ def test_bf16_autocast_only_where_asked_or_native(one_torch_thread):
         assert model(input_ids=ids).logits.dtype == torch.bfloat16
     with autocast("cpu", False):
         assert model(input_ids=ids).logits.dtype == torch.float32
+
+
+def test_a_warm_prefix_cache_answers_like_a_cold_prefill_per_adapter_version(one_torch_thread):
+    """Prompts sharing the system prompt (and question 0's passage, asked on both versions) reuse
+    cached key/values only within their namespace: a version reading the other's key/values would
+    answer differently (the versions' answers differ, asserted above)."""
+    from training.prefix_cache import PrefixCache, PrefixCacheConfig
+
+    model, tokenizer = sharp("llama")
+    peft = with_two_versions(model)
+    questions, passages = QUESTIONS + QUESTIONS[:1], PASSAGES + PASSAGES[:1]
+    names = ["v1", "v2", "__base__", "v2", "v1"]
+    alone = [generate(peft, tokenizer, [q], [p], MAX_NEW, adapter_names=[n])[0]
+             for q, p, n in zip(questions, passages, names)]
+    cache = PrefixCache(PrefixCacheConfig())
+    for _ in range(2):  # cold, then every prompt cached but its last token
+        assert generate(peft, tokenizer, questions, passages, MAX_NEW, adapter_names=names, prefix_cache=cache,
+                        cache_namespaces=names) == alone
+    assert cache.hit_tokens > cache.prompt_tokens / 2
+    other = PrefixCache(PrefixCacheConfig())  # v2 asks question 0 first: v1 must not reuse it
+    generate(peft, tokenizer, QUESTIONS[:1], PASSAGES[:1], MAX_NEW, adapter_names=["v2"], prefix_cache=other,
+             cache_namespaces=["v2"])
+    assert generate(peft, tokenizer, QUESTIONS[:1], PASSAGES[:1], MAX_NEW, adapter_names=["v1"], prefix_cache=other,
+                    cache_namespaces=["v1"]) == [alone[0]]
+
+
+def test_the_prefix_cache_keeps_the_most_recently_used_prefixes_within_its_budget():
+    from transformers import DynamicCache
+
+    from training.prefix_cache import PrefixCache, PrefixCacheConfig
+
+    def kv(n: int) -> DynamicCache:
+        cache = DynamicCache()
+        cache.update(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4), 0)
+        return cache
+
+    per_entry = 2 * 2 * 9 * 4 * 4  # keys + values, 2 heads, 9 of 10 tokens, dim 4, fp32
+    cache = PrefixCache(PrefixCacheConfig(max_mb=2.5 * per_entry / 2**20))
+    a, b, c = list(range(10)), list(range(100, 110)), list(range(200, 210))
+    cache.store("t", a, kv(10))
+    cache.store("t", b, kv(10))
+    assert cache.lookup("t", a + [7])[0] == 9 and cache.lookup("u", a + [7]) == (0, None)  # per namespace
+    cache.store("t", c, kv(10))  # over budget: b, the least recently used, goes
+    assert len(cache) == 2 and cache.bytes == 2 * per_entry
+    assert cache.lookup("t", b + [1])[0] == 0 and cache.lookup("t", a[:5] + [1])[0] == 5
+    length, hit = cache.lookup("t", c)
+    assert length == 9 and hit.layers[0].keys.shape == (1, 2, 9, 4)

@@ -6,7 +6,8 @@ import torch
 
 import training.generation as generation
 from training.choice_scoring import answer_token_ids, choice_logprobs
-from training.generation import chat_input_ids, generate_answer, generate_answers, generate_answers_shared_prefix
+from training.generation import chat_input_ids, generate_answer, generate_answers
+from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.methods import METHODS, Method, MethodConfig, MethodContext, build_method, register_method
 from training.methods.builtin import BASELINES
 from training.models import tiny_causal_lm
@@ -109,7 +110,10 @@ def test_batched_and_prefix_cached_generation_match_single_generation(kind, monk
     single = [generate_answer(model, tokenizer, p, max_new_tokens=5) for p in prompts]
     assert len(set(single)) > 2  # the comparison below is not trivially true
     assert generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == single
-    assert generate_answers_shared_prefix(model, tokenizer, prompts, max_new_tokens=5) == single
+    cache = PrefixCache(PrefixCacheConfig())
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=5, prefix_cache=cache) == single
+    assert cache.hit_tokens > 3 * len(tokenizer(context)["input_ids"])  # the context was prefilled once
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=5, prefix_cache=cache) == single  # all cached
 
 
 def test_choice_logprobs_are_length_normalised_token_logprobs(ctx):

@@ -21,6 +21,7 @@ from training.mac.runtime import MacReadConfig
 from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
 from training.pipeline import PipelineConfig
+from training.prefix_cache import PrefixCacheConfig
 from training.precision import cpu_bf16_enabled
 from training.retrievers import RetrieverKind
 from training.updates import UpdateConfig
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     batch_wait_seconds: float = Field(0.1, ge=0, le=1, description="how long a batch waits to gather as many "
                                                                     "questions as the last batch answered plus those "
                                                                     "that waited for it (a lone asker never waits)")
+    prefix_cache_mb: float = Field(256.0, ge=0, description="RAM for prompt key/values reused by later prompts that "
+                                                             "start alike (system prompt, same passages; per tenant "
+                                                             "and adapter version; 0: off)")
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for generation on a CPU: auto = only where the CPU has native bf16 "
                             "(avx512_bf16 / amx_bf16), off = never")
@@ -196,7 +200,8 @@ class Settings(BaseSettings):
 
     def scheduler_config(self, device) -> SchedulerConfig:
         return SchedulerConfig(max_batch=self.max_batch_asks, max_waiting=self.max_waiting_asks,
-                               batch_wait_seconds=self.batch_wait_seconds, bf16=cpu_bf16_enabled(self.cpu_bf16, device))
+                               batch_wait_seconds=self.batch_wait_seconds, bf16=cpu_bf16_enabled(self.cpu_bf16, device),
+                               prefix_cache=PrefixCacheConfig(max_mb=self.prefix_cache_mb))
 
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,

@@ -5,7 +5,8 @@ budget (``rag_k`` passages of ``rag_passage_words`` words)."""
 
 from __future__ import annotations
 
-from training.generation import generate_answers, generate_answers_shared_prefix
+from training.generation import generate_answers
+from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.choice_scoring import choice_logprobs
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
@@ -69,10 +70,10 @@ class OraclePrompt(_PromptedMethod):
     name = "oracle_prompt"
 
     def answer(self, questions: list[Question]) -> list[str]:
-        # Several questions per document: compute each document's prompt prefix once.
+        # Several questions per document: each document's prompt prefix is computed once.
         prompts = [qa_messages(q.question, self.passages(q)) for q in questions]
-        return generate_answers_shared_prefix(self.ctx.model, self.ctx.tokenizer, prompts,
-                                              self.ctx.config.max_new_tokens)
+        return generate_answers(self.ctx.model, self.ctx.tokenizer, prompts, self.ctx.config.max_new_tokens,
+                                prefix_cache=PrefixCache(PrefixCacheConfig(max_mb=1024)))
 
     def passages(self, question: Question) -> list[str] | None:
         docs = [self.documents[d] for d in question.doc_ids if d in self.documents]
