@@ -14,6 +14,10 @@ decode with it (up to ``max_batch``), and runs them as one left-padded batch thr
 * questions reading MAC memory batch with others of the same tenant and adapter version (each row
   reads its own memory entries, masked per row; the prompt head depends on the version).
 
+Each row's prompt is prefilled alone, after the longest prefix of it that an earlier prompt of the
+same tenant and adapter version left in the prefix cache (``training.prefix_cache``: the system
+prompt, and the passages of questions about the same news), then the rows decode together.
+
 Admission happens at batch boundaries ("dynamic batching"): a question that arrives while a batch
 decodes waits for it (at most ``max_new_tokens`` steps). transformers' continuous-batching manager
 (``generate_batch``) would admit it mid-decode, but it runs its own paged cache and cannot carry a

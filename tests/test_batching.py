@@ -153,14 +153,10 @@ def test_a_warm_prefix_cache_answers_like_a_cold_prefill_per_adapter_version(one
 
 
 def test_the_prefix_cache_keeps_the_most_recently_used_prefixes_within_its_budget():
-    from transformers import DynamicCache
-
     from training.prefix_cache import PrefixCache, PrefixCacheConfig
 
-    def kv(n: int) -> DynamicCache:
-        cache = DynamicCache()
-        cache.update(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4), 0)
-        return cache
+    def kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4))]
 
     per_entry = 2 * 2 * 9 * 4 * 4  # keys + values, 2 heads, 9 of 10 tokens, dim 4, fp32
     cache = PrefixCache(PrefixCacheConfig(max_mb=2.5 * per_entry / 2**20))

@@ -151,64 +151,135 @@ def generate_answers(
     return answers
 
 
+TOGETHER_TOKENS = 64
+"""Rows whose uncached prompt tails are all at most this long prefill as one batch: a forward pass
+over a few tokens per row costs about one read of the weights whatever the batch (SmolLM2-135M on
+a CPU: ~85 ms for one row, ~2x that for eight), while a long tail costs its tokens' compute either
+way, and prefilling those one by one lets each row's first token out as soon as its own prompt is done."""
+
+
 def _prefill_then_decode(model, tokenizer, rows: list[torch.Tensor], indices: list[int], max_new_tokens: int,
                          pad: int, criteria: list, on_step: StepHook | None, stop: Deadline | None,
                          kwargs: dict, prefix_cache: PrefixCache | None = None,
                          namespaces: list[Hashable] | None = None) -> list[str]:
-    """Each row's prompt through the model alone (exactly the unbatched computation; after its
-    cached prefix if ``prefix_cache`` has one), its first token reported at once; then the rows'
-    caches, left-padded to one length, continue as one batch in ``model.generate`` (positions from
-    the attention mask, so padding changes nothing)."""
+    """The rows' prompts through the model, each after its prefix cached in ``prefix_cache`` (if
+    any): as one batch when every uncached tail is short (``TOGETHER_TOKENS``), else one row at a
+    time (exactly the unbatched computation), each row's first token reported at once; then the
+    rows decode as one batch in ``model.generate`` over one cache in which each row's positions
+    come from its attention mask, so padding changes nothing."""
     stop_ids = _generate_stop_ids(model, tokenizer)
-    device = model.device
-    per_row = {k: v for k, v in kwargs.items() if k == "adapter_names"}
-    shared = {k: v for k, v in kwargs.items() if k not in per_row}
-    first, caches, ended = [], [], []
-    for row, ids in enumerate(rows):
-        start, cache = prefix_cache.lookup(namespaces[row], ids.tolist()) if prefix_cache else (0, None)
-        ids = ids[None].to(device)
-        out = model(input_ids=ids[:, start:], attention_mask=torch.ones_like(ids), past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **{k: [v[row]] for k, v in per_row.items()})
-        token = int(out.logits[0, -1].argmax())
-        first.append(token)
-        caches.append(out.past_key_values)
+    cached = [prefix_cache.cached_length(namespaces[row], ids.tolist()) if prefix_cache else 0
+              for row, ids in enumerate(rows)]
+    if len(rows) > 1 and max(len(ids) - start for ids, start in zip(rows, cached)) <= TOGETHER_TOKENS:
+        hits = [prefix_cache.lookup(namespaces[row], ids.tolist()) if prefix_cache else (0, None)
+                for row, ids in enumerate(rows)]
+        first, cache, input_ids, attention = _prefill_together(model, rows, hits, max_new_tokens, pad, kwargs)
         if prefix_cache is not None:
-            prefix_cache.store(namespaces[row], ids[0].tolist(), out.past_key_values)
+            for row, ids in enumerate(rows):
+                if prefix_cache.holds(namespaces[row], ids.tolist()):
+                    continue
+                keep = attention[row, :-1].bool()  # this row's positions in the batch cache
+                prefix_cache.store(namespaces[row], ids.tolist(),
+                                   [(layer.keys[row:row + 1, :, keep], layer.values[row:row + 1, :, keep])
+                                    for layer in cache.layers])
+    else:
+        first, cache, input_ids, attention = _prefill_one_by_one(model, rows, max_new_tokens, pad, kwargs,
+                                                                 prefix_cache, namespaces)
+    ended = []
+    for row, token in enumerate(first):
         done = token in stop_ids
         if on_step is not None:
             done |= indices[row] in on_step({indices[row]: None if done else token})
-        if stop is not None and stop(ids, None).all():
+        if stop is not None and stop(input_ids, None).all():
             done = True
         ended.append(done)
     generated = [[t] for t in first]
     if max_new_tokens > 1 and not all(ended):
-        length = max(len(ids) for ids in rows)
-        cache = DynamicCache()
-        cache.layers = [_RoomyLayer.left_padded([(c.layers[layer].keys, c.layers[layer].values) for c in caches],
-                                                length, room=max_new_tokens)
-                        for layer in range(len(caches[0].layers))]
-        input_ids = torch.full((len(rows), length + 1), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for row, ids in enumerate(rows):
-            input_ids[row, length - len(ids):length] = ids
-            input_ids[row, length] = first[row]
-            attention[row, length - len(ids):] = 1
         hook = next((c for c in criteria if isinstance(c, _HookCriteria)), None)
         if hook is not None:
             hook.ended |= torch.tensor(ended, dtype=torch.bool, device=hook.ended.device)
-        done_rows = _EndedRows(ended)
+        device, length = model.device, input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), past_key_values=cache,
             max_new_tokens=max_new_tokens - 1, do_sample=False, pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([done_rows, *criteria]), **shared, **per_row,
+            stopping_criteria=StoppingCriteriaList([_EndedRows(ended), *criteria]), **kwargs,
         )
         for row in range(len(rows)):
-            generated[row] += output[row, length + 1:].tolist()
+            generated[row] += output[row, length:].tolist()
     texts = []
     for tokens in generated:
         cut = next((n for n, t in enumerate(tokens) if t in stop_ids), len(tokens))
         texts.append(tokenizer.decode(tokens[:cut], skip_special_tokens=True))
     return texts
+
+
+def _prefill_one_by_one(model, rows, max_new_tokens, pad, kwargs, prefix_cache, namespaces):
+    """Each row alone after its cached prefix, leaving its own prefix for the next rows; the caches
+    left-padded into one. Returns the first tokens, the cache, and the decode inputs (each row's
+    prompt and first token, left-padded)."""
+    adapter_names = kwargs.get("adapter_names")
+    first, caches = [], []
+    for row, ids in enumerate(rows):
+        start, cache = prefix_cache.lookup(namespaces[row], ids.tolist()) if prefix_cache else (0, None)
+        ids = ids[None].to(model.device)
+        extra = {"adapter_names": [adapter_names[row]]} if adapter_names else {}
+        out = model(input_ids=ids[:, start:], attention_mask=torch.ones_like(ids), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **extra)
+        first.append(int(out.logits[0, -1].argmax()))
+        caches.append(out.past_key_values)
+        if prefix_cache is not None and not prefix_cache.holds(namespaces[row], ids[0].tolist()):
+            prefix_cache.store(namespaces[row], ids[0].tolist(),
+                               [(layer.keys, layer.values) for layer in out.past_key_values.layers])
+    length = max(len(ids) for ids in rows)
+    cache = DynamicCache()
+    cache.layers = [_RoomyLayer.left_padded([(c.layers[layer].keys, c.layers[layer].values) for c in caches],
+                                            length, room=max_new_tokens)
+                    for layer in range(len(caches[0].layers))]
+    input_ids = torch.full((len(rows), length + 1), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, length - len(ids):length] = ids
+        input_ids[row, length] = first[row]
+        attention[row, length - len(ids):] = 1
+    return first, cache, input_ids, attention
+
+
+def _prefill_together(model, rows, hits, max_new_tokens, pad, kwargs):
+    """All rows' uncached tails in one forward pass. Each row's cached prefix sits right-aligned in
+    the first ``P`` positions of the batch cache and its tail right-aligned in the next ``S``; the
+    gaps are masked and the positions given explicitly, so each row sees only its own tokens at its
+    own positions. Returns what ``_prefill_one_by_one`` does, in this layout."""
+    starts = [start for start, _ in hits]
+    P, S = max(starts), max(len(ids) - start for ids, start in zip(rows, starts))
+    template = next((c for _, c in hits if c is not None), None)
+    input_ids = torch.full((len(rows), P + S + 1), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    positions = torch.zeros((len(rows), S), dtype=torch.long)
+    for row, (ids, start) in enumerate(zip(rows, starts)):
+        tail = len(ids) - start
+        input_ids[row, P - start:P], input_ids[row, P + S - tail:P + S] = ids[:start], ids[start:]
+        attention[row, P - start:P] = attention[row, P + S - tail:P + S + 1] = 1
+        positions[row, S - tail:] = torch.arange(start, len(ids))
+    cache = None
+    if template is not None:
+        cache = DynamicCache()
+        cache.layers = [
+            _RoomyLayer.left_padded([(c.layers[layer].keys, c.layers[layer].values) if c is not None else
+                                     (template.layers[layer].keys[:, :, :0], template.layers[layer].values[:, :, :0])
+                                     for _, c in hits], P, room=S + max_new_tokens)
+            for layer in range(len(template.layers))]
+    device = model.device
+    out = model(input_ids=input_ids[:, P:P + S].to(device), attention_mask=attention[:, :P + S].to(device),
+                position_ids=positions.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **{k: v for k, v in kwargs.items() if k == "adapter_names"})
+    first = out.logits[:, -1].argmax(-1).tolist()
+    if cache is None:  # no row had a cached prefix: give the decode steps room to write into
+        cache = DynamicCache()
+        cache.layers = [_RoomyLayer.left_padded([(layer.keys[row:row + 1], layer.values[row:row + 1])
+                                                 for row in range(len(rows))], S, room=max_new_tokens)
+                        for layer in out.past_key_values.layers]
+    input_ids[:, P + S] = torch.tensor(first)
+    return first, cache, input_ids, attention
 
 
 class _RoomyLayer(DynamicLayer):

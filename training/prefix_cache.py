@@ -69,43 +69,54 @@ class PrefixCache:
             keys.append((namespace, end, h))
         return keys
 
+    def _longest(self, namespace: Hashable, ids: list[int]) -> tuple[int, int | None]:
+        for key in reversed(self._boundaries(namespace, ids)):
+            entry_id = self._index.get(key)
+            if entry_id is not None and self._entries[entry_id].tokens[:key[1]] == tuple(ids[:key[1]]):
+                return key[1], entry_id  # (the token check: a hash collision never reuses wrong tokens)
+        return 0, None
+
+    def cached_length(self, namespace: Hashable, ids: list[int]) -> int:
+        """How many of ``ids``' first tokens ``lookup`` would give now (nothing counted or reordered)."""
+        with self._lock:
+            return self._longest(namespace, ids)[0] if self.max_bytes else 0
+
     def lookup(self, namespace: Hashable, ids: list[int]) -> tuple[int, DynamicCache | None]:
         """The longest cached prefix of ``ids``: its length and a cache holding its key/values
         (a fresh ``DynamicCache``: extending it never changes the stored tensors), or ``(0, None)``."""
         with self._lock:
             self.prompt_tokens += len(ids)
-            if self.max_bytes == 0:
+            length, entry_id = self._longest(namespace, ids) if self.max_bytes else (0, None)
+            if entry_id is None:
                 return 0, None
-            for key in reversed(self._boundaries(namespace, ids)):
-                entry_id = self._index.get(key)
-                if entry_id is None:
-                    continue
-                entry, length = self._entries[entry_id], key[1]
-                if entry.tokens[:length] != tuple(ids[:length]):  # a hash collision: never reuse wrong tokens
-                    continue
-                self._entries.move_to_end(entry_id)
-                self.hit_tokens += length
-                cache = DynamicCache()
-                for layer, (k, v) in enumerate(entry.layers):
-                    cache.update(k[:, :, :length], v[:, :, :length], layer)
-                return length, cache
-            return 0, None
+            self._entries.move_to_end(entry_id)
+            self.hit_tokens += length
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(self._entries[entry_id].layers):
+                cache.update(k[:, :, :length], v[:, :, :length], layer)
+            return length, cache
 
-    def store(self, namespace: Hashable, ids: list[int], cache: DynamicCache) -> None:
-        """Keep the key/values of ``ids``' longest block-aligned prefix (``cache`` holds at least
-        those positions, for a batch of one), then evict least recently used entries over budget."""
+    def holds(self, namespace: Hashable, ids: list[int]) -> bool:
+        """Whether ``store`` would add nothing: ``ids``' longest block-aligned prefix is cached (or
+        the cache is off, or ``ids`` is shorter than a block)."""
+        keys = self._boundaries(namespace, ids)
+        with self._lock:
+            return not keys or self.max_bytes == 0 or keys[-1] in self._index
+
+    def store(self, namespace: Hashable, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the key/values of ``ids``' longest block-aligned prefix (``layers``: per layer, keys
+        and values ``[1, heads, >= that many tokens, dim]``, copied), then evict least recently used
+        entries over budget."""
         keys = self._boundaries(namespace, ids)
         if not keys or self.max_bytes == 0:
             return
         length = keys[-1][1]
-        layers = [(layer.keys[:1, :, :length].clone(), layer.values[:1, :, :length].clone())
-                  for layer in cache.layers]
+        layers = [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in layers]
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if nbytes > self.max_bytes:
             return
         with self._lock:
-            if self._index.get(keys[-1]) is not None:  # that whole prefix is cached already
-                self._entries.move_to_end(self._index[keys[-1]])
+            if keys[-1] in self._index:  # that whole prefix is cached already
                 return
             entry_id, self._next_id = self._next_id, self._next_id + 1
             self._entries[entry_id] = _Entry(tuple(ids[:length]), layers, nbytes, keys)
