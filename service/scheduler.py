@@ -1,36 +1,34 @@
-"""The ask scheduler: a bounded queue of prepared questions and one thread that decodes them in
-batches, so concurrent askers share the model's decoding steps instead of waiting for each other.
+"""The ask scheduler: a bounded queue of prepared questions and one thread that decodes them
+together, so concurrent askers share the model's decoding steps instead of waiting for each other.
 
-On a CPU one decoding step costs about as much for eight rows as for one (the weights are read
-once per step either way), so eight questions answered together finish in little more than the
-time of one. The loop takes the oldest waiting question and every other waiting question that can
-decode with it (up to ``max_batch``), and runs them as one left-padded batch through
-``training.pipeline.generate``, the function the harness measures:
+On a CPU one decoding step reads all the weights whatever the batch (SmolLM2-135M: ~85 ms for one
+row, ~2x that for eight), so rows decoded together share that cost. Questions without MAC memory
+(retrieval, adapter, none, mixed; any tenant and adapter version) decode in one
+``training.decode_batch.DecodeBatch``, the decoder the harness measures through
+``training.pipeline.generate``, with continuous batching: between two decoding steps, waiting
+questions join the running rows (up to ``max_batch``) after their prefill, and rows leave at their
+stop token or token limit, so a question never waits for a whole batch to finish. Each row names its
+own pinned adapter version (PEFT ``adapter_names``, never a global ``set_adapter``, PEFT #804); the
+rows hold at most as many versions as stay loaded (``FRESHLM_ADAPTERS_LOADED``), so loading one never
+evicts another in use. Each prefill starts after the longest prefix of the prompt that an earlier
+prompt of the same tenant and version left in the prefix cache (``training.prefix_cache``: the
+system prompt, the passages of questions about the same news); rows with short uncached tails
+prefill in one forward pass.
 
-* questions without MAC memory (retrieval, adapter, none, mixed) share a batch across tenants and
-  adapter versions: each row names its own pinned version (PEFT ``adapter_names``, never a global
-  ``set_adapter``, PEFT #804); a batch holds at most as many versions as stay loaded
-  (``FRESHLM_ADAPTERS_LOADED``), so loading one never evicts another of the same batch;
-* questions reading MAC memory batch with others of the same tenant and adapter version (each row
-  reads its own memory entries, masked per row; the prompt head depends on the version).
-
-Each row's prompt is prefilled alone, after the longest prefix of it that an earlier prompt of the
-same tenant and adapter version left in the prefix cache (``training.prefix_cache``: the system
-prompt, and the passages of questions about the same news), then the rows decode together.
-
-Admission happens at batch boundaries ("dynamic batching"): a question that arrives while a batch
-decodes waits for it (at most ``max_new_tokens`` steps). transformers' continuous-batching manager
-(``generate_batch``) would admit it mid-decode, but it runs its own paged cache and cannot carry a
-per-row adapter version or MAC's per-row memory prefix.
+Questions reading MAC memory batch with others of the same tenant and adapter version (each row
+reads its own memory entries, masked per row; the prompt head depends on the version) and run one
+batch at a time: when one is the oldest waiting question, no more plain rows join, and its batch
+runs once they have drained.
 
 The queue is bounded (``max_waiting``): a question that finds it full is refused at once (503 with
 ``Retry-After``), never left waiting without bound. A question whose client went away leaves the
-queue at once, or, while decoding, its row stops at the next step. A question's deadline ends its
+queue at once, or, while decoding, its row leaves at the next step. A question's deadline ends its
 row (504); one that waited for the model past its deadline is a 503. ``max_batch=1`` switches
-batching off (one question at a time, as before), for A/B measurements.
+batching off (one question at a time), for A/B measurements.
 
-The model lock (``LiveAdapters.lock``) is held while a batch decodes: adapters are loaded and
-evicted, and the embedded worker writes MAC memory with the same model, only between batches.
+The model lock (``LiveAdapters.lock``) is held for each admission and decoding step, not across
+steps: adapters are loaded and evicted, and the embedded worker writes MAC memory with the same
+model, between steps.
 """
 
 from __future__ import annotations
@@ -49,7 +47,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service.adapters.live import LiveAdapters
 from service.core.errors import DeadlineExceeded, ServiceError, TooLarge, Unavailable, as_service_error
 from training.mac.runtime import MacRuntime
-from training.pipeline import PromptTooLong, generate
+from training.decode_batch import DecodeBatch
+from training.generation import pad_token_id, stop_token_ids
+from training.pipeline import PromptTooLong, generate, plain_prompt_ids, prompt_budget
+from training.prompts import extract_answer
 from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.precision import autocast
 
@@ -102,6 +103,8 @@ class AskJob:
     batch_size: int = 0
     tokens: list[int] = field(default_factory=list)
     waited_behind_work: bool = False
+    _text: str = ""  # the decoded text streamed so far
+    _timed_out: bool = False
     _state: str = "queued"  # queued -> running -> done, or queued -> cancelled
     _cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -147,7 +150,11 @@ class Scheduler:
         self._waiting: deque[AskJob] = deque()
         self._cond = threading.Condition()
         self._running = 0
-        self._expect = 1  # questions the next batch waits (briefly) to gather
+        self._expect = 1  # questions a fresh batch waits (briefly) to gather
+        self._peak = 0  # the most rows decoding together since the decoder was last empty
+        self._rows: dict[int, AskJob] = {}  # decoding now, by decoder key
+        self._stop_ids, self._pad = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+        self._decoder = DecodeBatch(model, self._stop_ids, self._pad, self.prefix_cache)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -203,19 +210,28 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        for job in list(self._waiting):
+        for job in list(self._waiting) + list(self._rows.values()):
             self._fail(job, Unavailable("the service is shutting down; retry"))
 
     def _take(self) -> list[AskJob]:
-        """The oldest waiting job and up to ``max_batch - 1`` more with its key. Askers whose answers
-        just came back usually ask again at once: waiting a moment (``batch_wait_seconds``) for as
-        many questions as the last batch answered plus those that waited for it keeps the batches
-        full, instead of splitting the askers into a small and a large batch that alternate."""
+        """The questions to start now. While plain rows decode: every waiting plain question that
+        fits beside them (up to ``max_batch`` rows, at most as many adapter versions as stay
+        loaded), unless the oldest waiting question reads MAC memory (then none: the rows drain and
+        its batch runs next). With nothing decoding: the oldest question and up to ``max_batch - 1``
+        more that can decode with it. Askers whose answers just came back usually ask again at
+        once: a fresh batch waits a moment (``batch_wait_seconds``) for as many questions as the
+        last batch answered plus those that waited for it, instead of starting with one and taking
+        the others in one prefill each as they arrive."""
         with self._cond:
-            while not self._waiting and not self._stop.is_set():
+            while not self._waiting and not self._rows and not self._stop.is_set():
                 self._cond.wait(timeout=0.5)
-            if self._stop.is_set():
+            if self._stop.is_set() or not self._waiting:
                 return []
+            if self._rows:
+                if self._waiting[0].mac is not None:
+                    return []
+                return self._claim(self._waiting[0].key(), self.config.max_batch - len(self._rows),
+                                   {job.version for job in self._rows.values() if job.version is not None})
             target = min(self.config.max_batch, self._expect)
             if target > 1 and self.config.batch_wait_seconds > 0:
                 until = time.monotonic() + self.config.batch_wait_seconds
@@ -223,48 +239,60 @@ class Scheduler:
                     self._cond.wait(timeout=max(until - time.monotonic(), 0))
                 if not self._waiting:
                     return []
-            key, batch, versions = self._waiting[0].key(), [], set()
-            for job in self._waiting:  # at most as many adapter versions as stay loaded at once
-                if len(batch) == self.config.max_batch:
-                    break
-                if job.key() != key or (job.version is not None and job.version not in versions
-                                        and len(versions) >= self.adapters.capacity):
-                    continue
-                batch.append(job)
-                if job.version is not None:
-                    versions.add(job.version)
-            for job in batch:
-                self._waiting.remove(job)
-                job._state = "running"
-            self._running = len(batch)
-            return batch
+            return self._claim(self._waiting[0].key(), self.config.max_batch, set())
+
+    def _claim(self, key: tuple, room: int, versions: set[str]) -> list[AskJob]:
+        """Up to ``room`` waiting questions with ``key``, oldest first, keeping the versions of the
+        running rows and the claimed ones within what stays loaded (loading one never evicts
+        another in use). Call with ``self._cond`` held."""
+        batch = []
+        for job in self._waiting:
+            if len(batch) == room:
+                break
+            if job.key() != key or (job.version is not None and job.version not in versions
+                                    and len(versions) >= self.adapters.capacity):
+                continue
+            batch.append(job)
+            if job.version is not None:
+                versions.add(job.version)
+        for job in batch:
+            self._waiting.remove(job)
+            job._state = "running"
+        self._running += len(batch)
+        return batch
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             batch = self._take()
-            if not batch:
-                continue
             try:
-                self._run(batch)
+                if batch and batch[0].mac is not None:
+                    self._run_mac(batch)
+                elif batch or self._rows:
+                    self._advance(batch)
             except Exception as exc:  # one bad batch must not stop the loop
                 # logs it once (a store that is down: its reason; anything else: the traceback)
                 error = as_service_error(exc)  # a store that is down: 503; anything else: 500
-                for job in batch:
+                for job in batch + list(self._rows.values()):
                     self._fail(job, error)
+                self._rows.clear()
+                self._decoder = DecodeBatch(self.model, self._stop_ids, self._pad, self.prefix_cache)
             finally:
                 with self._cond:
-                    self._running = 0
-                    # closed-loop clients ask again when answered: expect the batch back, plus those waiting
-                    self._expect = len(batch) + len(self._waiting)
+                    self._running = len(self._rows)
+                    self._peak = max(self._peak, len(batch), len(self._rows))
+                    if not self._rows and self._peak:
+                        # closed-loop clients ask again when answered: expect the rows back, plus those waiting
+                        self._expect, self._peak = self._peak + len(self._waiting), 0
 
     def _fail(self, job: AskJob, error: Exception) -> None:
         if job._state != "done":
             job._state = "done"
             job.emit(("error", error))
 
-    def _run(self, batch: list[AskJob]) -> None:
-        now = time.monotonic()
-        live = []
+    def _admissible(self, batch: list[AskJob]) -> list[AskJob]:
+        """``batch`` less the questions whose clients left and those whose deadline passed while
+        they waited behind other work (503: retry)."""
+        now, live = time.monotonic(), []
         for job in batch:
             if job.cancelled:
                 continue
@@ -273,81 +301,169 @@ class Scheduler:
                                             "while it waited; retry later"))
                 continue
             live.append(job)
+        return live
+
+    def _acquire_model(self, jobs: list[AskJob]) -> bool:
+        """The model lock, waiting at most until the earliest of ``jobs``' deadlines."""
+        timeout = max(min(j.deadline for j in jobs) - time.monotonic(), 0) if jobs else None
+        return self.adapters.lock.acquire(timeout=-1 if timeout is None else timeout)
+
+    # --- plain rows: continuous batching --------------------------------------------------------
+
+    def _advance(self, joining: list[AskJob]) -> None:
+        """Admit ``joining`` into the running rows (prefilled after their cached prefixes), then
+        decode one step for all rows; answer the rows that ended."""
+        joining = self._admissible(joining)
+        if not self._acquire_model(joining + list(self._rows.values())):
+            for job in joining:
+                self._fail(job, Unavailable("the model is busy with other questions and this one's deadline passed "
+                                            "while it waited; retry later"))
+            self._decoder.drop(self._handle({key: None for key, job in self._rows.items()
+                                             if time.monotonic() >= job.deadline}))
+            self._finish()
+            return
+        try:
+            stop: set[int] = set()
+            if joining:
+                stop |= self._admit(joining)
+            self._decoder.drop(stop)
+            if len(self._decoder):
+                started = time.perf_counter()
+                rows = len(self._decoder)
+                with autocast(self.model.device, self.config.bf16):
+                    tokens = self._decoder.step()
+                self.observer.batch(rows, sum(t is not None for t in tokens.values()), time.perf_counter() - started)
+                for key in self._rows:
+                    self._rows[key].batch_size = max(self._rows[key].batch_size, rows)
+                self._decoder.drop(self._handle(tokens))
+        finally:
+            self.adapters.lock.release()
+        self._finish()
+
+    def _admit(self, joining: list[AskJob]) -> set[int]:
+        """Prefill ``joining`` into the decoder; returns the rows to stop after their first token."""
+        started = time.perf_counter()
+        budget = {}
+        jobs, prompts = [], []
+        for job in joining:
+            budget.setdefault(job.max_new_tokens, prompt_budget(self.model, job.max_new_tokens, self.max_prompt_tokens))
+            try:
+                prompts.append(plain_prompt_ids(self.tokenizer, job.question, job.passages,
+                                                budget[job.max_new_tokens]))
+            except PromptTooLong as exc:
+                self._fail(job, TooLarge(str(exc)))
+                continue
+            jobs.append(job)
+            job.started = started
+            self.observer.queue_time(started - job.enqueued)
+            self._rows[id(job)] = job
+        names = [self.adapters.ensure(job.version) if job.version is not None else None for job in jobs]
+        if self.adapters.peft is not None:
+            names = [name or "__base__" for name in names]
+        self._decoder.model = self.adapters.model
+        stop: set[int] = set()
+        with autocast(self.model.device, self.config.bf16):
+            self._decoder.admit(prompts, [id(job) for job in jobs], [job.max_new_tokens for job in jobs],
+                                names, [(job.tenant, job.version) for job in jobs],
+                                on_first=lambda key, token: stop.update(self._handle({key: token})))
+        for job in jobs:
+            job.batch_size = max(job.batch_size, len(self._decoder))
+        return stop
+
+    def _handle(self, tokens: dict[int, int | None]) -> set[int]:
+        """Stream each row's new token; returns the rows to stop now (client gone, deadline passed)."""
+        now, stop = time.perf_counter(), set()
+        for key, token in tokens.items():
+            job = self._rows[key]
+            if job.cancelled:
+                stop.add(key)
+                continue
+            if time.monotonic() >= job.deadline:
+                job._timed_out = True
+                stop.add(key)
+                continue
+            if token is None:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+                self.observer.first_token(now - job.enqueued)
+            job.tokens.append(token)
+            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if len(text) > len(job._text) and not text.endswith("\ufffd"):  # whole characters only
+                job.emit(("token", text[len(job._text):]))
+                job._text = text
+        return stop
+
+    def _finish(self) -> None:
+        """Answer the rows that left the decoder."""
+        finished = time.perf_counter()
+        for key, tokens in list(self._decoder.finished.items()):
+            del self._decoder.finished[key]
+            job = self._rows.pop(key)
+            job.finished = finished
+            if job.cancelled:
+                job._state = "done"
+                self.observer.cancelled()
+            elif job._timed_out:
+                self._fail(job, DeadlineExceeded(
+                    "the answer did not finish within the request deadline (FRESHLM_ASK_DEADLINE_SECONDS); "
+                    "ask for fewer max_new_tokens or retry"))
+            else:
+                job._state = "done"
+                job.emit(("done", (extract_answer(self.tokenizer.decode(tokens, skip_special_tokens=True)), [], [])))
+
+    # --- MAC rows: one batch at a time ----------------------------------------------------------
+
+    def _run_mac(self, batch: list[AskJob]) -> None:
+        live = self._admissible(batch)
         if not live:
             return
-        timeout = max(min(j.deadline for j in live) - time.monotonic(), 0)
-        if not self.adapters.lock.acquire(timeout=timeout):
+        if not self._acquire_model(live):
             for job in live:
                 self._fail(job, Unavailable("the model is busy with other questions and this one's deadline passed "
                                             "while it waited; retry later"))
             return
         try:
-            self._decode(live)
+            self._decode_mac(live)
         finally:
             self.adapters.lock.release()
 
-    def _decode(self, batch: list[AskJob]) -> None:
+    def _decode_mac(self, batch: list[AskJob]) -> None:
         started = time.perf_counter()
         for job in batch:
             job.started, job.batch_size = started, len(batch)
             self.observer.queue_time(started - job.enqueued)
         names = [self.adapters.ensure(job.version) if job.version is not None else None for job in batch]
         mac = batch[0].mac  # a MAC batch shares tenant and version (``AskJob.key``)
-        model, kwargs, hooks = self.model, {}, contextlib.nullcontext()
-        if mac is None:  # a prompt's key/values depend on the tenant's adapter version
-            kwargs = {"prefix_cache": self.prefix_cache, "cache_namespaces": [(j.tenant, j.version) for j in batch]}
-        if self.adapters.peft is not None:
-            model = self.adapters.peft
-            kwargs["adapter_names"] = [name or "__base__" for name in names]
-            if mac is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
-                hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(adapter_names=kwargs["adapter_names"])
-                model, kwargs = self.adapters.base, {}
-        timed_out: set[int] = set()
-        pieces = [""] * len(batch)
-
-        def on_step(tokens: dict[int, int | None]) -> set[int]:
-            now, stop = time.perf_counter(), set()
-            for i, token in tokens.items():
-                job = batch[i]
-                if token is None or i in timed_out:
-                    continue
-                if job.cancelled:
-                    stop.add(i)
-                    continue
-                if time.monotonic() >= job.deadline:
-                    timed_out.add(i)
-                    stop.add(i)
-                    continue
-                if job.first_token is None:
-                    job.first_token = now
-                    self.observer.first_token(now - job.enqueued)
-                job.tokens.append(token)
-                text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-                if len(text) > len(pieces[i]) and not text.endswith("\ufffd"):  # whole characters only
-                    job.emit(("token", text[len(pieces[i]):]))
-                    pieces[i] = text
-                if len(job.tokens) >= job.max_new_tokens:
-                    stop.add(i)
-            return stop
-
+        model, hooks = self.adapters.base, contextlib.nullcontext()
+        if self.adapters.peft is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
+            hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(
+                adapter_names=[name or "__base__" for name in names])
+        rows = {i: job for i, job in enumerate(batch)}
+        self._rows.update(rows)
         try:
+            def on_step(tokens: dict[int, int | None]) -> set[int]:
+                return self._handle(tokens) | {i for i in tokens if len(rows[i].tokens) >= rows[i].max_new_tokens}
+
             with hooks, autocast(self.model.device, self.config.bf16):
                 results = generate(model, self.tokenizer, [j.question for j in batch], [j.passages for j in batch],
-                                   max(j.max_new_tokens for j in batch), mac=mac,
-                                   adapter_active=names[0] is not None, max_prompt_tokens=self.max_prompt_tokens,
-                                   on_step=on_step, prefill_each=len(batch) > 1, **kwargs)
+                                   max(j.max_new_tokens for j in batch), mac=mac, adapter_active=names[0] is not None,
+                                   max_prompt_tokens=self.max_prompt_tokens, on_step=on_step)
         except PromptTooLong as exc:
             for job in batch:
                 self._fail(job, TooLarge(str(exc)))
             return
+        finally:
+            for i in rows:
+                self._rows.pop(i, None)
         finished = time.perf_counter()
         self.observer.batch(len(batch), sum(len(j.tokens) for j in batch), finished - started)
-        for i, (job, (text, memory_ids, fallback_ids)) in enumerate(zip(batch, results)):
+        for job, (text, memory_ids, fallback_ids) in zip(batch, results):
             job.finished = finished
             if job.cancelled:
                 job._state = "done"
                 self.observer.cancelled()
-            elif i in timed_out:
+            elif job._timed_out:
                 self._fail(job, DeadlineExceeded(
                     "the answer did not finish within the request deadline (FRESHLM_ASK_DEADLINE_SECONDS); "
                     "ask for fewer max_new_tokens or retry"))

@@ -52,24 +52,22 @@ def with_two_versions(model):
     return peft.eval()
 
 
-@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_batch_answers_like_each_question_alone(kind, prefill_each, one_torch_thread):
+def test_a_batch_answers_like_each_question_alone(kind, one_torch_thread):
     model, tokenizer = sharp(kind)
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
-    together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=prefill_each)
+    together = generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW)
     assert together == alone
     assert len({a for a, *_ in alone}) > 2, "answers must differ between questions for this test to mean something"
 
 
-@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
-def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(prefill_each, one_torch_thread):
+def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(one_torch_thread):
     model, tokenizer = sharp("llama")
     peft = with_two_versions(model)
     names = ["v1", "v2", "__base__", "v2"]
     alone = [generate(peft, tokenizer, [q], [p], MAX_NEW, adapter_names=[n])[0]
              for q, p, n in zip(QUESTIONS, PASSAGES, names)]
-    together = generate(peft, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, adapter_names=names, prefill_each=prefill_each)
+    together = generate(peft, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, adapter_names=names)
     assert together == alone
     # the versions really differ: the same question answered on each gives different answers
     per_version = {n: generate(peft, tokenizer, QUESTIONS[:1], PASSAGES[:1], MAX_NEW, adapter_names=[n])[0][0]
@@ -77,8 +75,7 @@ def test_rows_on_two_adapter_versions_and_the_base_in_one_batch(prefill_each, on
     assert len(set(per_version.values())) == 3
 
 
-@pytest.mark.parametrize("prefill_each", [False, True], ids=["batched-prefill", "prefill-each"])
-def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(prefill_each, one_torch_thread):
+def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(one_torch_thread):
     model, tokenizer = sharp("llama")
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0][0] for q, p in zip(QUESTIONS, PASSAGES)]
     seen: dict[int, list[int]] = {i: [] for i in range(len(QUESTIONS))}
@@ -89,8 +86,7 @@ def test_the_step_hook_sees_each_rows_tokens_and_stops_one_row(prefill_each, one
                 seen[i].append(token)
         return {1} if len(seen[1]) >= 2 else set()  # row 1's client "left" after two tokens
 
-    together = [a for a, *_ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook,
-                                       prefill_each=prefill_each)]
+    together = [a for a, *_ in generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, on_step=hook)]
     assert len(seen[1]) == 2
     for i in (0, 2, 3):  # the other rows are untouched, and what the hook saw is what they answered
         assert together[i] == alone[i]
@@ -106,7 +102,6 @@ def test_smollm2_batch_answers_like_each_question_alone(one_torch_thread):
     model, tokenizer = load_base_model(Settings(_env_file=None))
     alone = [generate(model, tokenizer, [q], [p], MAX_NEW)[0] for q, p in zip(QUESTIONS, PASSAGES)]
     assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW) == alone
-    assert generate(model, tokenizer, QUESTIONS, PASSAGES, MAX_NEW, prefill_each=True) == alone
     assert alone[0][0] and alone[2][0]  # real answers, not empty ones
     from training.prefix_cache import PrefixCache, PrefixCacheConfig
 
@@ -169,3 +164,47 @@ def test_the_prefix_cache_keeps_the_most_recently_used_prefixes_within_its_budge
     assert cache.lookup("t", b + [1])[0] == 0 and cache.lookup("t", a[:5] + [1])[0] == 5
     length, hit = cache.lookup("t", c)
     assert length == 9 and hit.layers[0].keys.shape == (1, 2, 9, 4)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["cold", "prefix-cached"])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_each_alone(cached, one_torch_thread):
+    """Continuous batching: rows join between steps (one by one, or several at once after their
+    cached prefixes) on different adapter versions and with different token limits, and leave at
+    their stop token or limit; every row's tokens equal its tokens decoded alone."""
+    from training.decode_batch import DecodeBatch
+    from training.generation import chat_input_ids, pad_token_id, stop_token_ids
+    from training.prefix_cache import PrefixCache, PrefixCacheConfig
+    from training.prompts import qa_messages
+
+    model, tokenizer = sharp("llama")
+    peft = with_two_versions(model)
+    stop, pad = stop_token_ids(peft, tokenizer), pad_token_id(tokenizer)
+    prompts = [chat_input_ids(tokenizer, qa_messages(q, p))[0] for q, p in zip(QUESTIONS, PASSAGES)]
+    names, limits = ["v1", "v2", "__base__", "v1"], [12, 5, 12, 9]
+
+    def alone(i: int) -> list[int]:
+        single = DecodeBatch(peft, stop, pad)
+        single.admit([prompts[i]], [i], [limits[i]], [names[i]])
+        while len(single):
+            single.step()
+        return single.finished[i]
+
+    expected = [alone(i) for i in range(4)]
+    assert len({tuple(t) for t in expected}) == 4 and max(map(len, expected)) > 3
+    cache = PrefixCache(PrefixCacheConfig()) if cached else None
+    if cached:  # the later rows' prompts are in the cache: they join in one forward pass
+        warm = DecodeBatch(peft, stop, pad, cache)
+        warm.admit(prompts, list(range(4)), [1] * 4, names, names)
+    batch = DecodeBatch(peft, stop, pad, cache)
+    batch.admit([prompts[0]], [0], [limits[0]], [names[0]], [names[0]])
+    for _ in range(2):
+        batch.step()
+    batch.admit(prompts[1:3], [1, 2], limits[1:3], names[1:3], names[1:3])
+    batch.step()
+    batch.admit([prompts[3]], [3], [limits[3]], [names[3]], [names[3]])
+    seen = {len(batch)}
+    while len(batch):
+        batch.step()
+        seen.add(len(batch))
+    assert [batch.finished[i] for i in range(4)] == expected
+    assert 4 in seen or len(expected[0]) <= 3  # all four decoded together at some step

@@ -9,11 +9,13 @@ what the service does.
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.generation import StepHook, chat_input_ids, generate_answers
+from training.generation import StepHook, chat_input_ids, decode_prompts
 from training.mac.runtime import MacRuntime
+from training.prefix_cache import PrefixCache
 from training.prompts import qa_messages
 from training.retrievers import RetrieverKind
 
@@ -86,6 +88,8 @@ def fit_passages(tokenizer: PreTrainedTokenizerBase, question: str, passages: li
     """The passages (best first) that fit ``budget`` prompt tokens with the question: whole ones
     while they fit, then the next cut to the tokens left. ``PromptTooLong`` if the question alone
     does not fit."""
+    if passages and prompt_length(tokenizer, question, passages) <= budget:
+        return passages  # all fit (the usual case): one measurement, not one per passage
     if prompt_length(tokenizer, question, None) > budget:
         raise PromptTooLong(f"the question does not fit the prompt budget of {budget} tokens")
     kept: list[str] = []
@@ -105,6 +109,13 @@ def fit_passages(tokenizer: PreTrainedTokenizerBase, question: str, passages: li
     return kept or None
 
 
+def plain_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, passages: list[str] | None,
+                     budget: int) -> torch.Tensor:
+    """The token ids a question without MAC memory is asked with: its passages cut to ``budget``
+    prompt tokens (``PromptTooLong`` if the question alone does not fit), under the chat template."""
+    return chat_input_ids(tokenizer, qa_messages(question, fit_passages(tokenizer, question, passages, budget)))[0]
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -116,24 +127,22 @@ def generate(
     max_prompt_tokens: int = PipelineConfig.model_fields["max_prompt_tokens"].default,
     deadline: float | None = None,
     on_step: StepHook | None = None,
-    prefill_each: bool = False,
+    prefix_cache: PrefixCache | None = None,
     **generate_kwargs,
 ) -> list[tuple[str, list[str], list[str]]]:
     """Short answers (greedy), the memory entries each read and those answered from their text
-    (entries that were gone): after the question's MAC entries
-    when ``mac`` is given, else plain generation; ``passages`` go in the prompt either way, cut to
-    the prompt budget. With an adapter active the MAC prompt head is recomputed by ``model`` (the
-    cached one is the writer's). ``deadline`` (``time.monotonic()``) ends decoding there with
-    ``GenerationTimeout``. Several questions decode as one left-padded batch (the service's
-    scheduler batches concurrent asks through here); ``on_step`` sees each step (``StepHook``);
-    ``prefill_each`` (plain generation) reports each row's first token after its own prefill
-    (``generate_answers``)."""
+    (entries that were gone): after the question's MAC entries when ``mac`` is given, else plain
+    generation through a ``DecodeBatch``, the service scheduler's decoder (``prefix_cache``: see
+    ``training.prefix_cache``); ``passages`` go in the prompt either way, cut to the prompt budget.
+    With an adapter active the MAC prompt head is recomputed by ``model`` (the cached one is the
+    writer's). ``deadline`` (``time.monotonic()``) ends decoding there with ``GenerationTimeout``;
+    ``on_step`` sees each step (``StepHook``). ``generate_kwargs``: PEFT's per-row ``adapter_names``."""
     budget = prompt_budget(model, max_new_tokens, max_prompt_tokens, mac)
-    passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
     if mac is not None:
+        passages = [fit_passages(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
         return mac.answer_with_fallback(model, questions, passages, max_new_tokens,
                                         head=None if adapter_active else "cached", deadline=deadline, on_step=on_step)
-    prompts = [qa_messages(q, p) for q, p in zip(questions, passages)]
-    texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), deadline=deadline,
-                             on_step=on_step, prefill_each=prefill_each, **generate_kwargs)
+    prompts = [plain_prompt_ids(tokenizer, q, p, budget) for q, p in zip(questions, passages)]
+    texts = decode_prompts(model, tokenizer, prompts, max_new_tokens, deadline=deadline, on_step=on_step,
+                           prefix_cache=prefix_cache, **generate_kwargs)
     return [(text, [], []) for text in texts]
