@@ -239,3 +239,34 @@ def test_a_batch_never_holds_more_versions_than_stay_loaded(make_server, sharp_m
     got = [r[0].json() for r in results]
     assert [g["timings"]["batch_size"] for g in got] == [2, 1, 2]  # v1's two questions together, v2 apart
     assert [(g["adapter_version"], g["answer"]) for g in got] == [(v, alone[v]) for v in order]
+
+
+def test_a_question_that_arrives_while_another_decodes_joins_it_at_the_next_step(make_server, sharp_model_dir):
+    """Continuous batching through the service: B arrives while A streams its answer, joins A's
+    running rows (both report 2 questions decoded together) and both answer as they do alone. The
+    model lock is taken between two of A's steps so that B is waiting when the next step comes; if A
+    was already done by then (a loaded machine), the attempt is repeated."""
+    server = make_server(base_model=str(sharp_model_dir), batch_wait_seconds=0, max_answer_tokens=64)
+    client, scheduler = server.client, server.app.state.scheduler
+    a = {"question": "Who approved the harbour bridge and when will it open?", "strategy": "none",
+         "max_new_tokens": 64}
+    b = {"question": "Which team won?", "strategy": "none", "max_new_tokens": 8}
+    alone_a, alone_b = (client.post("/ask", json=body).json() for body in (a, b))
+    joined = 0
+    for _ in range(3):
+        got_b: list = []
+        with client.stream("POST", "/ask", json={**a, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("event: token"))
+            with Held(server):  # A's next step waits for the lock
+                thread = ask_in_thread(server.url, b, got_b)
+                wait_for(lambda: scheduler.waiting == 1, 30, "B to wait")
+            done = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")][-1]
+        thread.join(timeout=60)
+        answer_b = got_b[0].json()
+        assert (done["answer"], answer_b["answer"]) == (alone_a["answer"], alone_b["answer"])
+        if done["timings"]["batch_size"] == 2:
+            assert answer_b["timings"]["batch_size"] == 2
+            joined += 1
+            break
+    assert joined, "B never arrived while A was still decoding"

@@ -22,6 +22,12 @@ from transformers import DynamicCache, DynamicLayer, PreTrainedModel
 
 from training.prefix_cache import PrefixCache
 
+JOIN_IN_STEP_TOKENS = 2
+"""While rows decode, new rows whose uncached tails are at most this long (a question asked again,
+a prompt cached but its last token) join the next decoding step itself: one forward pass gives
+the running rows their next token and the new rows their first; the running rows compute the
+tail's extra positions as masked padding, cheap at this length."""
+
 TOGETHER_TOKENS = 64
 """Rows whose uncached prompt tails are all at most this long prefill as one forward pass (about one
 read of the weights for all); longer tails cost their tokens' compute either way, and prefilling
@@ -83,9 +89,10 @@ class DecodeBatch:
         self._attention = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         self._next = torch.zeros(0, dtype=torch.long)
+        self._pending: list[tuple] = []  # (ids, key, max_new_tokens, adapter, namespace): join at the next step
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self._pending)
 
     @property
     def adapters(self) -> set[str]:
@@ -97,7 +104,8 @@ class DecodeBatch:
     def admit(self, prompts: list[torch.Tensor], keys: list[Hashable], max_new_tokens: list[int],
               adapters: list[str | None] | None = None, namespaces: list[Hashable] | None = None,
               on_first: Callable[[Hashable, int | None], None] | None = None) -> None:
-        """Prefill ``prompts`` (1-D token ids) and add them as rows. ``adapters``: each row's PEFT
+        """Prefill ``prompts`` (1-D token ids) and add them as rows (or, for prompts all but cached
+        while rows decode, at the next ``step``: ``JOIN_IN_STEP_TOKENS``). ``adapters``: each row's PEFT
         adapter name (``None``: no PEFT model; ``"__base__"``: the base under PEFT). ``namespaces``:
         each row's prefix-cache namespace. ``on_first(key, token)`` hears each row's first token
         as soon as it exists (``None``: the row ended at once, at a stop token)."""
@@ -107,6 +115,10 @@ class DecodeBatch:
         namespaces = namespaces or [None] * len(prompts)
         cache = self.prefix_cache
         cached = [cache.cached_length(ns, ids.tolist()) if cache else 0 for ids, ns in zip(prompts, namespaces)]
+        if self.rows and max(len(ids) - c for ids, c in zip(prompts, cached)) <= JOIN_IN_STEP_TOKENS:
+            self._pending += [(ids, key, limit, adapter, ns) for ids, key, limit, adapter, ns
+                              in zip(prompts, keys, max_new_tokens, adapters, namespaces)]
+            return
         if len(prompts) > 1 and max(len(ids) - c for ids, c in zip(prompts, cached)) <= TOGETHER_TOKENS:
             blocks = [self._prefill_together(prompts, adapters, namespaces)]
             firsts = blocks[0].first
@@ -208,6 +220,8 @@ class DecodeBatch:
     def step(self) -> dict[Hashable, int | None]:
         """One token for every row: ``{key: token}``, ``None`` for a row that reached a stop token
         (it leaves; so does a row at its token limit, after its last token)."""
+        if self._pending:
+            return self._step_joining()
         if not self.rows:
             return {}
         cache = DynamicCache()
@@ -218,7 +232,11 @@ class DecodeBatch:
         self._layers = [(layer._keys, layer._values) for layer in cache.layers]
         self._length += 1
         self._attention, self._positions = attention, self._positions + 1
-        self._next = out.logits[:, -1].argmax(-1).cpu()
+        return self._take_tokens(out.logits[:, -1].argmax(-1).cpu())
+
+    def _take_tokens(self, next_tokens: torch.Tensor) -> dict[Hashable, int | None]:
+        """Each row's new token; rows at a stop token or their limit leave."""
+        self._next = next_tokens
         tokens, ended = {}, []
         for i, (row, token) in enumerate(zip(self.rows, self._next.tolist())):
             if token in self.stop_ids:
@@ -232,8 +250,61 @@ class DecodeBatch:
         self._remove(ended)
         return tokens
 
+    def _step_joining(self) -> dict[Hashable, int | None]:
+        """A decoding step that also prefills the pending rows' short tails: every row's input is
+        right-aligned in ``S`` new positions (a running row's is its next token), after a cache in
+        which the running rows and the pending rows' cached prefixes are right-aligned at one length."""
+        pending, self._pending = self._pending, []
+        if not self.rows:  # the running rows were dropped meanwhile: an ordinary admission
+            firsts: dict[Hashable, int | None] = {}
+            prompts, keys, limits, adapters, namespaces = (list(column) for column in zip(*pending))
+            self.admit(prompts, keys, limits, adapters, namespaces, on_first=firsts.__setitem__)
+            return firsts
+        hits = [self.prefix_cache.lookup(ns, ids.tolist()) if self.prefix_cache else (0, None)
+                for ids, _, _, _, ns in pending]
+        starts = [start for start, _ in hits]
+        running = len(self.rows)
+        length = max([self._length] + starts)
+        S = max([1] + [len(ids) - start for (ids, *_), start in zip(pending, starts)])
+        new = [_Row(key, limit, adapter) for _, key, limit, adapter, _ in pending]
+        rows = self.rows + new
+        room = S + max(row.max_new_tokens - len(row.tokens) for row in rows) + 1
+        views = self._layer_views()
+        layers = [_right_aligned([views[i]] + [(c.layers[i].keys, c.layers[i].values) if c is not None else
+                                               (views[i][0][:1, :, :0], views[i][1][:1, :, :0]) for _, c in hits],
+                                 length, room) for i in range(len(views))]
+        total = len(rows)
+        input_ids = torch.full((total, S), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((total, length + S), dtype=torch.long)
+        positions = torch.zeros((total, S), dtype=torch.long)
+        attention[:running, length - self._length:length] = self._attention
+        attention[:running, -1] = 1
+        input_ids[:running, -1], positions[:running, -1] = self._next, self._positions
+        for row, ((ids, *_), start) in enumerate(zip(pending, starts), start=running):
+            tail = len(ids) - start
+            input_ids[row, S - tail:] = ids[start:]
+            attention[row, length - start:length] = attention[row, length + S - tail:] = 1
+            positions[row, S - tail:] = torch.arange(start, len(ids))
+        cache = DynamicCache()
+        cache.layers = [_RoomyLayer(k, v, length) for k, v in layers]
+        out = self._forward(input_ids, attention, positions, cache, [row.adapter for row in rows])
+        self._layers = [(layer._keys, layer._values) for layer in cache.layers]
+        self._length, self._attention, self.rows = length + S, attention, rows
+        self._positions = torch.cat([self._positions + 1, torch.tensor([len(ids) for ids, *_ in pending])])
+        if self.prefix_cache is not None:
+            for row, (ids, _, _, _, ns) in enumerate(pending, start=running):
+                if not self.prefix_cache.holds(ns, ids.tolist()):
+                    keep = attention[row].bool()
+                    self.prefix_cache.store(ns, ids.tolist(), [(k[row:row + 1, :, :length + S][:, :, keep],
+                                                                v[row:row + 1, :, :length + S][:, :, keep])
+                                                               for k, v in self._layers])
+        return self._take_tokens(out.logits[:, -1].argmax(-1).cpu())
+
     def drop(self, keys: set[Hashable]) -> None:
         """Remove these rows now (their tokens so far go to ``finished``)."""
+        for ids, key, *_ in [p for p in self._pending if p[1] in keys]:
+            self.finished[key] = []
+        self._pending = [p for p in self._pending if p[1] not in keys]
         self._remove([i for i, row in enumerate(self.rows) if row.key in keys])
 
     def _remove(self, indices: list[int]) -> None:

@@ -1,10 +1,11 @@
 """Greedy short-answer generation with a chat template, shared by evaluation and the service.
 
-Many prompts at once go in left-padded batches: on a CPU, decoding one token costs about as much
-for 16 prompts as for one, so evaluation asks in batches and the service's scheduler
-(``service/scheduler.py``) batches concurrent questions through the same functions. A ``StepHook``
-sees every decoding step: the service streams tokens from it and stops rows whose client left,
-whose deadline passed or that reached their own token limit.
+Many prompts at once go in batches: on a CPU, a decoding step costs about as much for several rows
+as for one (the weights are read once per step). ``generate_answers`` runs ``model.generate`` over
+left-padded batches (the harness's prompting baselines); ``decode_prompts`` runs prompts through a
+``training.decode_batch.DecodeBatch``, the decoder of the service's scheduler, which also serves
+the answer pipeline (``training.pipeline.generate``). A ``StepHook`` sees every decoding step: the
+service streams tokens from it and stops rows whose client left or whose deadline passed.
 """
 
 from __future__ import annotations
