@@ -399,18 +399,22 @@ class Scheduler:
         finished = time.perf_counter()
         for key, tokens in list(self._decoder.finished.items()):
             del self._decoder.finished[key]
-            job = self._rows.pop(key)
-            job.finished = finished
-            if job.cancelled:
-                job._state = "done"
-                self.observer.cancelled()
-            elif job._timed_out:
-                self._fail(job, DeadlineExceeded(
-                    "the answer did not finish within the request deadline (FRESHLM_ASK_DEADLINE_SECONDS); "
-                    "ask for fewer max_new_tokens or retry"))
-            else:
-                job._state = "done"
-                job.emit(("done", (extract_answer(self.tokenizer.decode(tokens, skip_special_tokens=True)), [], [])))
+            answer = extract_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            self._complete(self._rows.pop(key), finished, (answer, [], []))
+
+    def _complete(self, job: AskJob, finished: float, result: tuple[str, list[str], list[str]]) -> None:
+        """A row that left: its answer, or nothing (its client left), or a 504 (its deadline passed)."""
+        job.finished = finished
+        if job.cancelled:
+            job._state = "done"
+            self.observer.cancelled()
+        elif job._timed_out:
+            self._fail(job, DeadlineExceeded(
+                "the answer did not finish within the request deadline (FRESHLM_ASK_DEADLINE_SECONDS); "
+                "ask for fewer max_new_tokens or retry"))
+        else:
+            job._state = "done"
+            job.emit(("done", result))
 
     # --- MAC rows: one batch at a time ----------------------------------------------------------
 
@@ -458,15 +462,5 @@ class Scheduler:
                 self._rows.pop(i, None)
         finished = time.perf_counter()
         self.observer.batch(len(batch), sum(len(j.tokens) for j in batch), finished - started)
-        for job, (text, memory_ids, fallback_ids) in zip(batch, results):
-            job.finished = finished
-            if job.cancelled:
-                job._state = "done"
-                self.observer.cancelled()
-            elif job._timed_out:
-                self._fail(job, DeadlineExceeded(
-                    "the answer did not finish within the request deadline (FRESHLM_ASK_DEADLINE_SECONDS); "
-                    "ask for fewer max_new_tokens or retry"))
-            else:
-                job._state = "done"
-                job.emit(("done", (text, memory_ids, fallback_ids)))
+        for job, result in zip(batch, results):
+            self._complete(job, finished, result)
