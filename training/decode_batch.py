@@ -94,10 +94,6 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows) + len(self._pending)
 
-    @property
-    def adapters(self) -> set[str]:
-        return {row.adapter for row in self.rows if row.adapter is not None}
-
     # --- joining ------------------------------------------------------------------------------
 
     @torch.no_grad()
