@@ -3,7 +3,8 @@ and ``auto`` (the service's default strategy, ``PipelineConfig.strategy``).
 
 Ingest does what the service's worker does for each component (a MAC entry into the bank, an
 update of the adapter through ``training.updates``, the text for retrieval: ``PipelineConfig.retriever``); answering calls
-``training.pipeline.generate``, the function the service's answerer calls, with the same passages
+``training.pipeline.generate``, the function the service's answerer calls (with a prefix cache of
+the service's default size, emptied when the adapter changes), with the same passages
 (``PipelineConfig``: top k, score ratio, passage words and characters, prompt budget). The updater
 is ``MethodConfig.updater`` (the service's ``FRESHLM_UPDATER``) with the ``ft_*`` settings.
 """
@@ -16,6 +17,7 @@ from training.methods.online_ft import update_config
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
 from training.pipeline import generate, parse_strategy, strategy_name
+from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.prompts import qa_messages
 from training.retrievers import load_embedder, make_retriever
 from training.types import Document, Question
@@ -40,6 +42,7 @@ class PipelineMethod:
         embed = load_embedder(ctx.config.encoder) if cfg.retriever != "bm25" and "rag" in self.components else None
         self._index = make_retriever(cfg.retriever, embed, max_words=cfg.rag_passage_words,
                                      max_chars=cfg.rag_passage_chars)
+        self.prefix_cache = PrefixCache(PrefixCacheConfig())  # the service's default, as its scheduler
 
     @property
     def model(self):
@@ -50,6 +53,7 @@ class PipelineMethod:
             self.mac.memorize([document.id], [document.text])
         if self.updater is not None:
             self.updater.step(document.text)
+            self.prefix_cache = PrefixCache(PrefixCacheConfig())  # new weights: cached key/values are stale
         if "rag" in self.components:
             self.documents[document.id] = document
             self._index.add([document])
@@ -68,7 +72,8 @@ class PipelineMethod:
             batch = [q.question for q in questions[start : start + size]]
             answered = generate(self.model, self.ctx.tokenizer, batch, [self._passages(q) for q in batch],
                                 self.ctx.config.max_new_tokens, mac=self.mac, adapter_active=self.updater is not None,
-                                max_prompt_tokens=self.ctx.config.pipeline.max_prompt_tokens)
+                                max_prompt_tokens=self.ctx.config.pipeline.max_prompt_tokens,
+                                prefix_cache=self.prefix_cache)
             answers += [text for text, *_ in answered]
         return answers
 
