@@ -45,14 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.adapters.live import LiveAdapters
-from service.core.errors import DeadlineExceeded, ServiceError, TooLarge, Unavailable, as_service_error
-from training.mac.runtime import MacRuntime
+from service.core.errors import DeadlineExceeded, TooLarge, Unavailable, as_service_error
 from training.decode_batch import DecodeBatch
 from training.generation import pad_token_id, stop_token_ids
+from training.mac.runtime import MacRuntime
 from training.pipeline import PromptTooLong, generate, plain_prompt_ids, prompt_budget
-from training.prompts import extract_answer
-from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.precision import autocast
+from training.prefix_cache import PrefixCache, PrefixCacheConfig
+from training.prompts import extract_answer
 
 
 
@@ -111,7 +111,7 @@ class AskJob:
     def key(self) -> tuple:
         """Questions with equal keys can decode in one batch."""
         if self.mac is None:
-            return ("plain", self.max_new_tokens)
+            return ("plain",)  # rows of any length limit, tenant and version decode together
         return ("mac", self.tenant, self.version, self.max_new_tokens)
 
     @property

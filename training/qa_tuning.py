@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path

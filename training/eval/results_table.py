@@ -43,7 +43,7 @@ def retention_table(result: dict) -> str:
     if not retention:
         return ""
     k = result.get("config", {}).get("protocol", {}).get("retention_k")
-    lines = [f"| method | " + " | ".join(f"M={m}" for m, _ in next(iter(retention.values()))) + " |"]
+    lines = ["| method | " + " | ".join(f"M={m}" for m, _ in next(iter(retention.values()))) + " |"]
     lines.append("|---|" + "---:|" * len(next(iter(retention.values()))))
     for name, curve in retention.items():
         lines.append(f"| `{name}` | " + " | ".join(f"{f1:.1f}" for _, f1 in curve) + " |")

@@ -17,12 +17,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import Manifest, load_artifact, read_manifest, save_artifact
-from training.mac.aggregator import stack_memories
 from training.mac.amortizer import SEGMENT_OVERHEAD, Amortizer
 from training.mac.config import MACConfig
-from training.mac.prefix import PrefixKV, PromptHead, encode_head, greedy_generate, prefixed_forward
+from training.mac.prefix import PrefixKV, PromptHead, encode_head, prefixed_forward
 from training.models import ModelSettings, embed_texts, load_encoder
-from training.prompts import extract_answer
 from training.token_batches import pad_rows, prompt_ids
 
 ARTIFACT_KIND = "mac"

@@ -34,7 +34,7 @@ import torch
 from training.eval.metrics import percentile
 from training.eval.resources import peak_rss_mb
 from training.mac.aggregator import select_top_k, stack_memories
-from training.memory import STORAGES, RedisMemoryBank, encode_entry
+from training.memory import STORAGES, RedisMemoryBank
 from training.memory.kivi import kivi_bytes
 
 
