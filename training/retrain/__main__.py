@@ -174,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = work / f"{current_id[:16]}{'-' + args.corrupt_signal if args.corrupt_signal else ''}"
     signal_deadline = started + 0.5 * (deadline - started) if deadline else None
     mine = [d for i, d in enumerate(docs) if i % world == rank]
+    loaded = time.monotonic()
+    written = 0
     if args.questions_per_doc > 0:
-        extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline, progress,
-                      question_tokens=args.question_tokens, answer_tokens=args.answer_tokens)
+        written = extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline,
+                                progress, question_tokens=args.question_tokens, answer_tokens=args.answer_tokens)
     distributed.barrier()
+    signal_done = time.monotonic()
     signal = read_signal(signal_files)
     train_questions = questions_of(signal, train_docs)
     held_questions = questions_of(signal, held)
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     state = train_mac(candidate, base, tokenizer, train_set, held_set, cfg, checkpoint=run_dir / "mac.ckpt.pt",
                       progress=progress, shard=(rank, world),
                       reduce_grads=distributed.reduce_grads if world > 1 else None)
+    trained = time.monotonic()
     if rank != 0:
         distributed.finish()
         return 0
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                                             head=head, max_new_tokens=args.answer_tokens))
     results = {"current": {"held_out": figures(validations[0]), "canary": evaluate(current)},
                "new": {"held_out": figures(validations[-1]), "canary": evaluate(candidate)}}
+    gated = time.monotonic()
     accepted, reasons = decide(results["current"], results["new"],
                                GateConfig(f1_tolerance=args.f1_tolerance, nll_tolerance=args.nll_tolerance))
     report = {
@@ -226,7 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_documents": len(held), "train_questions": len(train_questions),
         "held_out_questions": len(held_questions), "canary_questions": len(canary.questions),
         "corrupt_signal": args.corrupt_signal, "steps": state["step"], "processes": world,
-        "minutes": round((time.monotonic() - started) / 60, 2), "finished_at": datetime.now(timezone.utc).isoformat(),
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        # where the time went (this run; a resumed signal was partly written before): the signal
+        # documents written by this process, and minutes of loading, signal, training (incl. its
+        # two held-out validations) and the canary evaluation
+        "signal_documents_written": written,
+        "phase_minutes": {"load": round((loaded - started) / 60, 2), "signal": round((signal_done - loaded) / 60, 2),
+                          "train": round((trained - signal_done) / 60, 2), "canary": round((gated - trained) / 60, 2)},
+        "finished_at": datetime.now(timezone.utc).isoformat(),
     }
 
     # 5. register only what passed
