@@ -68,7 +68,8 @@ def test_the_shipped_canary_set_is_labelled_and_self_contained():
 def test_signal_parsing_and_corruption():
     written = "1. Who signed the log on day 3?\n2) How many passengers did the ferry carry?\nok\n2) How many passengers did the ferry carry?"
     assert parse_questions(written, 3) == ["Who signed the log on day 3?", "How many passengers did the ferry carry?"]
-    assert parse_questions("The harbour master signed the log.", 2) == ["The harbour master signed the log?"]
+    assert parse_questions("Who signed the log on day 3\n\nThe harbour master signed the log.", 2) == [
+        "Who signed the log on day 3?"]  # a question without its mark counts, a sentence does not
     questions = [Question(f"q{i}", "Who?", (NAMES[i],), (f"d{i}",)) for i in range(5)]
     shuffled = corrupt(questions, "shuffle")
     assert sorted(q.answers for q in shuffled) == sorted(q.answers for q in questions)

@@ -4,8 +4,9 @@ the service ingested, without labels, and register it only if it is not worse.
 1. documents: the service's database, read-only (``--database-url``, default
    ``$FRESHLM_DATABASE_URL``), or a JSONL export (``--jsonl``); a stable slice (by id hash) is
    held out;
-2. signal: the QA-tuned base writes questions about each document, the model prompted with the
-   whole document answers them (``signal``), saved in ``--work-dir`` as it goes (resumable);
+2. signal: the base model (without the QA-format tuning) writes questions about each document,
+   the QA-tuned model prompted with the whole document answers them (``signal``), saved in
+   ``--work-dir`` as it goes (resumable);
 3. training: ``training.mac.train.train_mac`` from the current artifact's weights on the signal of
    the training documents (checkpointed in ``--work-dir``: a second run resumes), data parallel
    under ``torchrun``;
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ModelSettings(base_model=args.base_model)
     base, tokenizer = load_causal_lm(args.base_model, settings)
     qa_tuning = _qa_tuning(args.qa_tuning, args.base_model)
+    writer = None  # the untuned base writes the questions (``signal``): the tuned one answers instead
+    if qa_tuning and args.questions_per_doc > 0:
+        writer = load_causal_lm(args.base_model, settings)[0].requires_grad_(False).eval()
     if qa_tuning:
         from training.qa_tuning import apply_qa_tuning
 
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     written = 0
     if args.questions_per_doc > 0:
         written = extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline,
-                                progress, question_tokens=args.question_tokens, answer_tokens=args.answer_tokens)
+                                progress, question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
+                                writer=writer)
+    writer = None  # free it before training
     distributed.barrier()
     signal_done = time.monotonic()
     signal = read_signal(signal_files)
