@@ -76,6 +76,29 @@ def test_signal_parsing_and_corruption():
     assert all(s.answers != q.answers for s, q in zip(shuffled, questions))  # no answer stays on its question
 
 
+def test_export_of_harness_streams_is_the_jobs_input(tmp_path, capsys):
+    """``python -m training.eval.export``: the harness's subset of each stream, ids prefixed per
+    dataset, no question lines with ``--documents-only``; the job reads it, and ``--help`` works."""
+    from training.eval.export import main as export
+
+    source = write_export(tmp_path / "stream.jsonl", _docs())
+    out = tmp_path / "export.jsonl"
+    assert export(["--stream", f"jsonl:{source}:all:3:2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows if r["type"] == "document"] == ["d0", "d1", "d2"]
+    assert sorted(r["doc_ids"][0] for r in rows if r["type"] == "question") in (["d0", "d1"], ["d0", "d2"], ["d1", "d2"])
+    other = write_export(tmp_path / "other.jsonl", [{"id": "e0", "text": "Another bulletin."}])
+    assert export(["--documents-only", "--stream", f"jsonl:{source}:all:2", "--stream", f"jsonl:{other}:all",
+                   "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["jsonl/d0", "jsonl/d1", "jsonl/e0"] and {r["type"] for r in rows} == {"document"}
+    assert export(["--stream", "nope:x:y", "--out", str(out)]) == 2
+    assert export(["--stream", f"jsonl:{source}:all", "--stream", f"jsonl:{source}:all", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as help_exit:  # the ops guide's `python -m training.retrain --help`
+        retrain(["--help"])
+    assert help_exit.value.code == 0 and "--jsonl" in capsys.readouterr().out
+
+
 def _service_database(url: str, docs: list[dict]) -> None:
     """A service database whose documents the worker has ingested."""
     from service.api.schemas import DocumentIn

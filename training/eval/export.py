@@ -9,7 +9,8 @@ retraining on that stream's documents.
         --stream realtimeqa:../shared/data/realtimeqa/2023:2023:100:100
 
 A stream is ``DATASET:PATH:SPLIT[:MAX_DOCUMENTS[:MAX_QUESTIONS]]``. With several streams, ids are
-prefixed with the dataset name (``squad-seq/...``) so that two streams' ids never collide.
+prefixed with the dataset name (``squad-seq/...``) so that two datasets' ids never collide; a
+document that is still there twice is an error.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def export(streams: list[str], seed: int = 0, documents_only: bool = False) -> E
             part = _prefixed(part, kind)
         docs += part.documents
         questions += [] if documents_only else part.questions
+    seen: set[str] = set()
+    for d in docs:
+        if d.id in seen:
+            raise ValueError(f"document {d.id!r} is in the export twice (the same stream given twice?)")
+        seen.add(d.id)
     return EvalSet("export", "all", docs, questions)
 
 
