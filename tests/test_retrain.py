@@ -146,6 +146,8 @@ def test_gate_registers_a_trained_artifact_and_rejects_a_broken_signal(tmp_path,
     held = rejected["figures"]
     assert held["new"]["held_out"]["nll"] > held["current"]["held_out"]["nll"]
     assert {r["id"] for r in registry.list_artifacts(engine, "mac")} == {first, second}  # nothing new registered
+    kept = read_manifest(rejected["rejected_candidate"])  # kept in the work dir for the operator to measure
+    assert kept.metrics["retrain"]["reasons"] == rejected["reasons"]
     assert registry.pointer(engine, "mac")["active_id"] == second
     engine.dispose()
 

@@ -247,15 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
 
-    # 5. register only what passed
+    # 5. register only what passed; a rejected candidate is kept in the work dir (never registered)
+    # so that the operator can measure what the gate refused
+    candidate_dir = run_dir / ("candidate" if accepted else "rejected")
+    metrics = {"retrain": {k: v for k, v in report.items() if k != "decision"}}
+    save_mac(candidate_dir, candidate, base_model=args.base_model, base_config=base.config,
+             encoder=manifest.config["encoder"], metrics=metrics,
+             training_data={"source": "self-written questions + prompted-model answers on ingested documents",
+                            "documents": args.jsonl or "service database", "parent": current_id,
+                            "qa_tuning": qa_tuning})
+    if not accepted:
+        report["rejected_candidate"] = str(candidate_dir)
     if accepted:
-        candidate_dir = run_dir / "candidate"
-        metrics = {"retrain": {k: v for k, v in report.items() if k != "decision"}}
-        save_mac(candidate_dir, candidate, base_model=args.base_model, base_config=base.config,
-                 encoder=manifest.config["encoder"], metrics=metrics,
-                 training_data={"source": "self-written questions + prompted-model answers on ingested documents",
-                                "documents": args.jsonl or "service database", "parent": current_id,
-                                "qa_tuning": qa_tuning})
         if args.out:
             save_mac(args.out, candidate, base_model=args.base_model, base_config=base.config,
                      encoder=manifest.config["encoder"], metrics=metrics)
