@@ -5,7 +5,7 @@ is sequence-level distillation of the prompted model into the memory (KV-Distill
 teacher; "Can gradient descent simulate prompting?"'s prompted targets). The questions come from
 the base *without* the QA-format tuning: the tuning taught the model to answer in a few words, so
 asked to write questions the tuned SmolLM2-135M answered instead (1 question for 5 documents,
-measured; the untuned one wrote 17 of 20).
+measured; the untuned one, with the prompt below, wrote 17 of 20 for 10 documents).
 
 The signal is written to a JSONL file one document at a time, so an interrupted job resumes where
 it stopped; under ``torchrun`` each process writes its own share.
@@ -26,9 +26,10 @@ from training.generation import chat_input_ids
 from training.pipeline import generate
 from training.types import Document, Question
 
-# the text first, the instruction last: with the instruction first SmolLM2-135M often continued or
-# answered the text instead (measured on 10 squad-seq val / RealTimeQA 2023 documents: 17 of 20
-# questions written this way, the instruction-first prompt gave 4 of 10 documents a question at all)
+# the text first, the instruction last: with the instruction first SmolLM2-135M often copied the
+# text instead (measured, untuned model, 10 squad-seq val / RealTimeQA 2023 documents: 17 of 20
+# questions written this way; 10 of 20 with an instruction-first prompt asking for "Q:" lines; the
+# earlier instruction-first prompt gave 5 of 10 on the first 5 documents, the rest copied text)
 QUESTION_INSTRUCTION = (
     "{text}\n\nWrite {n} short questions about the text above, one per line. Each question must end "
     "with a question mark and be answerable with a name, number, date or short phrase copied from the text."
