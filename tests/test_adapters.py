@@ -67,7 +67,7 @@ def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, ti
            "FRESHLM_BASE_MODEL": str(tiny_model_dir), "FRESHLM_UPDATER": "uniform", "FRESHLM_ADAPTER_LR": "0.05",
            "FRESHLM_LOG_JSON": "false", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "service.worker", "--rebuild-adapter", "--tenant", DEFAULT_TENANT],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     cli_version = json.loads(out.stdout.strip().splitlines()[-1])[DEFAULT_TENANT]["version"]
     listing = client.get("/adapters").json()

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
-
 from pathlib import Path
 
 import httpx
 
-from training.mac.runtime import bank_name
-from training.memory import RedisMemoryBank
 from tests.conftest import _free_port, wait_for
 from tests.test_deploy import Topology, topology_env
+from training.mac.runtime import bank_name
+from training.memory import RedisMemoryBank
 
 USER = {"Authorization": "Bearer user-key"}
 ADMIN = {"Authorization": "Bearer op-key"}
