@@ -1,6 +1,10 @@
 """Adapter versions through the API: updates from documents, rollback, delete + rebuild, and
 questions answered continuously while versions are swapped."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,7 +12,7 @@ import torch
 
 from service.adapters import store as adapter_store
 from service.db import DEFAULT_TENANT, open_database
-from tests.conftest import wait_for, wait_ingested
+from tests.conftest import REPO_ROOT, wait_for, wait_ingested
 from training.lora import LoraSpec
 from training.models import ModelSettings, load_causal_lm
 from training.updates import LoraUpdater, UpdateConfig, uniform_weights
@@ -43,7 +47,7 @@ def test_documents_update_the_adapter_and_rollback_is_a_pointer_flip(make_client
     assert client.post("/adapters/NOT-HEX/activate").status_code == 422
 
 
-def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, tiny_model_dir):
+def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, tiny_model_dir, tmp_path, redis_url):
     client = make_client(base_model=str(tiny_model_dir), updater="uniform", adapter_lr=0.05)
     client.post("/documents", json={"documents": DOCS})
     wait_ingested(client, ["a-1", "a-2"])
@@ -58,6 +62,17 @@ def test_deleting_an_absorbed_document_and_rebuilding_without_it(make_client, ti
 
     version = wait_for(rebuilt, what="the adapter rebuild")
     assert version["documents"] == ["a-2"]
+    # the ops guide's CLI form of the same replay (what `docker compose exec worker` runs)
+    env = {**os.environ, "FRESHLM_DATA_DIR": str(tmp_path / "var"), "FRESHLM_REDIS_URL": redis_url,
+           "FRESHLM_BASE_MODEL": str(tiny_model_dir), "FRESHLM_UPDATER": "uniform", "FRESHLM_ADAPTER_LR": "0.05",
+           "FRESHLM_LOG_JSON": "false", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "service.worker", "--rebuild-adapter", "--tenant", DEFAULT_TENANT],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli_version = json.loads(out.stdout.strip().splitlines()[-1])[DEFAULT_TENANT]["version"]
+    listing = client.get("/adapters").json()
+    (replayed,) = [v for v in listing["versions"] if v["version"] == cli_version]
+    assert listing["active"] == cli_version and replayed["kind"] == "rebuild" and replayed["documents"] == ["a-2"]
     assert client.delete("/documents/a-2").json()["absorbed_by_live_adapter"] is True
     assert client.get("/readyz").json()["checks"]["updater"] == "ok"
 

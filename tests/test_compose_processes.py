@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import httpx
 
 from tests.conftest import _free_port, wait_for
 from tests.test_deploy import Topology, topology_env
+from training.mac.runtime import bank_name
+from training.memory import RedisMemoryBank
 
 USER = {"Authorization": "Bearer user-key"}
 ADMIN = {"Authorization": "Bearer op-key"}
@@ -35,7 +38,8 @@ def start_topology(tmp_path, postgres_url, redis_url, tiny_model_dir, mac_artifa
     top = Topology(tmp_path, topology_env(tmp_path, postgres_url, redis_url, tiny_model_dir, mac_artifact_dir))
     migrate = top.run("migrate", ["-m", "service.migrate"])
     assert migrate.returncode == 0 and "database schema at revision" in top.log("migrate"), top.log("migrate")
-    top.start("worker", ["-m", "service.worker"])
+    top.metrics_port = _free_port()  # the compose worker's command: freshlm-worker --metrics-port 9100
+    top.start("worker", ["-m", "service.worker", "--metrics-port", str(top.metrics_port)])
     top.start_api("api-1", _free_port())
     top.start_api("api-2", _free_port())
     for name, url in top.urls.items():
@@ -52,6 +56,8 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         assert one.post("/documents", json={"documents": DOCS}).status_code == 202
         wait_for(lambda: all(two.get(f"/documents/{d['id']}").json()["status"] == "ingested" for d in DOCS),
                  timeout=600, what="the worker process to ingest")
+        # the worker's healthcheck in the compose file: its metrics endpoint answers 200
+        assert "freshlm_ingest_seconds" in httpx.get(f"http://127.0.0.1:{top.metrics_port}/metrics").text
         ready = two.get("/readyz").json()
         assert ready["checks"]["worker"] == "external: run freshlm-worker" and ready["checks"]["schema"] == "ok"
         mac_id = ready["artifacts"]["mac"]["serving"]
@@ -106,6 +112,14 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         assert listing["pointers"][0] == {"kind": "mac", "active": new_id, "serving": new_id, "switch": None}
         (new,) = [a for a in listing["artifacts"] if a["id"] == new_id]
         assert new["parent"] == mac_id and new["source"] == "retrain" and "retrain" in new["metrics"]
+        # the ops guide's "delete a bank you no longer want": the old artifact's keys by pattern
+        # (redis-cli --scan --pattern is the same SCAN MATCH); the serving bank keeps its entries
+        old_keys = list(redis_client.scan_iter(match=f"freshlm:{{{bank_name(mac_artifact_dir)}*"))
+        assert old_keys and redis_client.delete(*old_keys) == len(old_keys)
+        assert len(RedisMemoryBank(redis_client, bank=bank_name(Path(report["path"])))) == len(DOCS)
+        after = one.post("/ask", json={"question": "Who signed the log on day 5?", "strategy": "mac+rag",
+                                       "max_new_tokens": 2})
+        assert after.status_code == 200 and after.json()["memory_documents"]
     finally:
         codes = top.stop()
     assert_clean_stop(top, codes)

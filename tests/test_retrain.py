@@ -68,11 +68,35 @@ def test_the_shipped_canary_set_is_labelled_and_self_contained():
 def test_signal_parsing_and_corruption():
     written = "1. Who signed the log on day 3?\n2) How many passengers did the ferry carry?\nok\n2) How many passengers did the ferry carry?"
     assert parse_questions(written, 3) == ["Who signed the log on day 3?", "How many passengers did the ferry carry?"]
-    assert parse_questions("The harbour master signed the log.", 2) == ["The harbour master signed the log?"]
+    assert parse_questions("Who signed the log on day 3\n\nThe harbour master signed the log.", 2) == [
+        "Who signed the log on day 3?"]  # a question without its mark counts, a sentence does not
     questions = [Question(f"q{i}", "Who?", (NAMES[i],), (f"d{i}",)) for i in range(5)]
     shuffled = corrupt(questions, "shuffle")
     assert sorted(q.answers for q in shuffled) == sorted(q.answers for q in questions)
     assert all(s.answers != q.answers for s, q in zip(shuffled, questions))  # no answer stays on its question
+
+
+def test_export_of_harness_streams_is_the_jobs_input(tmp_path, capsys):
+    """``python -m training.eval.export``: the harness's subset of each stream, ids prefixed per
+    dataset, no question lines with ``--documents-only``; the job reads it, and ``--help`` works."""
+    from training.eval.export import main as export
+
+    source = write_export(tmp_path / "stream.jsonl", _docs())
+    out = tmp_path / "export.jsonl"
+    assert export(["--stream", f"jsonl:{source}:all:3:2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows if r["type"] == "document"] == ["d0", "d1", "d2"]
+    assert sorted(r["doc_ids"][0] for r in rows if r["type"] == "question") in (["d0", "d1"], ["d0", "d2"], ["d1", "d2"])
+    other = write_export(tmp_path / "other.jsonl", [{"id": "e0", "text": "Another bulletin."}])
+    assert export(["--documents-only", "--stream", f"jsonl:{source}:all:2", "--stream", f"jsonl:{other}:all",
+                   "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["jsonl/d0", "jsonl/d1", "jsonl/e0"] and {r["type"] for r in rows} == {"document"}
+    assert export(["--stream", "nope:x:y", "--out", str(out)]) == 2
+    assert export(["--stream", f"jsonl:{source}:all", "--stream", f"jsonl:{source}:all", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as help_exit:  # the ops guide's `python -m training.retrain --help`
+        retrain(["--help"])
+    assert help_exit.value.code == 0 and "--jsonl" in capsys.readouterr().out
 
 
 def _service_database(url: str, docs: list[dict]) -> None:
@@ -122,6 +146,8 @@ def test_gate_registers_a_trained_artifact_and_rejects_a_broken_signal(tmp_path,
     held = rejected["figures"]
     assert held["new"]["held_out"]["nll"] > held["current"]["held_out"]["nll"]
     assert {r["id"] for r in registry.list_artifacts(engine, "mac")} == {first, second}  # nothing new registered
+    kept = read_manifest(rejected["rejected_candidate"])  # kept in the work dir for the operator to measure
+    assert kept.metrics["retrain"]["reasons"] == rejected["reasons"]
     assert registry.pointer(engine, "mac")["active_id"] == second
     engine.dispose()
 

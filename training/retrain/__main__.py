@@ -4,8 +4,9 @@ the service ingested, without labels, and register it only if it is not worse.
 1. documents: the service's database, read-only (``--database-url``, default
    ``$FRESHLM_DATABASE_URL``), or a JSONL export (``--jsonl``); a stable slice (by id hash) is
    held out;
-2. signal: the QA-tuned base writes questions about each document, the model prompted with the
-   whole document answers them (``signal``), saved in ``--work-dir`` as it goes (resumable);
+2. signal: the base model (without the QA-format tuning) writes questions about each document,
+   the QA-tuned model prompted with the whole document answers them (``signal``), saved in
+   ``--work-dir`` as it goes (resumable);
 3. training: ``training.mac.train.train_mac`` from the current artifact's weights on the signal of
    the training documents (checkpointed in ``--work-dir``: a second run resumes), data parallel
    under ``torchrun``;
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ModelSettings(base_model=args.base_model)
     base, tokenizer = load_causal_lm(args.base_model, settings)
     qa_tuning = _qa_tuning(args.qa_tuning, args.base_model)
+    writer = None  # the untuned base writes the questions (``signal``): the tuned one answers instead
+    if qa_tuning and args.questions_per_doc > 0:
+        writer = load_causal_lm(args.base_model, settings)[0].requires_grad_(False).eval()
     if qa_tuning:
         from training.qa_tuning import apply_qa_tuning
 
@@ -174,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = work / f"{current_id[:16]}{'-' + args.corrupt_signal if args.corrupt_signal else ''}"
     signal_deadline = started + 0.5 * (deadline - started) if deadline else None
     mine = [d for i, d in enumerate(docs) if i % world == rank]
+    loaded = time.monotonic()
+    written = 0
     if args.questions_per_doc > 0:
-        extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline, progress,
-                      question_tokens=args.question_tokens, answer_tokens=args.answer_tokens)
+        written = extend_signal(base, tokenizer, mine, signal_files[rank], args.questions_per_doc, signal_deadline,
+                                progress, question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
+                                writer=writer)
+    writer = None  # free it before training
     distributed.barrier()
+    signal_done = time.monotonic()
     signal = read_signal(signal_files)
     train_questions = questions_of(signal, train_docs)
     held_questions = questions_of(signal, held)
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     state = train_mac(candidate, base, tokenizer, train_set, held_set, cfg, checkpoint=run_dir / "mac.ckpt.pt",
                       progress=progress, shard=(rank, world),
                       reduce_grads=distributed.reduce_grads if world > 1 else None)
+    trained = time.monotonic()
     if rank != 0:
         distributed.finish()
         return 0
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                             head=head, max_new_tokens=args.answer_tokens))
     results = {"current": {"held_out": figures(validations[0]), "canary": evaluate(current)},
                "new": {"held_out": figures(validations[-1]), "canary": evaluate(candidate)}}
+    gated = time.monotonic()
     accepted, reasons = decide(results["current"], results["new"],
                                GateConfig(f1_tolerance=args.f1_tolerance, nll_tolerance=args.nll_tolerance))
     report = {
@@ -226,18 +237,28 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_documents": len(held), "train_questions": len(train_questions),
         "held_out_questions": len(held_questions), "canary_questions": len(canary.questions),
         "corrupt_signal": args.corrupt_signal, "steps": state["step"], "processes": world,
-        "minutes": round((time.monotonic() - started) / 60, 2), "finished_at": datetime.now(timezone.utc).isoformat(),
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        # where the time went (this run; a resumed signal was partly written before): the signal
+        # documents written by this process, and minutes of loading, signal, training (incl. its
+        # two held-out validations) and the canary evaluation
+        "signal_documents_written": written,
+        "phase_minutes": {"load": round((loaded - started) / 60, 2), "signal": round((signal_done - loaded) / 60, 2),
+                          "train": round((trained - signal_done) / 60, 2), "canary": round((gated - trained) / 60, 2)},
+        "finished_at": datetime.now(timezone.utc).isoformat(),
     }
 
-    # 5. register only what passed
+    # 5. register only what passed; a rejected candidate is kept in the work dir (never registered)
+    # so that the operator can measure what the gate refused
+    candidate_dir = run_dir / ("candidate" if accepted else "rejected")
+    metrics = {"retrain": {k: v for k, v in report.items() if k != "decision"}}
+    save_mac(candidate_dir, candidate, base_model=args.base_model, base_config=base.config,
+             encoder=manifest.config["encoder"], metrics=metrics,
+             training_data={"source": "self-written questions + prompted-model answers on ingested documents",
+                            "documents": args.jsonl or "service database", "parent": current_id,
+                            "qa_tuning": qa_tuning})
+    if not accepted:
+        report["rejected_candidate"] = str(candidate_dir)
     if accepted:
-        candidate_dir = run_dir / "candidate"
-        metrics = {"retrain": {k: v for k, v in report.items() if k != "decision"}}
-        save_mac(candidate_dir, candidate, base_model=args.base_model, base_config=base.config,
-                 encoder=manifest.config["encoder"], metrics=metrics,
-                 training_data={"source": "self-written questions + prompted-model answers on ingested documents",
-                                "documents": args.jsonl or "service database", "parent": current_id,
-                                "qa_tuning": qa_tuning})
         if args.out:
             save_mac(args.out, candidate, base_model=args.base_model, base_config=base.config,
                      encoder=manifest.config["encoder"], metrics=metrics)
