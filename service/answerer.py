@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -34,7 +35,8 @@ from service.core.errors import BadRequest, ClientGone, TooLarge, Unavailable
 from service.corpus_index import CorpusIndex
 from service.scheduler import AskJob, Scheduler
 from training.mac.runtime import MacRuntime
-from training.pipeline import PipelineConfig, PromptTooLong, fit_passages, parse_strategy, prompt_budget, strategy_name
+from training.pipeline import (PipelineConfig, PromptTooLong, fit_passages, parse_strategy, plain_prompt_ids,
+                               prompt_budget, strategy_name)
 from training.retrieval import Passage
 
 _POLL_SECONDS = 0.25  # how often a waiting request looks for its client and its deadline
@@ -61,7 +63,8 @@ class Prepared:
     question: str
     use: set[str]
     passages: list[Passage]
-    texts: list[str] | None  # the passages' text as it goes in the prompt
+    texts: list[str] | None  # MAC: the passages' text as it goes in the prompt
+    prompt_ids: torch.Tensor | None  # without MAC: the prompt's token ids (``plain_prompt_ids``)
     mac: MacRuntime | None
     version: str | None
     max_new_tokens: int
@@ -139,11 +142,15 @@ class Answerer:
             version = None
         texts = [p.text for p in passages] if passages else None
         budget = prompt_budget(self.model, max_new_tokens, self.config.max_prompt_tokens, mac)
-        try:
-            texts = fit_passages(self.tokenizer, question, texts, budget)
+        prompt_ids = None
+        try:  # here, not in the scheduler's thread: the model waits for nothing but the model
+            if mac is None:
+                prompt_ids = plain_prompt_ids(self.tokenizer, question, texts, budget)
+            else:
+                texts = fit_passages(self.tokenizer, question, texts, budget)
         except PromptTooLong as exc:
             raise TooLarge(str(exc)) from None
-        return Prepared(tenant, question, use, passages, texts, mac, version, max_new_tokens,
+        return Prepared(tenant, question, use, passages, texts, prompt_ids, mac, version, max_new_tokens,
                         time.perf_counter() - start)
 
     def submit(self, prepared: Prepared, deadline: float) -> Submitted:
@@ -151,7 +158,8 @@ class Answerer:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = AskJob(prepared.tenant, prepared.question, prepared.texts, prepared.mac, prepared.version,
-                     prepared.max_new_tokens, deadline, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                     prepared.max_new_tokens, deadline, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                     prepared.prompt_ids)
         self.scheduler.submit(job)
         return Submitted(prepared, job, events)
 

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -49,7 +50,7 @@ from service.core.errors import DeadlineExceeded, TooLarge, Unavailable, as_serv
 from training.decode_batch import DecodeBatch
 from training.generation import pad_token_id, stop_token_ids
 from training.mac.runtime import MacRuntime
-from training.pipeline import PromptTooLong, generate, plain_prompt_ids, prompt_budget
+from training.pipeline import PromptTooLong, generate
 from training.precision import autocast
 from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.prompts import extract_answer
@@ -90,12 +91,13 @@ class AskJob:
 
     tenant: str
     question: str
-    passages: list[str] | None
+    passages: list[str] | None  # MAC rows: the passages, cut to the prompt budget
     mac: MacRuntime | None
     version: str | None  # the adapter version pinned for the whole answer (None: the base model)
     max_new_tokens: int
     deadline: float  # time.monotonic()
     emit: Callable[[tuple[str, Any]], None]
+    prompt_ids: torch.Tensor | None = None  # rows without MAC memory: the prompt (``plain_prompt_ids``)
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
     first_token: float | None = None
@@ -343,30 +345,21 @@ class Scheduler:
     def _admit(self, joining: list[AskJob]) -> set[int]:
         """Prefill ``joining`` into the decoder; returns the rows to stop after their first token."""
         started = time.perf_counter()
-        budget = {}
-        jobs, prompts = [], []
         for job in joining:
-            budget.setdefault(job.max_new_tokens, prompt_budget(self.model, job.max_new_tokens, self.max_prompt_tokens))
-            try:
-                prompts.append(plain_prompt_ids(self.tokenizer, job.question, job.passages,
-                                                budget[job.max_new_tokens]))
-            except PromptTooLong as exc:
-                self._fail(job, TooLarge(str(exc)))
-                continue
-            jobs.append(job)
             job.started = started
             self.observer.queue_time(started - job.enqueued)
             self._rows[id(job)] = job
-        names = [self.adapters.ensure(job.version) if job.version is not None else None for job in jobs]
+        names = [self.adapters.ensure(job.version) if job.version is not None else None for job in joining]
         if self.adapters.peft is not None:
             names = [name or "__base__" for name in names]
         self._decoder.model = self.adapters.model
         stop: set[int] = set()
         with autocast(self.model.device, self.config.bf16):
-            self._decoder.admit(prompts, [id(job) for job in jobs], [job.max_new_tokens for job in jobs],
-                                names, [(job.tenant, job.version) for job in jobs],
+            self._decoder.admit([job.prompt_ids for job in joining], [id(job) for job in joining],
+                                [job.max_new_tokens for job in joining], names,
+                                [(job.tenant, job.version) for job in joining],
                                 on_first=lambda key, token: stop.update(self._handle({key: token})))
-        for job in jobs:
+        for job in joining:
             job.batch_size = max(job.batch_size, len(self._decoder))
         return stop
 
