@@ -157,18 +157,13 @@ class DecodeBatch:
                           namespaces: list[Hashable]) -> _Block:
         """All rows' uncached tails in one forward pass: each row's cached prefix right-aligned in
         the first ``P`` positions, its tail right-aligned in the next ``S``, the gaps masked."""
-        hits = [self.prefix_cache.lookup(ns, ids.tolist()) if self.prefix_cache else (0, None)
-                for ids, ns in zip(prompts, namespaces)]
+        hits = self._lookups(prompts, namespaces)
         starts = [start for start, _ in hits]
         P, S = max(starts), max(len(ids) - start for ids, start in zip(prompts, starts))
         input_ids = torch.full((len(prompts), S), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), P + S), dtype=torch.long)
         positions = torch.zeros((len(prompts), S), dtype=torch.long)
-        for row, (ids, start) in enumerate(zip(prompts, starts)):
-            tail = len(ids) - start
-            input_ids[row, S - tail:] = ids[start:]
-            attention[row, P - start:P] = attention[row, P + S - tail:] = 1
-            positions[row, S - tail:] = torch.arange(start, len(ids))
+        _place_tails(prompts, starts, input_ids, attention, positions, P, first_row=0)
         cache = None
         if P > 0:
             template = next(c for _, c in hits if c is not None)
@@ -180,14 +175,27 @@ class DecodeBatch:
             cache.layers = [_RoomyLayer(*_right_aligned(rows, P, room=S), P) for rows in per_layer]
         out = self._forward(input_ids, attention, positions, cache, adapters)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        if self.prefix_cache is not None:
-            for row, (ids, ns) in enumerate(zip(prompts, namespaces)):
-                if not self.prefix_cache.holds(ns, ids.tolist()):
-                    keep = attention[row].bool()  # this row's positions
-                    self.prefix_cache.store(ns, ids.tolist(), [(k[row:row + 1, :, keep], v[row:row + 1, :, keep])
-                                                               for k, v in layers])
+        self._keep_prompts(prompts, namespaces, layers, attention, first_row=0)
         return _Block(layers, attention, torch.tensor([len(ids) for ids in prompts]),
                       out.logits[:, -1].argmax(-1).tolist())
+
+    def _lookups(self, prompts: list[torch.Tensor], namespaces: list[Hashable]) -> list[tuple]:
+        """Each prompt's longest cached prefix: ``(length, cache or None)``."""
+        return [self.prefix_cache.lookup(ns, ids.tolist()) if self.prefix_cache else (0, None)
+                for ids, ns in zip(prompts, namespaces)]
+
+    def _keep_prompts(self, prompts: list[torch.Tensor], namespaces: list[Hashable],
+                      layers: list[tuple[torch.Tensor, torch.Tensor]], attention: torch.Tensor, first_row: int) -> None:
+        """Leave each new row's prompt in the prefix cache: its key/values at the positions its
+        attention mask marks (``layers`` hold at least as many positions as the mask)."""
+        if self.prefix_cache is None:
+            return
+        width = attention.shape[1]
+        for row, (ids, ns) in enumerate(zip(prompts, namespaces), start=first_row):
+            if not self.prefix_cache.holds(ns, ids.tolist()):
+                keep = attention[row].bool()
+                self.prefix_cache.store(ns, ids.tolist(), [(k[row:row + 1, :, :width][:, :, keep],
+                                                            v[row:row + 1, :, :width][:, :, keep]) for k, v in layers])
 
     def _join(self, blocks: list[_Block], new: list[_Row]) -> None:
         """The running rows and the new blocks in one cache, right-aligned at the longest, with room
@@ -256,8 +264,8 @@ class DecodeBatch:
             prompts, keys, limits, adapters, namespaces = (list(column) for column in zip(*pending))
             self.admit(prompts, keys, limits, adapters, namespaces, on_first=firsts.__setitem__)
             return firsts
-        hits = [self.prefix_cache.lookup(ns, ids.tolist()) if self.prefix_cache else (0, None)
-                for ids, _, _, _, ns in pending]
+        prompts, namespaces = [p[0] for p in pending], [p[4] for p in pending]
+        hits = self._lookups(prompts, namespaces)
         starts = [start for start, _ in hits]
         running = len(self.rows)
         length = max([self._length] + starts)
@@ -276,24 +284,14 @@ class DecodeBatch:
         attention[:running, length - self._length:length] = self._attention
         attention[:running, -1] = 1
         input_ids[:running, -1], positions[:running, -1] = self._next, self._positions
-        for row, ((ids, *_), start) in enumerate(zip(pending, starts), start=running):
-            tail = len(ids) - start
-            input_ids[row, S - tail:] = ids[start:]
-            attention[row, length - start:length] = attention[row, length + S - tail:] = 1
-            positions[row, S - tail:] = torch.arange(start, len(ids))
+        _place_tails(prompts, starts, input_ids, attention, positions, length, first_row=running)
         cache = DynamicCache()
         cache.layers = [_RoomyLayer(k, v, length) for k, v in layers]
         out = self._forward(input_ids, attention, positions, cache, [row.adapter for row in rows])
         self._layers = [(layer._keys, layer._values) for layer in cache.layers]
         self._length, self._attention, self.rows = length + S, attention, rows
-        self._positions = torch.cat([self._positions + 1, torch.tensor([len(ids) for ids, *_ in pending])])
-        if self.prefix_cache is not None:
-            for row, (ids, _, _, _, ns) in enumerate(pending, start=running):
-                if not self.prefix_cache.holds(ns, ids.tolist()):
-                    keep = attention[row].bool()
-                    self.prefix_cache.store(ns, ids.tolist(), [(k[row:row + 1, :, :length + S][:, :, keep],
-                                                                v[row:row + 1, :, :length + S][:, :, keep])
-                                                               for k, v in self._layers])
+        self._positions = torch.cat([self._positions + 1, torch.tensor([len(ids) for ids in prompts])])
+        self._keep_prompts(prompts, namespaces, self._layers, attention, first_row=running)
         return self._take_tokens(out.logits[:, -1].argmax(-1).cpu())
 
     def drop(self, keys: set[Hashable]) -> None:
@@ -319,6 +317,18 @@ class DecodeBatch:
         if not self.rows:
             self._layers, self._length = [], 0
             self._attention = torch.zeros((0, 0), dtype=torch.long)
+
+
+def _place_tails(prompts: list[torch.Tensor], starts: list[int], input_ids: torch.Tensor, attention: torch.Tensor,
+                 positions: torch.Tensor, length: int, first_row: int) -> None:
+    """Rows ``first_row...``: each prompt's uncached tail right-aligned in the ``S`` input positions
+    (at its own positions), its cached prefix marked right-aligned at ``length`` in the mask."""
+    S = input_ids.shape[1]
+    for row, (ids, start) in enumerate(zip(prompts, starts), start=first_row):
+        tail = len(ids) - start
+        input_ids[row, S - tail:] = ids[start:]
+        attention[row, length - start:length] = attention[row, length + S - tail:length + S] = 1
+        positions[row, S - tail:] = torch.arange(start, len(ids))
 
 
 def _right_aligned(parts: list[tuple[torch.Tensor, torch.Tensor]], length: int, room: int):

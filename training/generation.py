@@ -122,7 +122,7 @@ def generate_answers(
         return decode_prompts(model, tokenizer, encoded, max_new_tokens, deadline, on_step, prefix_cache,
                               cache_namespaces, **generate_kwargs)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     answers: list[str] = [""] * len(encoded)
     per_row = {k: v for k, v in generate_kwargs.items() if k == "adapter_names" and isinstance(v, list)}
     stop_ids = stop_token_ids(model, tokenizer) if on_step is not None else set()
@@ -161,8 +161,7 @@ def decode_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     ``DecodeBatch`` (what the service's scheduler runs): each prefilled after its cached prefix,
     each first token reported as soon as it exists, then one step at a time for all. ``deadline``,
     ``on_step``: as ``generate_answers``."""
-    pad = pad_token_id(tokenizer)
-    batch = DecodeBatch(model, stop_token_ids(model, tokenizer), pad, prefix_cache)
+    batch = DecodeBatch(model, stop_token_ids(model, tokenizer), pad_token_id(tokenizer), prefix_cache)
     indices, stopped, hit = list(range(len(prompts))), set(), False
 
     def report(tokens: dict[int, int | None]) -> None:

@@ -2,7 +2,7 @@
 their prefill (vLLM's automatic prefix caching, SGLang's RadixAttention).
 
 On a CPU, prefill is most of a short answer's cost (SmolLM2-135M, one thread: ~0.55 s for a
-230-token retrieval prompt against ~0.03 s per generated token), and a news service's prompts
+230-token retrieval prompt against ~0.07 s per decoding step, and answers of a few tokens), and a news service's prompts
 share a lot: every prompt starts with the same system prompt, and questions about the same article
 retrieve the same passages, which come before the question (``training.prompts.qa_messages``).
 
@@ -11,8 +11,8 @@ the key/values depend on the adapter's weights, and a tenant must not learn from
 another tenant asked about). Prefixes are cut at multiples of ``block_tokens`` and looked up
 longest first; the cache holds whole entries in least-recently-used order within ``max_bytes``.
 Reused key/values are the ones the same tokens produced before, so answers match those of a
-full prefill up to float rounding (greedy answers were identical in the tests and the equality
-runs of docs/BENCHMARKS.md).
+full prefill up to float rounding (greedy answers were identical in the tests, on tiny models and
+SmolLM2, and in every pair of the load run's lone-asker comparison).
 """
 
 from __future__ import annotations

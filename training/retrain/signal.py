@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.generation import chat_input_ids
+from training.generation import chat_input_ids, pad_token_id
 from training.pipeline import generate
 from training.types import Document, Question
 
@@ -66,7 +66,7 @@ def write_questions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Questions ``model`` writes about ``doc`` (greedy, one generation for all ``n``)."""
     prompt = QUESTION_INSTRUCTION.format(n=n, text=_cut(tokenizer, doc.text, max_doc_tokens))
     ids = chat_input_ids(tokenizer, [{"role": "user", "content": prompt}]).to(model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad)
     return parse_questions(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), n)
