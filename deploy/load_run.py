@@ -112,16 +112,18 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
                          budget_seconds: float) -> dict:
     """Alternate ``POST /ask`` (client-side latency) with a direct ``training.pipeline.generate``
     call on the same question and the passages the answer used, in this process (the same model,
-    QA tuning and prefix cache as the server's defaults: both reuse the prompts' key/values from the
+    QA tuning, precision and prefix cache as the server's defaults: both reuse the prompts' key/values from the
     second round of questions on); nothing else asks meanwhile."""
     from service.core.config import Settings
     from service.runtime import load_base_model
     from training.pipeline import generate
+    from training.precision import autocast
     from training.prefix_cache import PrefixCache
 
     settings = Settings(_env_file=None)  # FRESHLM_* as the servers got them
     model, tokenizer = load_base_model(settings)
-    cache = PrefixCache(settings.scheduler_config(model.device).prefix_cache)
+    config = settings.scheduler_config(model.device)
+    cache = PrefixCache(config.prefix_cache)
     out: dict[str, dict] = {}
     per_strategy = budget_seconds / len(strategies)
     with httpx.Client(base_url=base, timeout=600) as client:
@@ -138,7 +140,9 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
                 ask_seconds = time.perf_counter() - start
                 passages = [d["passage"] for d in body["documents"]] or None
                 start = time.perf_counter()
-                ((answer, *_),) = generate(model, tokenizer, [question], [passages], max_new_tokens, prefix_cache=cache)
+                with autocast(model.device, config.bf16):  # the server's precision (FRESHLM_CPU_BF16)
+                    ((answer, *_),) = generate(model, tokenizer, [question], [passages], max_new_tokens,
+                                               prefix_cache=cache)
                 directs.append(time.perf_counter() - start)
                 asks.append(ask_seconds)
                 same += answer == body["answer"]

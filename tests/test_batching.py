@@ -114,7 +114,7 @@ def test_bf16_autocast_only_where_asked_or_native(one_torch_thread):
     from training.precision import autocast, cpu_bf16_enabled, cpu_bf16_flags
 
     assert not cpu_bf16_enabled("off", "cpu") and cpu_bf16_enabled("on", "cpu")
-    assert cpu_bf16_enabled("auto", "cpu") == (bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available())
+    assert cpu_bf16_enabled("auto", "cpu") == ("amx_bf16" in cpu_bf16_flags() and torch.backends.mkldnn.is_available())
     model, tokenizer = sharp("llama")
     ids = tokenizer("Who approved the bridge?", return_tensors="pt")["input_ids"]
     with autocast("cpu", True):

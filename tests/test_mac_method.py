@@ -163,3 +163,24 @@ def test_mac_read_methods_share_one_write_per_document(ctx_and_artifact):
         assert not torch.equal(b, c) and torch.allclose(b, c, atol=(b.abs().max() / 7).item())  # int4: within a step
     assert fp16.answer(QUESTIONS) == plain.answer(QUESTIONS)
     assert len(int4.answer(QUESTIONS)) == 2
+
+
+def test_fewer_doc_slots_keep_the_highest_scoring_subset_of_the_same_write(ctx_and_artifact):
+    """``mac_read:...-s<N>`` (``MacReadConfig.doc_slots``): an entry keeps N document slots per chunk,
+    the N best heavy hitters of the same forward pass, and the same memory tokens, so entries shrink
+    from the same weights; each slot count is a write of its own."""
+    ctx, mac = ctx_and_artifact
+    full, few = build_method("mac_read:float16", ctx), build_method("mac_read:float16-s3", ctx)
+    doc = DOCS[1]
+    full.ingest(doc), few.ingest(doc)
+    (a,), (b,) = full.runtime.bank.get([doc.id]), few.runtime.bank.get([doc.id])
+    head = prompt_head(ctx.model, ctx.tokenizer)
+    assert b.shape[3] == expected_slots(TINY_MAC.model_copy(update={"doc_slots": 3}), ctx.tokenizer, head, doc.text)
+    assert a.shape[3] == expected_slots(TINY_MAC, ctx.tokenizer, head, doc.text) > b.shape[3]
+    memory = TINY_MAC.memory_tokens
+    torch.testing.assert_close(a[..., -memory:, :], b[..., -memory:, :])  # one chunk: its memory tokens last
+    kept, chosen = a[..., :-memory, :], b[..., :-memory, :]
+    matches = (chosen.unsqueeze(4) - kept.unsqueeze(3)).abs().amax(-1) < 1e-6  # [layers, 2, heads, 3, 8]
+    assert matches.any(-1).all()  # every kept slot is one of the full entry's
+    assert len(few.answer(QUESTIONS)) == 2
+    assert few.stored_bytes() < full.stored_bytes()

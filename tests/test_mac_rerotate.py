@@ -102,6 +102,8 @@ def test_mac_read_settings_parse_and_refuse_unknown_parts():
     base = MacReadConfig()
     assert parse_read_settings("int4-k2-rot", base) == MacReadConfig(storage="int4", top_k=2, rerotate=True)
     assert parse_read_settings("kall", base).top_k is None
+    assert parse_read_settings("int2-s20-k3-rot", base) == MacReadConfig(storage="int2", doc_slots=20, top_k=3,
+                                                                        rerotate=True)
     with pytest.raises(ValueError, match="unknown setting"):
         parse_read_settings("int3", base)
     with pytest.raises(ValueError, match="rerotate needs a top_k"):

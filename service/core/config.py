@@ -77,8 +77,8 @@ class Settings(BaseSettings):
                                                              "start alike (system prompt, same passages; per tenant "
                                                              "and adapter version; 0: off)")
     cpu_bf16: Literal["auto", "on", "off"] = Field(
-        "auto", description="bf16 autocast for generation on a CPU: auto = only where the CPU has native bf16 "
-                            "(avx512_bf16 / amx_bf16), off = never")
+        "auto", description="bf16 autocast for generation on a CPU: auto = only where the CPU "
+                            "has AMX (amx_bf16; avx512_bf16 alone measured slower than fp32), on = always, off = never")
     index_refresh_seconds: float = Field(1.0, gt=0, description="how often the retrieval index catches up with "
                                                                 "documents another process ingested or deleted")
 
@@ -93,6 +93,8 @@ class Settings(BaseSettings):
                                                           "re-rotated; RoPE base models)")
     mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "
                                                                    "or KIVI int4 / int2")
+    mac_doc_slots: int | None = Field(_MAC.doc_slots, ge=1, description="document slots a new memory entry keeps per "
+                                                                        "256-token chunk (none: the artifact's own)")
 
     # adapter updates (training.updates.UpdateConfig; a meta-trained init brings its own rank, optimizer and lr)
     adapter_optimizer: Literal["adam", "sgd"] = _UPDATE.optimizer
@@ -134,7 +136,10 @@ class Settings(BaseSettings):
     port: int = 8000
     header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive within this "
                                                                   "(slow-header clients get 408 and are dropped)")
-    keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    keep_alive_seconds: int = Field(
+        75, ge=1, description="an idle keep-alive connection is closed after this; longer than clients' and proxies' "
+                              "own idle limits (httpx 5 s, nginx upstream 60 s), so that they close first: a request sent "
+                              "on a connection the server is closing at that moment is reset")
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers (larger: 431)")
 
     @field_validator("data_dir", "cache_dir")
@@ -205,7 +210,7 @@ class Settings(BaseSettings):
 
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
-                             rerotate=self.mac_rerotate)
+                             rerotate=self.mac_rerotate, doc_slots=self.mac_doc_slots)
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,

@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAC: memory entries read from the bank at a time")
     p.add_argument("--mac-storage", choices=STORAGES, default=MacReadConfig().storage,
                    help="MAC: how the bank stores entries (float16, int8, KIVI int4 / int2)")
+    p.add_argument("--mac-doc-slots", type=int, default=MacReadConfig().doc_slots,
+                   help="MAC: document slots an entry keeps per chunk (default: the artifact's own)")
     p.add_argument("--mac-write-cache", help="mac_read methods: directory that keeps written entries across runs "
                                              "(a run cut short resumes without writing them again)")
     p.add_argument("--mac-rerotate", action="store_true",
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  ft_lora_r=args.ft_lora_r, ft_lora_alpha=2 * args.ft_lora_r,
                                  ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact, mac_write_cache=args.mac_write_cache,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
-                                                   storage=args.mac_storage, rerotate=args.mac_rerotate),
+                                                   storage=args.mac_storage, rerotate=args.mac_rerotate,
+                                                   doc_slots=args.mac_doc_slots),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,

@@ -90,7 +90,8 @@ class Amortizer(nn.Module):
         rows = torch.randint(0, table.shape[0], (self.memory_tokens.shape[0],), generator=generator)
         self.memory_tokens.copy_(table[rows.to(table.device)].float())
 
-    def encode_chunk(self, base: PreTrainedModel, head: PromptHead | None, segment: list[int]) -> torch.Tensor:
+    def encode_chunk(self, base: PreTrainedModel, head: PromptHead | None, segment: list[int],
+                     doc_slots: int | None = None) -> torch.Tensor:
         """``[layers, 2, kv_heads, slots, head_dim]`` for one chunk's segment tokens.
 
         Two passes over one cache: the document without autograd (its slots depend on nothing
@@ -111,7 +112,7 @@ class Amortizer(nn.Module):
             tokens = self.memory_tokens.to(base.get_input_embeddings().weight.dtype).unsqueeze(0)
             base.base_model(inputs_embeds=tokens, past_key_values=cache, use_cache=True,
                             position_ids=torch.arange(start + length, start + length + n_tokens, device=device)[None])
-        keep = min(self.config.doc_slots, length)
+        keep = min(doc_slots or self.config.doc_slots, length)
         slots = []
         for layer, score in zip(cache.layers, scores):
             keys, values = layer.keys[0, :, start:], layer.values[0, :, start:]  # [kv_heads, length + tokens, d]
@@ -122,10 +123,12 @@ class Amortizer(nn.Module):
         return torch.stack(slots)
 
     def forward(
-        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str,
+        doc_slots: int | None = None,
     ) -> torch.Tensor:
-        """The memory entry of one document: its chunks' slots side by side."""
+        """The memory entry of one document: its chunks' slots side by side (``doc_slots`` document
+        slots per chunk, else the config's: fewer slots make smaller entries from the same weights)."""
         limit = self.config.chunk_tokens + SEGMENT_OVERHEAD  # MAC.start puts questions after this
-        chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit])
+        chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit], doc_slots)
                   for chunk in chunk_texts(tokenizer, text, self.config)]
         return torch.cat(chunks, dim=3)

@@ -89,7 +89,8 @@ class MACMethod:
 
 def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
     """``float16|int8|int4|int2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
-    joined by ``-`` (the harness splits its method list on commas), over ``base``."""
+    ``s<N>`` (document slots kept per chunk), joined by ``-`` (the harness splits its method list
+    on commas), over ``base``."""
     update: dict = {}
     for part in filter(None, (p.strip() for p in spec.split("-"))):
         if part in STORAGES:
@@ -98,19 +99,20 @@ def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
             update["rerotate"] = part == "rot"
         elif part == "kall":
             update["top_k"] = None
-        elif part.startswith("k") and part[1:].isdigit() and int(part[1:]) >= 1:
-            update["top_k"] = int(part[1:])
+        elif part[:1] in ("k", "s") and part[1:].isdigit() and int(part[1:]) >= 1:
+            update["top_k" if part[0] == "k" else "doc_slots"] = int(part[1:])
         else:
-            raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, norot)")
+            raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, "
+                             f"norot, s<N>)")
     return MacReadConfig.model_validate(base.model_dump() | update)
 
 
-_WRITTEN: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (artifact, text) -> fp32 entry, key
+_WRITTEN: dict[tuple[str, int | None, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (artifact, slots, text) -> fp32 entry, key
 
 
 class SharedIngestMAC(MACMethod):
     """``mac_read``: the read settings do not change what is written, so each document is written
-    once per process (one base-model pass) and every ``mac_read`` method of the run stores that
+    once per process and slot count (one base-model pass) and every ``mac_read`` method of the run stores that
     entry in its own bank (quantized as its storage says). Its ``ingest_seconds_per_doc`` is the
     write's only for the first ``mac_read`` method of a run."""
 
@@ -119,15 +121,17 @@ class SharedIngestMAC(MACMethod):
         self.artifact = str(artifact)
 
     def ingest(self, document: Document) -> None:
-        written = _WRITTEN.get((self.artifact, document.text))
+        runtime = self.runtime
+        name = (self.artifact, runtime.config.doc_slots, document.text)
+        written = _WRITTEN.get(name)
         cache = self._cache_file(document.text)
         if written is None and cache is not None and cache.exists():
-            written = _WRITTEN[(self.artifact, document.text)] = tuple(torch.load(cache, weights_only=True))
+            written = _WRITTEN[name] = tuple(torch.load(cache, weights_only=True))
         if written is None:
-            runtime = self.runtime
             with runtime.model_lock:
-                ((memory, key),) = runtime.mac.memorize(runtime.base, runtime.tokenizer, runtime.head, [document.text])
-            written = _WRITTEN[(self.artifact, document.text)] = (memory.detach().cpu(), key.detach().cpu())
+                ((memory, key),) = runtime.mac.memorize(runtime.base, runtime.tokenizer, runtime.head, [document.text],
+                                                        runtime.config.doc_slots)
+            written = _WRITTEN[name] = (memory.detach().cpu(), key.detach().cpu())
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(list(written), cache)
@@ -140,7 +144,8 @@ class SharedIngestMAC(MACMethod):
         if root is None:
             return None
         manifest = (Path(self.artifact) / "manifest.json").read_bytes()
-        return Path(root) / f"{hashlib.sha256(manifest + text.encode()).hexdigest()[:32]}.pt"
+        slots = b"" if self.runtime.config.doc_slots is None else f"slots={self.runtime.config.doc_slots}".encode()
+        return Path(root) / f"{hashlib.sha256(manifest + slots + text.encode()).hexdigest()[:32]}.pt"
 
 
 @register_method("mac_read", family=True)

@@ -55,12 +55,13 @@ class MAC(nn.Module):
         return embed_texts(self.encoder, self.encoder_tokenizer, texts, self.config.key_tokens)
 
     def memorize(
-        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, texts: list[str]
+        self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, texts: list[str],
+        doc_slots: int | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Memory entries ``(slots [layers, 2, kv_heads, n, head_dim], key [dim])`` of documents,
-        one base-model forward pass per chunk, no gradient step."""
+        one base-model forward pass per chunk, no gradient step (``doc_slots``: see ``Amortizer``)."""
         keys = self.keys(texts)
-        return [(self.amortizer(base, tokenizer, head, text), key) for text, key in zip(texts, keys)]
+        return [(self.amortizer(base, tokenizer, head, text, doc_slots), key) for text, key in zip(texts, keys)]
 
     def start(self, head: PromptHead | None) -> int:
         """Position of a question's first token: after the head and any chunk's slots."""

@@ -50,6 +50,8 @@ class MacReadConfig(BaseModel):
         return self
     storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
                                                           "bytes), or KIVI int4 / int2 (32 % / 19 %)")
+    doc_slots: int | None = Field(None, ge=1, description="document slots kept per chunk of a new entry, the "
+                                                         "highest-scoring heavy hitters (none: the artifact's own)")
 
 
 def bank_name(artifact: Path) -> str:
@@ -88,7 +90,7 @@ class MacRuntime:
     def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
         """One base-model forward pass per document chunk; each entry replaces any earlier one (idempotent)."""
         with self.model_lock:
-            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts)
+            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts, self.config.doc_slots)
         for doc_id, (memory, key) in zip(doc_ids, entries):
             self.bank.put(doc_id, memory, key)
 
