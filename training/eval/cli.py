@@ -34,6 +34,7 @@ from training.methods import MethodConfig, MethodContext, build_method, method_i
 from training.methods.builtin import BASELINES
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm, tiny_causal_lm
 from training.pipeline import PipelineConfig
+from training.precision import cpu_bf16_enabled
 from training.qa_tuning import apply_qa_tuning
 from training.retrievers import RETRIEVERS
 from training.update_bank.runtime import UpdateBankConfig
@@ -78,10 +79,10 @@ def load_base(args) -> tuple:
 
 
 def choose_lr(name: str, ctx: MethodContext, val: EvalSet, grid: list[float], progress: bool,
-              field: str = "ft_lr") -> tuple[float, dict]:
+              field: str = "ft_lr", bf16: bool = False) -> tuple[float, dict]:
     """The grid learning rate (``MethodConfig.<field>``) with the best validation F1 (ties: the smaller lr)."""
     scores = {}
-    protocol = ProtocolConfig(latency_samples=0, score_choices=False)
+    protocol = ProtocolConfig(latency_samples=0, score_choices=False, bf16=bf16)
     for lr in grid:
         trial = MethodContext(ctx.model, ctx.tokenizer, ctx.config.model_copy(update={field: lr}))
         run = run_method(build_method(name, trial), val, protocol, progress=progress)
@@ -107,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="built-in name, path, HF id, tiny-llama or tiny-gpt2")
     p.add_argument("--qa-tuning", default="none", help="qa_lora artifact to merge into the base model, or none")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="answer under bf16 autocast on a CPU, as the service's FRESHLM_CPU_BF16 (auto: CPUs with AMX)")
     p.add_argument("--lr-grid", default="1e-4,5e-4,2.5e-3", help="comma list; empty: use --ft-lr")
     p.add_argument("--ft-lr", type=float, default=MethodConfig().ft_lr)
     p.add_argument("--ft-lora-r", type=int, default=MethodConfig().ft_lora_r,
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                               top_k=args.update_bank_top_k,
                                                               storage=args.update_bank_storage))
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
-                              retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()])
+                              retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()],
+                              bf16=cpu_bf16_enabled(args.cpu_bf16, model.device))
     config = {
         "command": "python -m training.eval " + " ".join(sys.argv[1:] if argv is None else argv),
         "data": args.data, "seed": args.seed, "max_documents": args.max_documents,
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             val = val if val is not None else validation_set(args)
             if val is None:
                 raise SystemExit(f"{name}: a learning-rate grid needs a validation stream (--val-data)")
-            lr, scores = choose_lr(name, ctx, val, values, progress, field)
+            lr, scores = choose_lr(name, ctx, val, values, progress, field, protocol.bf16)
             config["lr_selection"][name] = {"chosen": lr, "val_f1": scores,
                                             "val_documents": len(val.documents),
                                             "val_questions": len(val.questions)}

@@ -24,6 +24,7 @@ from training.data.evalset import EvalSet
 from training.methods.protocol import Method
 from training.eval.metrics import mean, percentile, squad_scores
 from training.eval.resources import peak_rss_mb, reset_peak_rss
+from training.precision import autocast
 from training.types import Question
 
 
@@ -32,6 +33,7 @@ class ProtocolConfig(BaseModel):
     retention_m: list[int] = []  # further documents after which the first k's questions are re-asked
     latency_samples: int = 20
     score_choices: bool = True
+    bf16: bool = False  # answers under CPU bf16 autocast, as the service's FRESHLM_CPU_BF16 decides (ingest stays fp32)
 
 
 @dataclass
@@ -93,14 +95,16 @@ def run_method(
             method.ingest(doc)
             ingest_seconds += time.perf_counter() - started
             if early_questions and i in checkpoints and i < len(docs):
-                f1, _, _ = score_answers(early_questions, method.answer(early_questions))
+                with autocast("cpu", cfg.bf16):
+                    f1, _, _ = score_answers(early_questions, method.answer(early_questions))
                 curve.append([checkpoints[i], round(f1, 2)])
         stored = method.stored_bytes()
 
         latencies = []
         for q in evalset.questions[: cfg.latency_samples]:
             started = time.perf_counter()
-            method.answer([q])
+            with autocast("cpu", cfg.bf16):
+                method.answer([q])
             latencies.append(time.perf_counter() - started)
 
         questions = evalset.questions
@@ -108,7 +112,8 @@ def run_method(
         step = 64  # chunks only for the progress bar; the method batches inside
         for start in tqdm(range(0, len(questions), step), desc=f"{method.name}: ask",
                           disable=not progress, leave=False):
-            answers += method.answer(questions[start : start + step])
+            with autocast("cpu", cfg.bf16):
+                answers += method.answer(questions[start : start + step])
         f1, em, records = score_answers(questions, answers)
 
         accuracy = None
@@ -118,7 +123,8 @@ def run_method(
             correct = 0
             for q in tqdm(choice_questions, desc=f"{method.name}: choices", disable=not progress,
                           leave=False):
-                scores = method.choice_scores(q)
+                with autocast("cpu", cfg.bf16):
+                    scores = method.choice_scores(q)
                 chosen = max(range(len(scores)), key=scores.__getitem__)
                 correct += chosen == q.answer_index
                 by_id[q.id]["choice"] = chosen
