@@ -184,3 +184,19 @@ def test_fewer_doc_slots_keep_the_highest_scoring_subset_of_the_same_write(ctx_a
     assert matches.any(-1).all()  # every kept slot is one of the full entry's
     assert len(few.answer(QUESTIONS)) == 2
     assert few.stored_bytes() < full.stored_bytes()
+
+
+def test_size_curve_bytes_and_settings_of_each_mac_row():
+    """``training.mac.size_curve``: a chunk's bytes are its encoded entry's (SmolLM2's geometry: the
+    figures of docs/BENCHMARKS.md), and each row's settings come from its name over the run's."""
+    from training.mac.size_curve import chunk_bytes, read_settings
+
+    smollm2 = (30, 3, 64)
+    assert chunk_bytes(*smollm2, 56, "float16") == 1_290_240
+    assert chunk_bytes(*smollm2, 56, "int2") == 247_680
+    assert chunk_bytes(*smollm2, 28, "int2") < 128 * 1024 < chunk_bytes(*smollm2, 32, "int2")
+    run = {"methods": {"mac": MacReadConfig(storage="int8").model_dump()}}
+    assert read_settings("mac", run) == MacReadConfig(storage="int8")
+    assert read_settings("mac_read:int2-s20-k3-rot", run) == MacReadConfig(storage="int2", doc_slots=20, top_k=3,
+                                                                            rerotate=True)
+    assert read_settings("rag_dense", run) is None
