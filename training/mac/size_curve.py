@@ -70,6 +70,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, pts in curves.items():
@@ -85,6 +86,8 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
                 ax.annotate(f"top {p['top_k']}{' rot' if p['rerotate'] else ''}", (p["bytes_per_chunk"] / 1024, p["f1"]),
                             fontsize=7, textcoords="offset points", xytext=(3, -9))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}" if str(x)[0] in "1235" else ""))
     ax.set_xlabel("KB per 256-token chunk (log)")
     ax.set_ylabel("F1")
     ax.axvline(256, color="grey", lw=0.8, ls="--")
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     curves = {}
     for path in args.results:
         result = json.loads(path.read_text())
-        curves[f"{result['dataset']} {result['split']}"] = points(result)
+        artifact = result["config"]["methods"]["mac_artifact"]  # a retrained artifact: a curve of its own
+        label = f"{result['dataset']} {result['split']}" + (f" ({Path(artifact).name})" if artifact else "")
+        curves[label] = points(result)
     plot(curves, args.out)
     print("| dataset | method | storage | doc slots | top k | bytes per chunk | F1 | choice acc. |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
