@@ -65,6 +65,34 @@ def test_protocol_scores_counts_and_retention():
     assert set(run.summary()) >= CONTRACT_METHOD_KEYS | {"accuracy"}
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_answers_run_under_the_configured_cpu_precision_and_ingest_does_not(bf16):
+    """``ProtocolConfig.bf16`` (``--cpu-bf16``, as the service's ``FRESHLM_CPU_BF16``): answers and
+    choice scores under bf16 autocast, ingest (an update's training step) in fp32."""
+    import torch
+
+    class RecordsPrecision(PerfectMemory):
+        def __init__(self):
+            super().__init__()
+            self.autocast = {"ingest": set(), "answer": set(), "choices": set()}
+
+        def ingest(self, document):
+            self.autocast["ingest"].add(torch.is_autocast_enabled("cpu"))
+            super().ingest(document)
+
+        def answer(self, questions):
+            self.autocast["answer"].add(torch.is_autocast_enabled("cpu"))
+            return super().answer(questions)
+
+        def choice_scores(self, question):
+            self.autocast["choices"].add(torch.is_autocast_enabled("cpu"))
+            return super().choice_scores(question)
+
+    method = RecordsPrecision()
+    run_method(method, stream(3), ProtocolConfig(latency_samples=1, bf16=bf16), progress=False)
+    assert method.autocast == {"ingest": {False}, "answer": {bf16}, "choices": {bf16}}
+
+
 def test_protocol_asks_after_the_whole_stream():
     class ForgetsAllButLast(PerfectMemory):
         def ingest(self, document):
