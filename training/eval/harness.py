@@ -15,6 +15,7 @@ RSS of the method's run, and the bytes the method keeps per ingested document.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -76,6 +77,14 @@ def score_answers(questions: list[Question], answers: list[str]) -> tuple[float,
     return (100 * mean(r["f1"] for r in records), 100 * mean(r["em"] for r in records), records)
 
 
+def _in_precision(call: Callable, bf16: bool) -> Callable:
+    """``call`` under CPU bf16 autocast when ``bf16``: how the service answers (ingest stays fp32)."""
+    def run(*args):
+        with autocast("cpu", bf16):
+            return call(*args)
+    return run
+
+
 def run_method(
     method: Method, evalset: EvalSet, cfg: ProtocolConfig, retention: bool = False,
     progress: bool = True,
@@ -88,6 +97,7 @@ def run_method(
     checkpoints = {k + m: m for m in sorted(set(cfg.retention_m)) if k + m <= len(docs)}
     curve: list[list[float]] = []
     ingest_seconds = 0.0
+    answer, choice_scores = (_in_precision(call, cfg.bf16) for call in (method.answer, method.choice_scores))
     try:
         bar = tqdm(docs, desc=f"{method.name}: ingest", disable=not progress, leave=False)
         for i, doc in enumerate(bar, 1):
@@ -95,16 +105,14 @@ def run_method(
             method.ingest(doc)
             ingest_seconds += time.perf_counter() - started
             if early_questions and i in checkpoints and i < len(docs):
-                with autocast("cpu", cfg.bf16):
-                    f1, _, _ = score_answers(early_questions, method.answer(early_questions))
+                f1, _, _ = score_answers(early_questions, answer(early_questions))
                 curve.append([checkpoints[i], round(f1, 2)])
         stored = method.stored_bytes()
 
         latencies = []
         for q in evalset.questions[: cfg.latency_samples]:
             started = time.perf_counter()
-            with autocast("cpu", cfg.bf16):
-                method.answer([q])
+            answer([q])
             latencies.append(time.perf_counter() - started)
 
         questions = evalset.questions
@@ -112,8 +120,7 @@ def run_method(
         step = 64  # chunks only for the progress bar; the method batches inside
         for start in tqdm(range(0, len(questions), step), desc=f"{method.name}: ask",
                           disable=not progress, leave=False):
-            with autocast("cpu", cfg.bf16):
-                answers += method.answer(questions[start : start + step])
+            answers += answer(questions[start : start + step])
         f1, em, records = score_answers(questions, answers)
 
         accuracy = None
@@ -123,8 +130,7 @@ def run_method(
             correct = 0
             for q in tqdm(choice_questions, desc=f"{method.name}: choices", disable=not progress,
                           leave=False):
-                with autocast("cpu", cfg.bf16):
-                    scores = method.choice_scores(q)
+                scores = choice_scores(q)
                 chosen = max(range(len(scores)), key=scores.__getitem__)
                 correct += chosen == q.answer_index
                 by_id[q.id]["choice"] = chosen
