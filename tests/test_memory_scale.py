@@ -38,6 +38,8 @@ def test_key_index_is_exact_top_k_through_adds_replacements_and_removes():
     index.add(["new"], unit(1, seed=7))  # reuses a freed row
     assert len(index) == 301 and "new" in index and "d0" not in index
     assert len(index.search(query, 1000)) == 301 and KeyIndex().search(query, 3) == []
+    # keys held in float16, the matrix grown a quarter at a time: capacity close to the 601 rows used
+    assert index.nbytes() <= 2 * 16 * 601 * 1.25 + 2 * 16 * 256
 
 
 def test_a_bank_follows_another_process_writes_through_the_change_log(redis_client):

@@ -33,6 +33,7 @@ artifact is never read with another.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import redis
@@ -158,10 +159,9 @@ class RedisMemoryBank:
             # older than what was applied (Redis restarted empty): reload
             if (self._seen is None or last_id < self._seen
                     or (last_id > self._seen and (first_id is None or first_id > self._seen))):
-                ids, keys = self.keys()
                 self.index.clear()
-                if keys is not None:
-                    self.index.add(ids, keys.numpy())
+                for ids, keys in self._key_chunks():  # a block at a time: no copy of every key at once
+                    self.index.add(ids, keys)
                 self._seen = last_id
                 return
             entries = self.client.xrange(self._log_key, min=f"({self._seen[0]}-{self._seen[1]}", max="+")
@@ -200,25 +200,33 @@ class RedisMemoryBank:
         return sorted(m.decode() for m in self.client.smembers(self._ids_key))
 
     def keys(self) -> tuple[list[str], torch.Tensor | None]:
-        """Every id with a key: from the keys hash; an entry written before it (no copy there) is
-        read from its own hash and copied into it."""
-        ids = self.ids()
-        payloads = self.client.hmget(self._keys_key, ids) if ids else []
-        legacy = [i for i, p in zip(ids, payloads) if p is None]
-        if legacy:
-            with self.client.pipeline(transaction=False) as pipe:
-                for doc_id in legacy:
-                    pipe.hget(self._entry_key(doc_id), "key")
-                found = dict(zip(legacy, pipe.execute()))
-            copies = {i: p for i, p in found.items() if p is not None}
-            if copies:
-                self.client.hset(self._keys_key, mapping=copies)
-            payloads = [p if p is not None else found.get(i) for i, p in zip(ids, payloads)]
-        pairs = [(i, p) for i, p in zip(ids, payloads) if p is not None]
-        if not pairs:
+        """Every id with a key (float32, as stored)."""
+        chunks = list(self._key_chunks())
+        if not chunks:
             return [], None
-        keys = np.stack([np.frombuffer(p, dtype=np.float16) for _, p in pairs])
-        return [i for i, _ in pairs], torch.from_numpy(keys.astype(np.float32))
+        return [i for ids, _ in chunks for i in ids], torch.from_numpy(np.concatenate([k for _, k in chunks]))
+
+    def _key_chunks(self, size: int = 5000) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Ids with their keys ``[n, dim]`` (float32), ``size`` ids at a time, from the keys hash; an
+        entry written before it (no copy there) is read from its own hash and copied into it."""
+        all_ids = self.ids()
+        for start in range(0, len(all_ids), size):
+            ids = all_ids[start : start + size]
+            payloads = self.client.hmget(self._keys_key, ids)
+            legacy = [i for i, p in zip(ids, payloads) if p is None]
+            if legacy:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for doc_id in legacy:
+                        pipe.hget(self._entry_key(doc_id), "key")
+                    found = dict(zip(legacy, pipe.execute()))
+                copies = {i: p for i, p in found.items() if p is not None}
+                if copies:
+                    self.client.hset(self._keys_key, mapping=copies)
+                payloads = [p if p is not None else found.get(i) for i, p in zip(ids, payloads)]
+            pairs = [(i, p) for i, p in zip(ids, payloads) if p is not None]
+            if pairs:
+                keys = np.stack([np.frombuffer(p, dtype=np.float16) for _, p in pairs]).astype(np.float32)
+                yield [i for i, _ in pairs], keys
 
     def __len__(self) -> int:
         return int(self.client.scard(self._ids_key))
