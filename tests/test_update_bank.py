@@ -167,3 +167,19 @@ def test_update_bank_in_the_harness(encoder_dir, tmp_path):
     assert run.memory_bytes_per_doc > 0 and run.accuracy is not None and 0.0 <= run.f1 <= 100.0
     for name, p in base.named_parameters():  # closed: the base model is handed back unchanged
         torch.testing.assert_close(p, before[name])
+
+
+@pytest.mark.parametrize("updater", ["uniform", "meta"])
+def test_the_lr_chosen_on_val_drives_every_updater_of_the_bank(encoder_dir, tmp_path, updater):
+    """``--meta-ft-lr-grid`` sets the bank's step size whoever takes the step (it once reached only
+    meta-trained inits: a grid over ``uniform`` measured one lr four times)."""
+    write_tiny_meta_init(tmp_path / "meta", MetaAdapterConfig(variant="lora", rank=2, top_layers=1, inner_lr=0.3))
+    base, tok = tiny_causal_lm("llama")
+    spec = "uniform" if updater == "uniform" else str(tmp_path / "meta")
+    for lr in (None, 0.02):
+        ctx = MethodContext(base, tok, MethodConfig(max_new_tokens=3, meta_ft_lr=lr, update_bank=UpdateBankConfig(
+            encoder=str(encoder_dir), slots=1, updater=spec)))
+        method = build_method("update_bank", ctx)
+        default = MethodConfig().ft_lr if updater == "uniform" else 0.3
+        assert method.runtime.updater.config.lr == (default if lr is None else lr)
+        method.close()

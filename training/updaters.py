@@ -45,8 +45,10 @@ def load_updater(
 ) -> UpdaterSpec:
     """``uniform`` -> ``config`` with weight 1 per token; a CaMeLS artifact -> ``config`` with its
     learned weights; a meta-trained init -> its optimizer (SGD or Adam) from the init at its
-    meta-trained (possibly learned) lr (``lr`` overrides it) on its own LoRA. Artifacts for another
-    base model are refused."""
+    meta-trained (possibly learned) lr on its own LoRA. ``lr`` (a value chosen on val) overrides the
+    lr of each of them. Artifacts for another base model are refused."""
+    if lr is not None:
+        config = config.model_copy(update={"lr": lr})
     if str(spec) == "uniform":
         return UpdaterSpec(config, uniform_weights(tokenizer, config.max_tokens), info={"updater": "uniform"})
     manifest = read_manifest(spec)
