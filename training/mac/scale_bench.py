@@ -9,8 +9,10 @@ every key per question (the bank before issue 16).
 
 Entries are synthetic: random values of a real entry's shape (SmolLM2: 30 layers x 3 KV heads x 64,
 56 slots per 256-token chunk) and random unit keys (384-d, MiniLM's width); read costs do not depend
-on the content. Wall-clock times are inflated on a contended machine; ``*_cpu_seconds`` is this
-process's CPU time (Redis's own work is not in it). A bank of N entries holds N keys (ids, keys hash, change log: what a question's
+on the content. The reads run in a fresh process per bank size (``read_phase``), as an API
+process reads a bank the worker wrote, so its RSS is the reader's alone. Wall-clock times are
+inflated on a contended machine; ``*_cpu_seconds`` is the reader's CPU time (Redis's own work is
+not in it). A bank of N entries holds N keys (ids, keys hash, change log: what a question's
 top-k searches) but full-size entries only for a pool of ``--pool`` of them (100,000 fp16 entries
 would be 129 GB of Redis); each question's key is the normalised sum of ``top_k`` pool keys, so its
 top k are pool entries and every entry read is full size. Uses Redis database ``--redis-url`` and
@@ -25,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,50 @@ def fill_keys_only(client: redis.Redis, bank: RedisMemoryBank, ids: list[str], k
             for doc_id in part:
                 pipe.xadd(f"{base}:log", {"op": "put", "id": doc_id}, maxlen=100_000, approximate=True)
             pipe.execute()
+
+
+def read_phase(redis_url: str, storage: str, top_k: int, threads: int, queries: list[torch.Tensor],
+               every_key: bool) -> dict:
+    """One reader process's view of the bank (run in a fresh process, as an API process reads it):
+    its RSS before the index loads, the load, the reads, and its RSS after them. The process that
+    wrote the bank is not measured: in the service that is the worker."""
+    torch.set_num_threads(threads)
+    reader = RedisMemoryBank(redis.Redis.from_url(redis_url), bank="scale", storage=storage)
+    reader.get(["pool-0"])  # connection and decoding paths warm before the baseline
+    row: dict = {"process_rss_mb_before_index": round(current_rss_mb(), 1)}
+    started = time.perf_counter()
+    reader.sync_index()
+    row["index_load_seconds"] = round(time.perf_counter() - started, 3)
+    row["index_mb"] = round(reader.index.nbytes() / 2**20, 1)
+    timings, cpu, search_cpu, full_size = [], [], [], 0
+    for q in queries:
+        started, started_cpu = time.perf_counter(), time.process_time()
+        ids = reader.search(q, top_k)
+        search_cpu.append(time.process_time() - started_cpu)
+        entries = reader.get(ids)
+        stack_memories([[e for e in entries if e is not None]], "cpu")
+        timings.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+        full_size += sum(i.startswith("pool-") for i in ids)
+    row["indexed"] = {"read_seconds_p50": round(percentile(timings, 50), 4),
+                      "read_seconds_p95": round(percentile(timings, 95), 4),
+                      "read_cpu_seconds_p50": round(percentile(cpu, 50), 4),
+                      "search_cpu_seconds_p50": round(percentile(search_cpu, 50), 5),
+                      "entries_read_full_size": f"{full_size}/{top_k * len(queries)}"}
+    row["process_rss_mb"] = round(current_rss_mb(), 1)
+    row["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if every_key:  # the bank before issue 16: every key read per question (after the RSS figures)
+        timings, cpu = [], []
+        for q in queries[:10]:
+            started, started_cpu = time.perf_counter(), time.process_time()
+            ids, keys = reader.keys()
+            chosen = select_top_k(q, ids, keys, top_k)
+            stack_memories([[e for e in reader.get(chosen) if e is not None]], "cpu")
+            timings.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
+        row["every_key_per_question"] = {"read_seconds_p50": round(percentile(timings, 50), 4),
+                                         "read_cpu_seconds_p50": round(percentile(cpu, 50), 4)}
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,39 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
             chosen = rng.choice(args.pool, args.top_k, replace=False)
             q = pool_keys[chosen].sum(0)
             queries.append(torch.from_numpy(q / np.linalg.norm(q)))
-        reader = RedisMemoryBank(client, bank="scale", storage=args.storage)  # a fresh process's view
-        started = time.perf_counter()
-        reader.sync_index()
-        row: dict = {"entries": size, "index_load_seconds": round(time.perf_counter() - started, 3),
-                     "redis_used_memory_mb": round(client.info("memory")["used_memory"] / 2**20, 1)}
-        timings, cpu, search_cpu, full_size = [], [], [], 0
-        for q in queries:
-            started, started_cpu = time.perf_counter(), time.process_time()
-            ids = reader.search(q, args.top_k)
-            search_cpu.append(time.process_time() - started_cpu)
-            entries = reader.get(ids)
-            stack_memories([[e for e in entries if e is not None]], "cpu")
-            timings.append(time.perf_counter() - started)
-            cpu.append(time.process_time() - started_cpu)
-            full_size += sum(i.startswith("pool-") for i in ids)
-        row["indexed"] = {"read_seconds_p50": round(percentile(timings, 50), 4),
-                          "read_seconds_p95": round(percentile(timings, 95), 4),
-                          "read_cpu_seconds_p50": round(percentile(cpu, 50), 4),
-                          "search_cpu_seconds_p50": round(percentile(search_cpu, 50), 5),
-                          "entries_read_full_size": f"{full_size}/{args.top_k * len(queries)}"}
-        if size <= args.all_keys_max:
-            timings, cpu = [], []
-            for q in queries[:10]:
-                started, started_cpu = time.perf_counter(), time.process_time()
-                ids, keys = reader.keys()
-                chosen = select_top_k(q, ids, keys, args.top_k)
-                stack_memories([[e for e in reader.get(chosen) if e is not None]], "cpu")
-                timings.append(time.perf_counter() - started)
-                cpu.append(time.process_time() - started_cpu)
-            row["every_key_per_question"] = {"read_seconds_p50": round(percentile(timings, 50), 4),
-                                             "read_cpu_seconds_p50": round(percentile(cpu, 50), 4)}
-        row["process_rss_mb"] = round(current_rss_mb(), 1)
-        row["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+        redis_mb = round(client.info("memory")["used_memory"] / 2**20, 1)
+        with get_context("spawn").Pool(1) as pool:  # the reader is a fresh process, as the API's is
+            row = pool.apply(read_phase, (args.redis_url, args.storage, args.top_k, args.threads, queries,
+                                          size <= args.all_keys_max))
+        row = {"entries": size, "redis_used_memory_mb": redis_mb, **row}
         results["sizes"][str(size)] = row
         print(size, row, flush=True)
     client.flushdb()
