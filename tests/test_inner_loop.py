@@ -183,7 +183,11 @@ def _weights_for(tok):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_stream_update_is_the_online_update_of_training_updates(optimizer):
     """k documents through ``stream_update`` == the same k documents through ``LoraUpdater.step``
-    (torch.optim, what the harness and the service run), token weights and optimizer state included."""
+    (torch.optim, what the harness and the service run), token weights and optimizer state included.
+    Adam's step from a fresh state, ``lr * g / (|g| + eps)``, has slope ``lr / eps`` where ``g`` is
+    near 0, so the rounding of two equal formulas moves a rare coordinate by up to ~1e-4 * lr after 3
+    steps (in float64 too; seen on an AMD EPYC, not on a Xeon): Adam is compared to 1e-3 * lr, which
+    a wrong moment, bias correction or weight (differences of order lr) would still fail."""
     base, tok = tiny_causal_lm("llama")
     config = UpdateConfig(optimizer=optimizer, lr=0.05 if optimizer == "adam" else 2.0,
                           lora=LoraSpec(rank=4, targets=["q_proj", "v_proj", "down_proj"]))
@@ -204,7 +208,7 @@ def test_stream_update_is_the_online_update_of_training_updates(optimizer):
                                  create_graph=False)
     assert state.step == len(STREAM)
     for name, p in online.items():
-        torch.testing.assert_close(final[name], p, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(final[name], p, rtol=1e-4, atol=1e-3 * config.lr if optimizer == "adam" else 1e-6)
     moved_a = max((online[n] - start[n]).abs().max().item() for n in online if "lora_A" in n)
     assert moved_a > 0  # after the first step B != 0, so the A matrices move too: all of the state is tested
     if optimizer == "adam":
