@@ -12,7 +12,10 @@ from training.lora import LoraSpec
 from training.memory import InMemoryMemoryBank
 from training.meta_ft.adapter import MetaAdapterConfig
 from training.methods import MethodConfig, MethodContext, build_method
-from training.models import tiny_causal_lm
+from training.mac.aggregator import entry_ids
+from training.models import embed_texts, tiny_causal_lm
+from training.retrieval import BM25Index
+from training.retrievers import rrf_fuse
 from training.types import Document, Question
 from training.update_bank.runtime import DeltaLayout, UpdateBankConfig, UpdateBankRuntime
 from training.updates import LoraUpdater, UpdateConfig, uniform_weights
@@ -43,7 +46,7 @@ def _trained_init(updater: LoraUpdater) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16") -> UpdateBankRuntime:
+def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16", key: str = "dense") -> UpdateBankRuntime:
     from training.models import load_encoder
 
     base, tok = tiny_causal_lm("llama")
@@ -53,7 +56,8 @@ def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16
         _trained_init(updater)
     encoder, enc_tok = load_encoder(str(encoder_dir))
     return UpdateBankRuntime(updater, encoder, enc_tok, InMemoryMemoryBank(storage),
-                             UpdateBankConfig(encoder=str(encoder_dir), top_k=top_k, storage=storage, slots=3))
+                             UpdateBankConfig(encoder=str(encoder_dir), top_k=top_k, storage=storage, slots=3,
+                                                              key=key))
 
 
 def _logits(model, adapter_names=None):
@@ -120,6 +124,24 @@ def test_a_request_runs_with_its_documents_step_and_nothing_else(encoder_dir, tr
         torch.testing.assert_close(mixed[row : row + 1], _logits(reference.model), rtol=1e-3, atol=1e-4)
         assert not torch.allclose(mixed[row : row + 1], init_logits, atol=1e-4)  # the step changed something
     torch.testing.assert_close(mixed[2:3], init_logits)
+
+
+def test_hybrid_keys_fuse_bm25_over_the_entries_documents_with_their_keys(encoder_dir):
+    runtime = _runtime(encoder_dir, False, top_k=2, key="hybrid")
+    runtime.memorize([d.id for d in DOCS], [d.text for d in DOCS])
+    questions = [q for _, _, qas in FACTS[:4] for q, _ in qas]
+    keys = embed_texts(runtime.encoder, runtime.encoder_tokenizer, questions, runtime.config.key_tokens)
+    lexical_index = BM25Index(DOCS, max_words=1000)
+    for question, key, read in zip(questions, keys, runtime.read(questions)):
+        dense = entry_ids(runtime.bank, key, len(DOCS))
+        lexical = [hit.doc_id for hit in lexical_index.search(question, len(DOCS))]
+        assert read == [doc_id for doc_id, _ in rrf_fuse([lexical, dense])[:2]]
+    own_text = DOCS[1].text  # first in both rankings
+    assert runtime.read([own_text])[0][0] == "d1"
+    runtime.delete("d1")  # gone from both rankings: no question can select it
+    assert "d1" not in runtime.read([own_text])[0]
+    runtime.rebuild([d.id for d in DOCS], [d.text for d in DOCS])
+    assert runtime.read([own_text])[0][0] == "d1" and len(runtime._lexical) == len(DOCS)
 
 
 def test_top_k_entries_add_their_deltas_over_a_trained_init(encoder_dir):

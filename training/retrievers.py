@@ -17,8 +17,8 @@ document (updated in place, as the service needs), ``search(query, k, min_score_
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
-from typing import Literal, Protocol, get_args
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from training.types import Document
 RetrieverKind = Literal["bm25", "dense", "hybrid"]
 RETRIEVERS: tuple[str, ...] = get_args(RetrieverKind)
 RRF_K = 60
+K = TypeVar("K", bound=Hashable)
 # Texts -> L2-normalised float32 embeddings [n, dim] (a sentence encoder; see ``encoder_embedder``).
 Embedder = Callable[[list[str]], np.ndarray]
 
@@ -72,6 +73,16 @@ def load_embedder(spec: str, device: str = "auto") -> Embedder:
 
         _EMBEDDERS[(spec, device)] = encoder_embedder(*load_encoder(spec, ModelSettings(encoder=spec, device=device)))
     return _EMBEDDERS[(spec, device)]
+
+
+def rrf_fuse(rankings: Sequence[Sequence[K]], k: int = RRF_K) -> list[tuple[K, float]]:
+    """Reciprocal-rank fusion (Cormack et al. 2009): every item of the rankings (each best first)
+    with score ``sum 1 / (k + rank)`` (rank from 1), best first; ties keep the first ranking's order."""
+    fused: dict[K, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(fused.items(), key=lambda pair: -pair[1])
 
 
 def _keep_ratio(hits: list[Passage], min_score_ratio: float) -> list[Passage]:
@@ -200,13 +211,8 @@ class HybridIndex:
             return []
         with self._lock:
             rankings = [self.bm25.search(query, self.depth), self.dense.search(query, self.depth)]
-        fused: dict[tuple[str, str], float] = {}
-        for ranking in rankings:
-            for rank, hit in enumerate(ranking, start=1):
-                key = (hit.doc_id, hit.text)
-                fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + rank)
-        order = sorted(fused, key=lambda key: -fused[key])  # stable: BM25's order breaks ties
-        return _keep_ratio([Passage(d, t, fused[(d, t)]) for d, t in order[:k]], min_score_ratio)
+        fused = rrf_fuse([[(hit.doc_id, hit.text) for hit in ranking] for ranking in rankings])
+        return _keep_ratio([Passage(d, t, score) for (d, t), score in fused[:k]], min_score_ratio)
 
 
 def make_retriever(kind: str, embed: Embedder | None = None, documents: Iterable[Document] = (),

@@ -149,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="update_bank: documents' updates each question applies, by key similarity")
     p.add_argument("--update-bank-storage", choices=("float16", "int8"), default=UpdateBankConfig().storage,
                    help="update_bank: how the bank stores entries")
+    p.add_argument("--update-bank-key", choices=("dense", "hybrid"), default=UpdateBankConfig().key,
+                   help="update_bank: how a question finds its entries (MiniLM keys, or fused with BM25)")
     p.add_argument("--retention-methods", default="uniform_ft")
     p.add_argument("--retention-k", type=int, default=10)
     p.add_argument("--retention-m", default="0,10,20,40")
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,
                                                               top_k=args.update_bank_top_k,
-                                                              storage=args.update_bank_storage))
+                                                              storage=args.update_bank_storage,
+                                                              key=args.update_bank_key))
     protocol = ProtocolConfig(retention_k=args.retention_k, latency_samples=args.latency_samples,
                               retention_m=[int(m) for m in args.retention_m.split(",") if m.strip()],
                               bf16=cpu_bf16_enabled(args.cpu_bf16, model.device))

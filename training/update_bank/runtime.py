@@ -9,7 +9,8 @@ interferes with another's. Deleting a document deletes its entry: exact. Rebuild
 re-memorizing the documents.
 
 Ask: each question's top-k entries by key (``training.mac.aggregator.entry_ids``, as MAC selects
-its entries) become a per-request PEFT adapter ("slot") holding init + their deltas, and the
+its entries; with ``key="hybrid"`` that ranking fused with BM25 over the entries' documents, as
+``rag_hybrid`` fuses them) become a per-request PEFT adapter ("slot") holding init + their deltas, and the
 question is generated with ``adapter_names`` = its slot, so a batch mixes documents' updates row by
 row and no global ``set_adapter`` is ever called. Rows without an entry use the init.
 
@@ -34,11 +35,15 @@ from training.mac.aggregator import entry_ids
 from training.memory.base import MemoryBank
 from training.models import DEFAULT_ENCODER, embed_texts
 from training.prompts import qa_messages
+from training.retrieval import BM25Index
+from training.retrievers import rrf_fuse
+from training.types import Document
 from training.updates import LoraUpdater
 
 ROW = 64  # values per stored row: int8 storage keeps one scale per row, as for MAC's slot vectors
 INIT = "__init__"  # rows whose question selects no entry
-
+HYBRID_DEPTH = 100  # entries each ranking contributes to the fusion (as ``HybridIndex``)
+WHOLE_DOCUMENT = 10**9  # BM25 words per passage: one passage per entry
 
 class UpdateBankConfig(BaseModel):
     """How documents' updates are kept and read (the harness's defaults; the service's later)."""
@@ -50,6 +55,10 @@ class UpdateBankConfig(BaseModel):
                           "'uniform' (none: the meta_ft artifact the meta_ft methods use)")
     encoder: str = Field(DEFAULT_ENCODER, description="key encoder of documents and questions (MAC's MiniLM)")
     key_tokens: int = Field(256, ge=8, description="encoder tokens a key reads")
+    key: Literal["dense", "hybrid"] = Field(
+        "dense", description="how a question finds its entries: 'dense' (its MiniLM key against the entries', as "
+                             "MAC reads) or 'hybrid' (that ranking fused with a BM25 ranking of the entries' documents "
+                             "by reciprocal-rank fusion, as rag_hybrid; squad-seq test R@1 90.6 % against 86.0 %)")
     top_k: int = Field(1, ge=1, description="entries a question applies (their deltas add up)")
     storage: Literal["float16", "int8"] = Field("float16", description="how entries are stored: float16, or int8 "
                                                                         "(one scale per 64 values; KIVI storage is for "
@@ -103,6 +112,8 @@ class UpdateBankRuntime:
         self._init_state = self.updater.snapshot()
         self.layout = DeltaLayout.of(self.init, self.updater.config.steps_per_document)
         self._slots = self._add_slots()
+        # hybrid keys: the entries' documents by BM25, in process (rebuilt with the bank from the documents)
+        self._lexical = BM25Index(max_words=WHOLE_DOCUMENT) if self.config.key == "hybrid" else None
 
     @property
     def model(self) -> PreTrainedModel:
@@ -126,16 +137,22 @@ class UpdateBankRuntime:
                 self.updater.restore(self._init_state)
             if moved is not None:
                 self.bank.put(doc_id, self.layout.pack({n: moved[n] - self.init[n] for n in self.layout.names}), key)
+                if self._lexical is not None:
+                    self._lexical.add([Document(doc_id, text)])
                 stored += 1
         return stored
 
     def delete(self, doc_id: str) -> bool:
         """Forget a document exactly: its entry is gone, nothing of it stays in any weight."""
+        if self._lexical is not None:
+            self._lexical.remove([doc_id])
         return self.bank.delete(doc_id)
 
     def rebuild(self, doc_ids: list[str], texts: list[str]) -> int:
         """The bank from the documents alone (after a restore, or for a new init)."""
         self.bank.clear()
+        if self._lexical is not None:
+            self._lexical = BM25Index(max_words=WHOLE_DOCUMENT)
         return self.memorize(doc_ids, texts)
 
     def stored_bytes(self) -> int:
@@ -144,10 +161,17 @@ class UpdateBankRuntime:
     # --- reading ---------------------------------------------------------------------------------
 
     def read(self, questions: list[str]) -> list[list[str]]:
-        """The ids of each question's top-k entries by key similarity."""
+        """The ids of each question's top-k entries by key similarity (fused with BM25 for hybrid keys)."""
         keys = embed_texts(self.encoder, self.encoder_tokenizer, questions, self.config.key_tokens)
-        bank_keys = self.bank.keys()
-        return [entry_ids(self.bank, key, self.config.top_k, bank_keys) for key in keys]
+        bank_keys, top_k = self.bank.keys(), self.config.top_k
+        if self._lexical is None:
+            return [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
+        out = []
+        for question, key in zip(questions, keys):
+            dense = entry_ids(self.bank, key, HYBRID_DEPTH, bank_keys)
+            lexical = [hit.doc_id for hit in self._lexical.search(question, HYBRID_DEPTH)]
+            out.append([doc_id for doc_id, _ in rrf_fuse([lexical, dense])[:top_k]])
+        return out
 
     def answer(self, questions: list[str], passages: list[list[str] | None] | None = None,
                max_new_tokens: int = 24) -> list[tuple[str, list[str]]]:
