@@ -12,7 +12,7 @@ from service.redis_server import start_embedded_redis
 from tests.conftest import wait_for, wait_ingested
 from training.mac.runtime import bank_name
 from training.memory import InMemoryMemoryBank, RedisMemoryBank
-from training.memory.key_index import KeyIndex
+from training.memory.key_index import KeyIndex, sign_codes
 
 
 def unit(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -24,22 +24,51 @@ def brute(ids: list[str], keys: np.ndarray, query: np.ndarray, k: int) -> list[s
     return [ids[i] for i in np.argsort(-(keys @ query), kind="stable")[:k]]
 
 
+def lookup(ids: list[str], keys: np.ndarray):
+    """``exact_keys`` over a dict the test keeps current, as a bank's store is."""
+    store = dict(zip(ids, keys))
+    return store, lambda wanted: [store.get(i) for i in wanted]
+
+
 def test_key_index_is_exact_top_k_through_adds_replacements_and_removes():
-    index, keys = KeyIndex(), unit(600)
+    index, keys = KeyIndex(rescore=1000), unit(600)  # every key rescored: exact
     ids = [f"d{i}" for i in range(600)]
     index.add(ids, keys)
+    store, exact = lookup(ids, keys)
     query = unit(1, seed=1)[0]
-    assert index.search(query, 5) == brute(ids, keys, query, 5)
+    assert index.search(query, 5, exact) == brute(ids, keys, query, 5)
     index.remove(ids[::2])
-    keys[1] = query  # replaced by the query itself: now the best
-    index.add(["d1"], keys[1:2] * 3)  # normalised on the way in
+    for i in ids[::2]:
+        del store[i]
+    keys[1] = store["d1"] = query  # replaced by the query itself: now the best
+    index.add(["d1"], keys[1:2] * 3)
     live = ids[1::2]
-    assert index.search(query, 4) == brute(live, keys[1::2], query, 4) and index.search(query, 1) == ["d1"]
-    index.add(["new"], unit(1, seed=7))  # reuses a freed row
+    assert index.search(query, 4, exact) == brute(live, keys[1::2], query, 4) and index.search(query, 1, exact) == ["d1"]
+    store["new"] = unit(1, seed=7)[0]
+    index.add(["new"], store["new"][None])  # reuses a freed row
     assert len(index) == 301 and "new" in index and "d0" not in index
-    assert len(index.search(query, 1000)) == 301 and KeyIndex().search(query, 3) == []
-    # keys held in float16, the matrix grown a quarter at a time: capacity close to the 601 rows used
-    assert index.nbytes() <= 2 * 16 * 601 * 1.25 + 2 * 16 * 256
+    assert len(index.search(query, 1000, exact)) == 301 and KeyIndex().search(query, 3, exact) == []
+    # one sign bit per dimension (16 -> one 64-bit word), the matrix grown a quarter at a time
+    assert index.nbytes() <= 8 * 601 * 1.25 + 8 * 256
+
+
+def test_key_index_rescores_its_nearest_codes_with_the_exact_keys():
+    """Fewer keys rescored than stored: a stored key always finds itself (Hamming distance 0), a
+    query near one key finds it, and the candidates are the codes nearest to the query."""
+    dim, n = 384, 3000
+    keys, ids = unit(n, dim), [f"d{i}" for i in range(n)]
+    index = KeyIndex(rescore=32)
+    index.add(ids, keys)
+    _, exact = lookup(ids, keys)
+    assert all(index.search(keys[i], 1, exact) == [ids[i]] for i in range(0, n, 97))
+    noisy = keys[:50] + 0.05 * unit(50, dim, seed=3)  # cosine ~0.999 with its key
+    assert [index.search(q, 1, exact)[0] for q in noisy] == ids[:50]
+    candidates = index.candidates(keys[0], 32)
+    assert len(candidates) == 32 and "d0" in candidates
+    distance = np.bitwise_count(sign_codes(keys) ^ sign_codes(keys[:1])).sum(axis=1)
+    worst_kept = max(distance[int(c[1:])] for c in candidates)
+    assert (distance < worst_kept).sum() < 32 <= (distance <= worst_kept).sum()  # the 32 nearest codes
+    assert exact(["gone"]) == [None] and index.search(keys[0], 1, lambda w: [None] * len(w)) == []
 
 
 def test_a_bank_follows_another_process_writes_through_the_change_log(redis_client):

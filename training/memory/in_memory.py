@@ -31,7 +31,10 @@ class InMemoryMemoryBank:
 
     def search(self, query_key: torch.Tensor, k: int) -> list[str]:
         """Ids of the k entries whose keys are closest to ``query_key`` (cosine), best first."""
-        return self.index.search(query_key.detach().cpu().float().numpy(), k)
+        return self.index.search(query_key.detach().cpu().float().numpy(), k, self._exact_keys)
+
+    def _exact_keys(self, doc_ids: list[str]) -> list:
+        return [key.numpy() if (key := self._keys.get(i)) is not None else None for i in doc_ids]
 
     def delete(self, doc_id: str) -> bool:
         self._keys.pop(doc_id, None)

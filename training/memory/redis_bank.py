@@ -12,9 +12,10 @@ Key layout, all under one hash tag so multi-key transactions work on Redis Clust
 * ``{prefix}:{<bank>}:log``          stream of changes (``op`` put / del / clear, ``id``), capped at ~100,000
 * ``{prefix}:{<bank>}:missing``      set of ids a question chose but whose entry was gone (evicted / expired)
 
-**Scale.** ``search`` answers a question's top-k from an in-process ``KeyIndex`` kept current by
-reading the change log since the last question (one ``XINFO`` + one ``XRANGE``), instead of reading
-every key from Redis per question; a process that fell behind a trimmed log reloads the keys hash.
+**Scale.** ``search`` answers a question's top-k from an in-process ``KeyIndex`` (sign-bit codes,
+its nearest candidates rescored with their keys read in one ``HMGET``) kept current by reading the
+change log since the last question (one ``XINFO`` + one ``XRANGE``), instead of reading every key
+from Redis per question; a process that fell behind a trimmed log reloads the keys hash.
 With ``ttl_seconds`` every entry hash gets a TTL (refreshed when it is read), which makes entries
 *volatile*: under ``maxmemory-policy volatile-lru`` Redis evicts the least recently read entries
 when full, never the ids, keys, log or missing set (they have no TTL). An evicted entry stays in
@@ -142,7 +143,12 @@ class RedisMemoryBank:
     def search(self, query_key: torch.Tensor, k: int) -> list[str]:
         """Ids of the k entries whose keys are closest to ``query_key`` (cosine), best first."""
         self.sync_index()
-        return self.index.search(query_key.detach().cpu().float().numpy(), k)
+        return self.index.search(query_key.detach().cpu().float().numpy(), k, self._exact_keys)
+
+    def _exact_keys(self, doc_ids: list[str]) -> list[np.ndarray | None]:
+        """The stored (fp16) keys of ``doc_ids``: the index rescores its candidates with them."""
+        return [np.frombuffer(p, np.float16) if p is not None else None
+                for p in self.client.hmget(self._keys_key, doc_ids)]
 
     def sync_index(self) -> None:
         """Apply the log since the last call to the in-process key index (reload all keys if the
