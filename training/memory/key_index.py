@@ -125,9 +125,10 @@ class KeyIndex:
             return []
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         q = q.astype(np.float16).astype(np.float32)  # scored as keys are stored: a stored key is its own best match
-        scored = []
-        for doc_id, key in zip(ids, exact_keys(ids)):
-            if key is not None:
-                key = np.asarray(key, dtype=np.float32).reshape(-1)
-                scored.append((-float(key @ q) / max(float(np.linalg.norm(key)), 1e-12), doc_id))
-        return [doc_id for _, doc_id in sorted(scored)[:k]]
+        found = [(doc_id, key) for doc_id, key in zip(ids, exact_keys(ids)) if key is not None]
+        if not found:
+            return []
+        matrix = np.stack([np.asarray(key, dtype=np.float32).reshape(-1) for _, key in found])
+        scores = matrix @ q / np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
+        order = np.lexsort((np.array([doc_id for doc_id, _ in found]), -scores))
+        return [found[i][0] for i in order[:k]]
