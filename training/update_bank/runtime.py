@@ -10,9 +10,9 @@ re-memorizing the documents.
 
 Ask: each question's top-k entries by key (``training.mac.aggregator.entry_ids``, as MAC selects
 its entries; with ``key="hybrid"`` that ranking fused with BM25 over the entries' documents, as
-``rag_hybrid`` fuses them) become a per-request PEFT adapter ("slot") holding init + their deltas, and the
-question is generated with ``adapter_names`` = its slot, so a batch mixes documents' updates row by
-row and no global ``set_adapter`` is ever called. Rows without an entry use the init.
+``rag_hybrid`` fuses them) become a per-request PEFT adapter ("slot") holding init + their deltas,
+and the question is generated with ``adapter_names`` = its slot, so a batch mixes documents'
+updates row by row and no global ``set_adapter`` is ever called. Rows without an entry use the init.
 
 ``model_lock`` guards the shared adapter state (the init's adapter during a step, the slots while
 they are written and used): the service would hold it per ask, as it does for MAC.
@@ -44,6 +44,7 @@ ROW = 64  # values per stored row: int8 storage keeps one scale per row, as for 
 INIT = "__init__"  # rows whose question selects no entry
 HYBRID_DEPTH = 100  # entries each ranking contributes to the fusion (as ``HybridIndex``)
 WHOLE_DOCUMENT = 10**9  # BM25 words per passage: one passage per entry
+
 
 class UpdateBankConfig(BaseModel):
     """How documents' updates are kept and read (the harness's defaults; the service's later)."""
