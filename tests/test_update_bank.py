@@ -56,8 +56,7 @@ def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16
         _trained_init(updater)
     encoder, enc_tok = load_encoder(str(encoder_dir))
     return UpdateBankRuntime(updater, encoder, enc_tok, InMemoryMemoryBank(storage),
-                             UpdateBankConfig(encoder=str(encoder_dir), top_k=top_k, storage=storage, slots=3,
-                                                              key=key))
+                             UpdateBankConfig(encoder=str(encoder_dir), top_k=top_k, storage=storage, slots=3, key=key))
 
 
 def _logits(model, adapter_names=None):

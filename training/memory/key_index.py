@@ -8,8 +8,9 @@ Sentence Transformers), ranks every key by Hamming distance to the query's bits,
 the Redis bank's keys hash, one ``HMGET``). A bank of at most ``rescore`` keys is searched
 exactly. Measured on MiniLM keys of all 2,067 SQuAD dev paragraphs and 4,123 questions, the
 rescored top-1 equals the exact one for 99.85 % of questions with 64 rescored and 100 % with 128;
-the default rescores 256. What this buys at 100,000 keys: 6 MB of codes instead of a 77 MB fp16
-matrix (a process's RSS no longer grows with the keys), and a search of one XOR + popcount pass.
+the default rescores 256. What this buys at 100,000 keys: 4.8 MB of codes instead of a 77 MB fp16
+matrix, and a search of one XOR + popcount pass; the ids (a string and a dict entry each) are
+still held here, so a process's RSS still grows a little with the bank (docs/BENCHMARKS.md).
 
 Rows freed by a remove are reused, and the code matrix grows by a quarter at a time, so its
 capacity stays close to the number of keys.

@@ -153,7 +153,7 @@ class UpdateBankRuntime:
         """The bank from the documents alone (after a restore, or for a new init)."""
         self.bank.clear()
         if self._lexical is not None:
-            self._lexical = BM25Index(max_words=WHOLE_DOCUMENT)
+            self._lexical.remove(list(self._lexical.documents()))
         return self.memorize(doc_ids, texts)
 
     def stored_bytes(self) -> int:
