@@ -9,7 +9,8 @@ run:
 3. streaming: time to first token p50 with 8 askers / the full-answer p50 of the unbatched run.
 
 Each server starts in a fresh data directory (embedded defaults, real SmolLM2 on the CPU; MAC off
-so the feeder's documents cost the worker only indexing), gets the demo news, then the phases run.
+so the feeder's documents cost the worker only indexing), gets the demo news and an unmeasured warm-up phase of
+``--askers`` (``--warmup-seconds``), then the phases run.
 JSON on stdout (and ``--out``).
 
     python deploy/load_run.py --seconds 60 --out docs/results/serving-bench.json
@@ -114,6 +115,7 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
     call on the same question and the passages the answer used, in this process (the same model,
     QA tuning, precision and prefix cache as the server's defaults: both reuse the prompts' key/values from the
     second round of questions on); nothing else asks meanwhile."""
+    from service.core.allocator import keep_freed_memory
     from service.core.config import Settings
     from service.runtime import load_base_model
     from training.pipeline import generate
@@ -121,6 +123,8 @@ def lone_asker_vs_direct(base: str, questions: list[str], strategies: list[str],
     from training.prefix_cache import PrefixCache
 
     settings = Settings(_env_file=None)  # FRESHLM_* as the servers got them
+    if settings.keep_freed_memory:  # the server's allocator settings (service.core.allocator)
+        keep_freed_memory()
     model, tokenizer = load_base_model(settings)
     config = settings.scheduler_config(model.device)
     cache = PrefixCache(config.prefix_cache)
@@ -163,6 +167,8 @@ def main() -> None:
     parser.add_argument("--direct-strategies", default="rag,none", help="strategies of the lone-asker comparison")
     parser.add_argument("--direct-seconds", type=float, default=90.0, help="time budget of the lone-asker comparison")
     parser.add_argument("--feed-seconds", type=float, default=5.0, help="seconds between the feeder's documents")
+    parser.add_argument("--warmup-seconds", type=float, default=60.0,
+                        help="unmeasured locust phase of --askers on each server before its measured ones (0: none)")
     parser.add_argument("--env", action="append", default=[], help="FRESHLM_X=value for both servers (repeatable)")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     args = parser.parse_args()
@@ -184,13 +190,24 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    def first_call(base: str) -> None:  # loads what the model's first call loads
+        with httpx.Client(base_url=base, timeout=600) as client:
+            client.post("/ask", json={"question": questions[0], "strategy": args.strategy, "max_new_tokens": 4})
+
+    def warm_up(base: str, name: str) -> None:
+        """A fresh server runs slower for its first minutes (caches, allocator): measured phases start warm."""
+        if args.warmup_seconds > 0:
+            result[f"warmup_{name}"] = run_locust(base, args.askers, args.warmup_seconds, bench_env, out_dir,
+                                                  f"warmup-{name}")
+
     server, base, _ = serve({**common, "FRESHLM_MAX_BATCH_ASKS": str(args.askers)}, documents)
     try:
-        with httpx.Client(base_url=base, timeout=600) as client:  # warm-up
-            client.post("/ask", json={"question": questions[0], "strategy": args.strategy, "max_new_tokens": 4})
+        first_call(base)
+        # the lone-asker comparison first: both sides' prefix caches start from the same questions
         result["lone_asker_vs_direct"] = lone_asker_vs_direct(base, questions, args.direct_strategies.split(","),
                                                               args.max_new_tokens, args.direct_seconds)
         checkpoint()
+        warm_up(base, "batching_on")
         result["batching_on_1_asker"] = run_locust(base, 1, args.seconds, bench_env, out_dir, "on-1")
         checkpoint()
         result["batching_on_8_askers"] = run_locust(base, args.askers, args.seconds, bench_env, out_dir, "on-8")
@@ -210,8 +227,8 @@ def main() -> None:
         stop_server(server)
     server, base, _ = serve({**common, "FRESHLM_MAX_BATCH_ASKS": "1"}, documents)
     try:
-        with httpx.Client(base_url=base, timeout=600) as client:
-            client.post("/ask", json={"question": questions[0], "strategy": args.strategy, "max_new_tokens": 4})
+        first_call(base)
+        warm_up(base, "batching_off")
         result["batching_off_8_askers"] = run_locust(base, args.askers, args.seconds, bench_env, out_dir, "off-8")
     finally:
         stop_server(server)

@@ -20,6 +20,7 @@ from service.api.middleware import RequestContextMiddleware
 from service.api.routes import adapters, artifacts, ask, health, memory, openai_compat
 from service.api.routes import documents as documents_routes
 from service.api.routes import tenants as tenants_routes
+from service.core.allocator import keep_freed_memory
 from service.core.config import Settings
 from service.core.errors import install_error_handlers
 from service.core.logging import configure_logging
@@ -130,6 +131,8 @@ def run() -> None:
     """Console entry point ``freshlm-serve``: serve on FRESHLM_HOST:FRESHLM_PORT."""
     settings = Settings()
     configure_logging(settings.log_json)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     try:
         uvicorn.Server(server_config(create_app(settings), settings)).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C after its graceful shutdown: that is a clean stop
