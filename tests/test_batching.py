@@ -208,3 +208,43 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_each_alone(cached, o
         seen.add(len(batch))
     assert [batch.finished[i] for i in range(4)] == expected
     assert 4 in seen or len(expected[0]) <= 3  # all four decoded together at some step
+
+
+def test_a_row_joins_in_place_of_one_that_left_and_decodes_as_alone(one_torch_thread):
+    """A cached question joining a running batch after a row left is written into the running rows'
+    cache buffers (no running row is copied: the buffers stay where they are), and every row's tokens
+    still equal its tokens decoded alone."""
+    from training.decode_batch import DecodeBatch
+    from training.generation import chat_input_ids, pad_token_id, stop_token_ids
+    from training.prefix_cache import PrefixCache, PrefixCacheConfig
+    from training.prompts import qa_messages
+
+    model, tokenizer = sharp("llama")
+    peft = with_two_versions(model)
+    stop, pad = stop_token_ids(peft, tokenizer), pad_token_id(tokenizer)
+    prompts = sorted((chat_input_ids(tokenizer, qa_messages(q, p))[0] for q, p in zip(QUESTIONS, PASSAGES)),
+                     key=len, reverse=True)  # the joiner, last, is the shortest: its prefix fits the running rows'
+    names, limits = ["v1", "v2", "__base__", "v1"], [12, 2, 12, 9]
+
+    def alone(i: int) -> list[int]:
+        single = DecodeBatch(peft, stop, pad)
+        single.admit([prompts[i]], [i], [limits[i]], [names[i]])
+        while len(single):
+            single.step()
+        return single.finished[i]
+
+    expected = [alone(i) for i in range(4)]
+    assert len(expected[0]) > 3 and len(expected[2]) > 3 and len(expected[1]) == 2
+    cache = PrefixCache(PrefixCacheConfig())
+    DecodeBatch(peft, stop, pad, cache).admit(prompts, list(range(4)), [1] * 4, names, names)
+    batch = DecodeBatch(peft, stop, pad, cache)
+    batch.admit(prompts[:3], [0, 1, 2], limits[:3], names[:3], names[:3])
+    batch.step()  # row 1 ends at its limit and leaves
+    assert [row.key for row in batch.rows] == [0, 2]
+    buffer = batch._layers[0][0].data_ptr()
+    batch.admit([prompts[3]], [3], [limits[3]], [names[3]], [names[3]])
+    batch.step()
+    assert len(batch.rows) == 3 and batch._layers[0][0].data_ptr() == buffer
+    while len(batch):
+        batch.step()
+    assert [batch.finished[i] for i in range(4)] == expected

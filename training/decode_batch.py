@@ -28,6 +28,11 @@ a prompt cached but its last token) join the next decoding step itself: one forw
 the running rows their next token and the new rows their first; the running rows compute the
 tail's extra positions as masked padding, cheap at this length."""
 
+SLACK_TOKENS = 32
+"""Extra positions of room in a running batch's cache: rows that join a running batch are then
+written into it in place for the next ~``SLACK_TOKENS`` steps, instead of copying every running
+row's cache into a new one at each join."""
+
 TOGETHER_TOKENS = 64
 """Rows whose uncached prompt tails are all at most this long prefill as one forward pass (about one
 read of the weights for all); longer tails cost their tokens' compute either way, and prefilling
@@ -210,7 +215,7 @@ class DecodeBatch:
         self._layers = []
         for i in range(len(sources[0][0])):
             parts = [(layers[i][0], layers[i][1]) for layers, _ in sources]
-            self._layers.append(_right_aligned(parts, length, room))
+            self._layers.append(_right_aligned(parts, length, room + SLACK_TOKENS))
         self._length, self._attention, self.rows = length, attention, rows
         self._positions = torch.cat([self._positions] + [b.positions for b in blocks])
         self._next = torch.cat([self._next] + [torch.tensor(b.first) for b in blocks])
@@ -273,10 +278,12 @@ class DecodeBatch:
         new = [_Row(key, limit, adapter) for _, key, limit, adapter, _ in pending]
         rows = self.rows + new
         room = S + max(row.max_new_tokens - len(row.tokens) for row in rows) + 1
-        views = self._layer_views()
-        layers = [_right_aligned([views[i]] + [(c.layers[i].keys, c.layers[i].values) if c is not None else
-                                               (views[i][0][:1, :, :0], views[i][1][:1, :, :0]) for _, c in hits],
-                                 length, room) for i in range(len(views))]
+        layers = self._in_place(hits, length, room, len(rows))
+        if layers is None:
+            views = self._layer_views()
+            layers = [_right_aligned([views[i]] + [(c.layers[i].keys, c.layers[i].values) if c is not None else
+                                                   (views[i][0][:1, :, :0], views[i][1][:1, :, :0]) for _, c in hits],
+                                     length, room + SLACK_TOKENS) for i in range(len(views))]
         total = len(rows)
         input_ids = torch.full((total, S), self.pad_id, dtype=torch.long)
         attention = torch.zeros((total, length + S), dtype=torch.long)
@@ -293,6 +300,33 @@ class DecodeBatch:
         self._positions = torch.cat([self._positions + 1, torch.tensor([len(ids) for ids in prompts])])
         self._keep_prompts(prompts, namespaces, self._layers, attention, first_row=running)
         return self._take_tokens(out.logits[:, -1].argmax(-1).cpu())
+
+    def _in_place(self, hits: list[tuple], length: int, room: int,
+                  total: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The running rows' cache buffers widened to ``total`` rows, the joining rows' cached
+        prefixes written right-aligned at ``length`` in the new rows: no running row is copied.
+        ``None`` when the buffers lack the rows (rows left since they were allocated leave theirs
+        behind) or the ``room`` after ``length``, or a prefix is longer than the running rows'."""
+        if length != self._length:
+            return None
+        widened = []
+        for k, v in self._layers:
+            kb, vb = (k if k._base is None else k._base), (v if v._base is None else v._base)
+            fits = kb.shape[0] >= total and kb.shape[2] >= length + room
+            if not (fits and kb.shape[1:] == k.shape[1:] and kb.data_ptr() == k.data_ptr() and kb.stride() == k.stride()
+                    and vb.shape[1:] == v.shape[1:] and vb.data_ptr() == v.data_ptr() and vb.stride() == v.stride()):
+                return None
+            widened.append((kb[:total], vb[:total]))
+        running = len(self.rows)
+        for i, (k, v) in enumerate(widened):
+            k[running:].zero_()
+            v[running:].zero_()
+            for row, (_, cached) in enumerate(hits, start=running):
+                if cached is not None:
+                    n = cached.layers[i].keys.shape[2]
+                    k[row:row + 1, :, length - n:length] = cached.layers[i].keys
+                    v[row:row + 1, :, length - n:length] = cached.layers[i].values
+        return widened
 
     def drop(self, keys: set[Hashable]) -> None:
         """Remove these rows now (their tokens so far go to ``finished``)."""
