@@ -9,7 +9,7 @@ import torch
 from training.eval.harness import ProtocolConfig, run_method
 from training.data.evalset import EvalSet
 from training.lora import LoraSpec
-from training.memory import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank, RedisMemoryBank
 from training.meta_ft.adapter import MetaAdapterConfig
 from training.methods import MethodConfig, MethodContext, build_method
 from training.mac.aggregator import entry_ids
@@ -46,7 +46,8 @@ def _trained_init(updater: LoraUpdater) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16", key: str = "dense") -> UpdateBankRuntime:
+def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16", key: str = "dense",
+             bank=None) -> UpdateBankRuntime:
     from training.models import load_encoder
 
     base, tok = tiny_causal_lm("llama")
@@ -55,7 +56,7 @@ def _runtime(encoder_dir, trained: bool, top_k: int = 1, storage: str = "float16
     if trained:
         _trained_init(updater)
     encoder, enc_tok = load_encoder(str(encoder_dir))
-    return UpdateBankRuntime(updater, encoder, enc_tok, InMemoryMemoryBank(storage),
+    return UpdateBankRuntime(updater, encoder, enc_tok, bank if bank is not None else InMemoryMemoryBank(storage),
                              UpdateBankConfig(encoder=str(encoder_dir), top_k=top_k, storage=storage, slots=3, key=key))
 
 
@@ -64,6 +65,22 @@ def _logits(model, adapter_names=None):
     kwargs = {} if adapter_names is None else {"adapter_names": adapter_names * ids.shape[0]}
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits
+
+
+def test_on_redis_questions_select_through_the_key_index_without_reading_every_key(encoder_dir, redis_client):
+    """The bank on Redis (as the service would keep it) selects what the in-memory bank selects,
+    and after the index is loaded a question reads no key list from Redis (``SMEMBERS``: what
+    ``bank.keys()`` starts with), only its candidates' keys."""
+    in_memory = _runtime(encoder_dir, True)
+    on_redis = _runtime(encoder_dir, True, bank=RedisMemoryBank(redis_client, bank="updates"))
+    for runtime in (in_memory, on_redis):
+        assert runtime.memorize([d.id for d in DOCS], [d.text for d in DOCS]) == len(DOCS)
+    questions = [PROMPT] + [qas[0][0] for _, _, qas in FACTS[:4]]
+    expected = in_memory.read(questions)
+    assert on_redis.read(questions[:1]) == expected[:1]  # loads the index
+    before = redis_client.info("commandstats").get("cmdstat_smembers", {}).get("calls", 0)
+    assert on_redis.read(questions) == expected
+    assert redis_client.info("commandstats").get("cmdstat_smembers", {}).get("calls", 0) == before
 
 
 @pytest.mark.parametrize("trained", [False, True])

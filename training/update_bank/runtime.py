@@ -164,7 +164,9 @@ class UpdateBankRuntime:
     def read(self, questions: list[str]) -> list[list[str]]:
         """The ids of each question's top-k entries by key similarity (fused with BM25 for hybrid keys)."""
         keys = embed_texts(self.encoder, self.encoder_tokenizer, questions, self.config.key_tokens)
-        bank_keys, top_k = self.bank.keys(), self.config.top_k
+        top_k = self.config.top_k
+        # the bank's in-process key index when it has one (as MAC reads): no key read per question
+        bank_keys = None if hasattr(self.bank, "search") else self.bank.keys()
         if self._lexical is None:
             return [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
         out = []
