@@ -166,6 +166,17 @@ def test_the_prefix_cache_keeps_the_most_recently_used_prefixes_within_its_budge
     assert length == 9 and hit.layers[0].keys.shape == (1, 2, 9, 4)
 
 
+def decoded_alone(model, stop: set[int], pad: int, prompt, limit: int, adapter: str) -> list[int]:
+    """One row's tokens decoded in a batch of its own (what every batched row must equal)."""
+    from training.decode_batch import DecodeBatch
+
+    single = DecodeBatch(model, stop, pad)
+    single.admit([prompt], ["alone"], [limit], [adapter])
+    while len(single):
+        single.step()
+    return single.finished["alone"]
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["cold", "prefix-cached"])
 def test_rows_joining_and_leaving_a_running_batch_decode_as_each_alone(cached, one_torch_thread):
     """Continuous batching: rows join between steps (one by one, or several at once after their
@@ -182,14 +193,7 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_each_alone(cached, o
     prompts = [chat_input_ids(tokenizer, qa_messages(q, p))[0] for q, p in zip(QUESTIONS, PASSAGES)]
     names, limits = ["v1", "v2", "__base__", "v1"], [12, 5, 12, 9]
 
-    def alone(i: int) -> list[int]:
-        single = DecodeBatch(peft, stop, pad)
-        single.admit([prompts[i]], [i], [limits[i]], [names[i]])
-        while len(single):
-            single.step()
-        return single.finished[i]
-
-    expected = [alone(i) for i in range(4)]
+    expected = [decoded_alone(peft, stop, pad, prompts[i], limits[i], names[i]) for i in range(4)]
     assert len({tuple(t) for t in expected}) == 4 and max(map(len, expected)) > 3
     cache = PrefixCache(PrefixCacheConfig()) if cached else None
     if cached:  # the later rows' prompts are in the cache: they join in one forward pass
@@ -226,14 +230,7 @@ def test_a_row_joins_in_place_of_one_that_left_and_decodes_as_alone(one_torch_th
                      key=len, reverse=True)  # the joiner, last, is the shortest: its prefix fits the running rows'
     names, limits = ["v1", "v2", "__base__", "v1"], [12, 2, 12, 9]
 
-    def alone(i: int) -> list[int]:
-        single = DecodeBatch(peft, stop, pad)
-        single.admit([prompts[i]], [i], [limits[i]], [names[i]])
-        while len(single):
-            single.step()
-        return single.finished[i]
-
-    expected = [alone(i) for i in range(4)]
+    expected = [decoded_alone(peft, stop, pad, prompts[i], limits[i], names[i]) for i in range(4)]
     assert len(expected[0]) > 3 and len(expected[2]) > 3 and len(expected[1]) == 2
     cache = PrefixCache(PrefixCacheConfig())
     DecodeBatch(peft, stop, pad, cache).admit(prompts, list(range(4)), [1] * 4, names, names)
