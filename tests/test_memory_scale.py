@@ -48,8 +48,26 @@ def test_key_index_is_exact_top_k_through_adds_replacements_and_removes():
     index.add(["new"], store["new"][None])  # reuses a freed row
     assert len(index) == 301 and "new" in index and "d0" not in index
     assert len(index.search(query, 1000, exact)) == 301 and KeyIndex().search(query, 3, exact) == []
-    # one sign bit per dimension (16 -> one 64-bit word), the matrix grown a quarter at a time
-    assert index.nbytes() <= 8 * 601 * 1.25 + 8 * 256
+    # per key: one sign bit per dimension (16 -> one 64-bit word), a live flag, an 8-byte id hash and
+    # the id's bytes (4 here), no Python object; the arrays grown a quarter at a time
+    assert index.nbytes() <= (8 + 1 + 8 + 4) * (601 * 1.25 + 256)
+    assert sorted(index.ids()) == sorted(live + ["new"])
+
+
+def test_key_index_ids_of_any_length_and_script_round_trip():
+    """Ids live as UTF-8 bytes in a fixed-width array that widens for a longer id; an id given
+    twice in one add takes one row (the later key); removing and re-adding finds the same id."""
+    index, keys = KeyIndex(rescore=100), unit(5)
+    index.add(["a", "b"], keys[:2])
+    long_id, other = "дoc-" + "é" * 40, "新闻-7"
+    index.add([long_id, other, long_id], keys[2:5])  # long_id twice: the last key wins
+    assert len(index) == 4 and long_id in index and "a" in index and "дoc-" not in index
+    _, exact = lookup(["a", "b", long_id, other], np.stack([keys[0], keys[1], keys[4], keys[3]]))
+    assert index.search(keys[4], 1, exact) == [long_id] and index.search(keys[3], 1, exact) == [other]
+    index.remove([other, "missing"])
+    assert len(index) == 3 and other not in index and sorted(index.ids()) == sorted(["a", "b", long_id])
+    index.add([other], keys[3:4])
+    assert index.search(keys[3], 1, exact) == [other] and len(index) == 4
 
 
 def test_key_index_rescores_its_nearest_codes_with_the_exact_keys():
