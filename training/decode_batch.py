@@ -307,8 +307,9 @@ class DecodeBatch:
                   total: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The running rows' cache buffers widened to ``total`` rows, the joining rows' cached
         prefixes written right-aligned at ``length`` in the new rows: no running row is copied.
-        ``None`` when the buffers lack the rows (rows left since they were allocated leave theirs
-        behind) or the ``room`` after ``length``, or a prefix is longer than the running rows'."""
+        ``None`` (the caller rebuilds the cache) when the buffers hold fewer than ``total`` rows
+        (free rows exist only where rows left since the buffers were allocated), lack the ``room``
+        after ``length``, or a joining prefix is longer than the running rows' (``length`` moved)."""
         if length != self._length:
             return None
         widened = []
