@@ -6,7 +6,8 @@ with ``munmap``: page faults and zeroed pages at every step, until its dynamic t
 up. Fixing the threshold at glibc's ceiling (32 MB on 64-bit) and keeping freed heap memory
 (no trimming) makes the server run at its warmed-up speed from the first request, as preloading
 jemalloc / tcmalloc does in PyTorch's CPU inference guides, without another library. Measured
-(docs/BENCHMARKS.md, issue 17): 8 askers 5.99 / 7.02 / 7.80 answers/s over three consecutive
+(docs/BENCHMARKS.md, issue 17, with the same values set through glibc's ``MALLOC_MMAP_THRESHOLD_``
+and ``MALLOC_TRIM_THRESHOLD_`` environment variables): 8 askers 5.99 / 7.02 / 7.80 answers/s over three consecutive
 45 s phases against 5.33 / 6.50 / 6.97 with glibc's defaults. The cost: RSS keeps its high-water
 mark. No-op where the C library is not glibc."""
 

@@ -46,7 +46,8 @@ def _hashes(doc_ids: list[str]) -> np.ndarray:
 class KeyIndex:
     """Codes, ids and id hashes in row-aligned numpy arrays: no Python object per key. An id is
     found from its 64-bit hash (a sorted search over the live rows' hashes, then the stored bytes
-    compared), so the index costs ~48 + 8 + the id's UTF-8 length bytes per key."""
+    compared), so a MiniLM key costs 48 + 1 + 8 bytes plus the longest id's UTF-8 length (the id
+    array is fixed-width)."""
 
     def __init__(self, rescore: int = RESCORE) -> None:
         self.rescore = rescore
