@@ -38,6 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the direct generation calls run this checkout's code, like the servers
 
 
+# what every benchmark server runs with besides the embedded defaults: MAC off (the feeder's documents
+# then cost the worker only indexing) and a deadline no load phase reaches
+SERVER_ENV = {"FRESHLM_MAC_ARTIFACT": "none", "FRESHLM_ASK_DEADLINE_SECONDS": "900"}
+
+
+def demo_documents() -> list[dict]:
+    return json.loads((ROOT / "examples" / "demo_news.json").read_text())["documents"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,10 +182,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     args = parser.parse_args()
 
-    documents = json.loads((ROOT / "examples" / "demo_news.json").read_text())["documents"]
+    documents = demo_documents()
     questions = [q["question"] for q in json.loads((ROOT / "examples" / "demo_questions.json").read_text())]
-    common = {"FRESHLM_MAC_ARTIFACT": "none", "FRESHLM_ASK_DEADLINE_SECONDS": "900",
-              **dict(item.split("=", 1) for item in args.env)}
+    common = {**SERVER_ENV, **dict(item.split("=", 1) for item in args.env)}
     bench_env = {"BENCH_STRATEGY": args.strategy, "BENCH_MAX_NEW_TOKENS": str(args.max_new_tokens),
                  "BENCH_FEED_SECONDS": str(args.feed_seconds)}
     os.environ.update(common)  # the direct calls load the model as the servers do

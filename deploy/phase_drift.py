@@ -8,11 +8,10 @@ askers (``--askers``), plain or streaming, with the feeder; prints answers/s and
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from load_run import ROOT, run_locust, serve, stop_server
+from load_run import SERVER_ENV, demo_documents, run_locust, serve, stop_server
 
 
 def main() -> None:
@@ -22,10 +21,8 @@ def main() -> None:
     parser.add_argument("--askers", type=int, default=8)
     parser.add_argument("--env", action="append", default=[], help="FRESHLM_X=value for the server (repeatable)")
     args = parser.parse_args()
-    documents = json.loads((ROOT / "examples" / "demo_news.json").read_text())["documents"]
-    env = {"FRESHLM_MAC_ARTIFACT": "none", "FRESHLM_ASK_DEADLINE_SECONDS": "900",
-           "FRESHLM_MAX_BATCH_ASKS": str(args.askers), **dict(item.split("=", 1) for item in args.env)}
-    server, base, _ = serve(env, documents)
+    env = {**SERVER_ENV, "FRESHLM_MAX_BATCH_ASKS": str(args.askers), **dict(item.split("=", 1) for item in args.env)}
+    server, base, _ = serve(env, demo_documents())
     out = Path(tempfile.mkdtemp(prefix="freshlm-drift-"))
     try:
         for i, phase in enumerate(args.phases.split(",")):

@@ -57,6 +57,12 @@ def entry_ids(bank, query_key: torch.Tensor, top_k: int | None, bank_keys=None) 
     return bank.ids()
 
 
+def batch_keys(bank, top_k: int | None):
+    """What ``entry_ids`` needs for a batch of questions: ``None`` when the bank has an in-process
+    key index (each question asks it), else every key read once for the batch."""
+    return bank.keys() if top_k and not hasattr(bank, "search") else None
+
+
 def read_entries(bank, ids: Sequence[str], chunk: int = 64) -> tuple[list[torch.Tensor], list[str], list[str]]:
     """Entries of ``ids`` read ``chunk`` at a time: ``(entries, ids read, ids whose entry is gone)``."""
     entries, present, missing = [], [], []

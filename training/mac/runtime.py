@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.mac.aggregator import entry_ids, read_entries, stack_memories
+from training.mac.aggregator import batch_keys, entry_ids, read_entries, stack_memories
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
 from training.generation import StepHook
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
@@ -119,8 +119,7 @@ class MacRuntime:
         mask, the ids read, and the ids chosen whose entry was gone (evicted: marked for rebuild)."""
         keys = self.mac.keys(questions)
         top_k = self.config.top_k
-        indexed = hasattr(self.bank, "search")  # an in-process key index: no key read per question
-        bank_keys = self.bank.keys() if top_k and not indexed else None  # else one read for the batch
+        bank_keys = batch_keys(self.bank, top_k)
         chosen = [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
         entries, ids, missing = [], [], []
         for row in chosen:

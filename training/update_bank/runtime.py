@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.choice_scoring import choice_logprobs
 from training.generation import generate_answers
-from training.mac.aggregator import entry_ids
+from training.mac.aggregator import batch_keys, entry_ids
 from training.memory.base import MemoryBank
 from training.models import DEFAULT_ENCODER, embed_texts
 from training.prompts import qa_messages
@@ -165,8 +165,7 @@ class UpdateBankRuntime:
         """The ids of each question's top-k entries by key similarity (fused with BM25 for hybrid keys)."""
         keys = embed_texts(self.encoder, self.encoder_tokenizer, questions, self.config.key_tokens)
         top_k = self.config.top_k
-        # the bank's in-process key index when it has one (as MAC reads): no key read per question
-        bank_keys = None if hasattr(self.bank, "search") else self.bank.keys()
+        bank_keys = batch_keys(self.bank, top_k)  # as MAC reads
         if self._lexical is None:
             return [entry_ids(self.bank, key, top_k, bank_keys) for key in keys]
         out = []
