@@ -40,6 +40,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from training.packed_linear import pack_cpu_linears
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -90,6 +92,9 @@ class ModelSettings(BaseModel):
     encoder: str = Field(DEFAULT_ENCODER, description="built-in name, local path or HF id")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
+    cpu_packed_linears: bool = Field(True, description="fp32 linear layers on a CPU through oneDNN with packed "
+                                                       "weights (training.packed_linear): faster inference, "
+                                                       "the weights' size again in RAM")
     cache_dir: Path = Field(
         default_factory=lambda: Path(
             os.environ.get("FRESHLM_CACHE_DIR", Path.home() / ".cache" / "freshlm")
@@ -178,7 +183,10 @@ def load_causal_lm(
     )
     prepare_tokenizer(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    if settings.cpu_packed_linears and device.type == "cpu":
+        pack_cpu_linears(model)  # each layer checks at its call that it is fp32 on a CPU
+    return model, tokenizer
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -255,10 +263,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_causal_lm(
-    kind: Literal["llama", "gpt2"] = "llama", seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+    kind: Literal["llama", "gpt2"] = "llama", seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+    cpu_packed_linears: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A random-weight causal LM built from a config: Llama-style uses GQA (4 heads, 2 KV heads)
-    and rotary positions like SmolLM2; GPT-2-style uses learned positions and fused QKV."""
+    and rotary positions like SmolLM2; GPT-2-style uses learned positions and fused QKV. Its linear
+    layers are packed as ``load_causal_lm``'s are (``cpu_packed_linears``)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     vocab = len(tokenizer)
@@ -281,6 +291,8 @@ def tiny_causal_lm(
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama' or 'gpt2'")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cpu_packed_linears:
+        pack_cpu_linears(model)
     return model.eval(), tokenizer
 
 

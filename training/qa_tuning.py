@@ -207,7 +207,9 @@ def apply_qa_tuning(model: PreTrainedModel, artifact_path: str | Path) -> PreTra
     peft_model = get_peft_model(model, lora_config(cfg, model))
     dtype = next(model.parameters()).dtype
     set_peft_model_state_dict(peft_model, {k: v.to(dtype) for k, v in weights.items()})
-    merged = peft_model.merge_and_unload().eval()
+    # safe_merge writes the merged weight into a new tensor: a layer packed before the merge
+    # (training.packed_linear) sees its weight replaced and packs it again
+    merged = peft_model.merge_and_unload(safe_merge=True).eval()
     merged.config.qa_tuning = hashlib.sha256((Path(artifact_path) / WEIGHTS).read_bytes()).hexdigest()[:16]
     return merged
 

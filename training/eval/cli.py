@@ -69,10 +69,11 @@ def validation_set(args) -> EvalSet | None:
 
 
 def load_base(args) -> tuple:
+    packed = args.cpu_packed_linears == "on"
     if args.base_model.startswith("tiny-"):
-        model, tokenizer = tiny_causal_lm(args.base_model.removeprefix("tiny-"))
+        model, tokenizer = tiny_causal_lm(args.base_model.removeprefix("tiny-"), cpu_packed_linears=packed)
     else:
-        model, tokenizer = load_causal_lm(args.base_model, ModelSettings(device=args.device))
+        model, tokenizer = load_causal_lm(args.base_model, ModelSettings(device=args.device, cpu_packed_linears=packed))
     if args.qa_tuning and args.qa_tuning != "none":
         model = apply_qa_tuning(model, Path(args.qa_tuning).expanduser())
     return model, tokenizer
@@ -110,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
                    help="answer under bf16 autocast on a CPU, as the service's FRESHLM_CPU_BF16 (auto: CPUs with AMX)")
+    p.add_argument("--cpu-packed-linears", choices=("on", "off"), default="on",
+                   help="fp32 linear layers on a CPU through oneDNN with packed weights, as the service's "
+                        "FRESHLM_CPU_PACKED_LINEARS")
     p.add_argument("--lr-grid", default="1e-4,5e-4,2.5e-3", help="comma list; empty: use --ft-lr")
     p.add_argument("--ft-lr", type=float, default=MethodConfig().ft_lr)
     p.add_argument("--ft-lora-r", type=int, default=MethodConfig().ft_lora_r,

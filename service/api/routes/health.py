@@ -18,6 +18,7 @@ from service.db import DEFAULT_TENANT
 from service.migrate import current_revision, head_revision
 from training import artifact_registry as registry
 from training.pipeline import strategy_name
+from training.packed_linear import PackedLinear
 from training.precision import cpu_bf16_enabled, cpu_bf16_flags
 
 router = APIRouter(tags=["ops"])
@@ -145,6 +146,8 @@ def configuration(settings, rt) -> dict:
             "serving": {"max_batch_asks": settings.max_batch_asks, "max_waiting_asks": settings.max_waiting_asks,
                         "batch_wait_seconds": settings.batch_wait_seconds, "cpu_bf16": settings.cpu_bf16,
                         "cpu_bf16_flags": list(cpu_bf16_flags()),
+                        "cpu_packed_linears": sum(type(m) is PackedLinear for m in rt.model.modules())
+                        if rt.model is not None else 0,
                         "bf16_autocast": bool(rt.model is not None
                                               and cpu_bf16_enabled(settings.cpu_bf16, rt.model.device))},
             "limits": settings.limits()}
