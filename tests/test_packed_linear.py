@@ -96,3 +96,14 @@ def test_load_causal_lm_packs_the_linear_layers_only_when_asked(tmp_path, packed
     loaded, _ = load_causal_lm(str(tmp_path), ModelSettings(device="cpu", cpu_packed_linears=packed))
     kinds = {type(m) for m in loaded.modules() if isinstance(m, nn.Linear)}
     assert kinds == ({PackedLinear} if packed else {nn.Linear})
+
+
+def test_a_weight_substituted_for_a_call_is_used_and_the_own_one_comes_back():
+    layer, _ = packed_layer()
+    x = torch.randn(4, 48)
+    other = {"weight": torch.randn(40, 48), "bias": torch.randn(40)}
+    with torch.no_grad():
+        own = layer(x)
+        substituted = torch.func.functional_call(layer, other, (x,))
+        torch.testing.assert_close(substituted, torch.nn.functional.linear(x, other["weight"], other["bias"]))
+        torch.testing.assert_close(layer(x), own)

@@ -39,9 +39,11 @@ def packing_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-_PACKS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
-"""Each layer's ((weight data_ptr, weight version), packed weight), outside the module: a packed
-(opaque) tensor can be neither deep-copied nor pickled, and models are both."""
+_PACKS: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+"""Each layer's (its weight tensor, the weight's data_ptr and version, packed weight), kept outside
+the module: a packed (opaque) tensor can be neither deep-copied nor pickled, and models are both.
+The weight is held by a weak reference and compared by identity: a weight substituted for a call
+(``torch.func.functional_call``) at the address of a freed one is not mistaken for it."""
 
 
 class PackedLinear(nn.Linear):
@@ -52,12 +54,12 @@ class PackedLinear(nn.Linear):
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32
                 or w.device.type != "cpu" or torch.is_autocast_enabled("cpu")):
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), w._version)
-        packed = _PACKS.get(self)
-        if packed is None or packed[0] != key:
-            packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS))
-            _PACKS[self] = packed  # a second thread meanwhile packs its own copy: both are right
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[1], self.bias, "none", [], "")
+        entry = _PACKS.get(self)
+        if entry is None or entry[0]() is not w or entry[1] != w.data_ptr() or entry[2] != w._version:
+            entry = (weakref.ref(w), w.data_ptr(), w._version,
+                     torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS))
+            _PACKS[self] = entry  # a second thread meanwhile packs its own copy: both are right
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[3], self.bias, "none", [], "")
 
 
 def pack_cpu_linears(model: nn.Module) -> int:
