@@ -1,14 +1,13 @@
 """fp32 linear layers on a CPU through oneDNN with the weight packed once.
 
 PyTorch sends an fp32 ``nn.Linear`` on a CPU to MKL's sgemm, which reads the weight in its plain
-layout at every call and does poorly with the few rows of a decoding step (on AMD CPUs MKL also
-skips its AVX-512 kernels). oneDNN with the weight reordered once into its blocked layout, the
-ops ``torch.compile``'s CPU weight-freezing pass emits (``mkldnn._reorder_linear_weight`` /
-``mkldnn._linear_pointwise``), reads it at memory speed whatever the rows. Measured on the AMD
-EPYC (one thread, every linear layer of SmolLM2-135M with its own weights; docs/BENCHMARKS.md):
-one row 57 -> 44 ms, eight rows 89 -> 46 ms, a 270-token prefill 10-20 % faster. A row's output
-also no longer depends on the rows beside it (MKL's does, in the last bits), so a batched answer
-is the answer the row gets alone.
+layout at every call and does poorly with the few rows of a decoding step. oneDNN with the weight
+reordered once into its blocked layout, the ops ``torch.compile``'s CPU weight-freezing pass emits
+(``mkldnn._reorder_linear_weight`` / ``mkldnn._linear_pointwise``), reads it at memory speed
+whatever the rows. Measured on an AMD EPYC (one thread, every linear layer of SmolLM2-135M with its
+own weights; docs/BENCHMARKS.md): one row 57 -> 44 ms, eight rows 89 -> 46 ms, a 270-row product
+~15 % faster. A row's output also no longer depends on the rows beside it (MKL's does, in the last
+bits), so a batched answer is the answer the row gets alone.
 
 Inference only: with gradients enabled, under autocast, or off fp32 on a CPU, a layer runs as
 ``nn.Linear`` does, so training and CUDA are untouched. The packed copy costs the weight's size

@@ -17,8 +17,8 @@ from sqlalchemy import text
 from service.db import DEFAULT_TENANT
 from service.migrate import current_revision, head_revision
 from training import artifact_registry as registry
-from training.pipeline import strategy_name
 from training.packed_linear import PackedLinear
+from training.pipeline import strategy_name
 from training.precision import cpu_bf16_enabled, cpu_bf16_flags
 
 router = APIRouter(tags=["ops"])
