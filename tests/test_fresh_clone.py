@@ -74,6 +74,7 @@ def test_readme_first_command_from_a_fresh_clone_without_redis_on_path(tmp_path)
                 time.sleep(0.5)
             configured = ready.json()["configuration"]
             assert configured["qa_tuning"] and configured["mac_artifact"], configured  # the shipped defaults
+            assert configured["serving"]["cpu_packed_linears"] > 0, configured  # fp32 on a CPU: packed for oneDNN
             news = json.loads((clone / "examples" / "demo_news.json").read_text())
             posted = client.post("/documents", json=news)
             assert posted.status_code == 202
