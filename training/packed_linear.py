@@ -58,7 +58,7 @@ class PackedLinear(nn.Linear):
             entry = (weakref.ref(w), w.data_ptr(), w._version,
                      torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS))
             _PACKS[self] = entry  # a second thread meanwhile packs its own copy: both are right
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[3], self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, entry[3], self.bias, "none", [], "")
 
 
 def pack_cpu_linears(model: nn.Module) -> int:
