@@ -88,11 +88,7 @@ class KeyIndex:
         hashes = _hashes(doc_ids)
         if len(doc_ids) <= _SCAN_IDS:  # a few ids (a put, a delete): one vectorised scan each
             for j, (doc_id, h) in enumerate(zip(doc_ids, hashes)):
-                name = doc_id.encode()
-                for row in np.flatnonzero(self._hashes[: self._used] == h):
-                    if self._live[row] and self._names[row] == name:
-                        out[j] = row
-                        break
+                out[j] = self._row_named(np.flatnonzero(self._hashes[: self._used] == h), doc_id)
             return out
         live = np.flatnonzero(self._live[: self._used])
         table = self._hashes[live]
@@ -100,12 +96,13 @@ class KeyIndex:
         ordered = table[order]
         left, right = np.searchsorted(ordered, hashes, "left"), np.searchsorted(ordered, hashes, "right")
         for j in np.flatnonzero(right > left):
-            name = doc_ids[j].encode()
-            for row in live[order[left[j] : right[j]]]:
-                if self._names[row] == name:
-                    out[j] = row
-                    break
+            out[j] = self._row_named(live[order[left[j] : right[j]]], doc_ids[j])
         return out
+
+    def _row_named(self, rows: np.ndarray, doc_id: str) -> int:
+        """The live row among ``rows`` (those whose hash matches) that holds ``doc_id``, else -1."""
+        name = doc_id.encode()
+        return next((int(row) for row in rows if self._live[row] and self._names[row] == name), -1)
 
     def add(self, ids: Iterable[str], keys: np.ndarray) -> None:
         """Insert or replace ``ids`` with the codes of their keys ``[n, dim]``."""
