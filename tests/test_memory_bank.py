@@ -132,46 +132,79 @@ def make_bank(request):
     return lambda storage: RedisMemoryBank(client, bank=f"test-{storage}", storage=storage)
 
 
-@pytest.mark.parametrize("storage, bits", [("int4", 4), ("int2", 2)])
-def test_kivi_storage_keys_per_channel_values_per_token_within_half_a_step(make_bank, storage, bits):
+@pytest.mark.parametrize("storage", ["int4", "int2", "k4v2", "k3v2"])
+def test_kivi_storage_keys_per_channel_values_per_token(make_bank, storage):
+    from training.memory.base import KIVI_SPECS
     from training.memory.kivi import kivi_bytes
 
-    memory = kv_entry()
+    spec = KIVI_SPECS[storage]
+    memory = kv_entry()  # 40 slots
     bank = make_bank(storage)
     bank.put("doc", memory, key=torch.randn(8))
     (restored,) = bank.get(["doc"])
     assert restored.shape == memory.shape and restored.dtype == torch.float32
-    levels = 2**bits - 1
-    # keys: a group is one channel over 32 tokens (40 slots: groups of 32 and 8)
-    for tokens in (slice(0, 32), slice(32, 40)):
+
+    def groups(length: int, size: int) -> list[slice]:
+        return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+    # keys: a group is one channel over key_group tokens (groups of 32: 32 + 8 slots); a clipped
+    # group trades its extremes' error for the rest's (its bound: the clip test below)
+    for tokens in groups(40, spec.key_group) if not spec.clip else ():
         k, k_hat = memory[:, 0, :, tokens], restored[:, 0, :, tokens]
-        step = (k.amax(2) - k.amin(2)) / levels  # [L, H, dim]
+        step = (k.amax(2) - k.amin(2)) / (2**spec.key_bits - 1)  # [L, H, dim]
         assert ((k - k_hat).abs() <= step[:, :, None] / 2 * 1.01 + 1e-2).all()
-    # values: a group is 32 channels of one token
-    for channels in (slice(0, 32), slice(32, 64)):
+    # values: a group is value_group channels of one token
+    for channels in groups(64, spec.value_group) if not spec.clip else ():
         v, v_hat = memory[:, 1, ..., channels], restored[:, 1, ..., channels]
-        step = (v.amax(-1) - v.amin(-1)) / levels
+        step = (v.amax(-1) - v.amin(-1)) / (2**spec.value_bits - 1)
         assert ((v - v_hat).abs() <= step[..., None] / 2 * 1.01 + 1e-2).all()
     # per channel, the outlier channel does not wash out the others (per token it would: range ~600)
     normal = torch.ones(64, dtype=torch.bool)
     normal[5] = False
     key_error = (memory[:, 0] - restored[:, 0])[..., normal].abs().mean()
-    assert key_error < 0.6 * (1 if bits == 2 else 0.25)
-    assert bank.nbytes("doc") == kivi_bytes(tuple(memory.shape), bits) + 8 * 2
+    assert key_error < 0.6 * {2: 1, 3: 0.5, 4: 0.25}[spec.key_bits]
+    assert bank.nbytes("doc") == kivi_bytes(tuple(memory.shape), spec) + 8 * 2
     fp16 = memory.numel() * 2
-    assert bank.nbytes("doc") < (0.35 if bits == 4 else 0.22) * fp16
+    assert bank.nbytes("doc") < (spec.key_bits + spec.value_bits + 3) / 32 * fp16
 
 
 def test_kivi_bytes_of_a_mac_chunk_and_code_packing():
-    from training.memory.kivi import kivi_bytes, pack_codes, unpack_codes
+    from training.memory.kivi import KiviSpec, kivi_bytes, pack_codes, unpack_codes
 
     chunk = (30, 2, 3, 56, 64)  # SmolLM2: 48 heavy hitters + 8 memory tokens per 256-token chunk
-    assert kivi_bytes(chunk, 4) == 322_560 + 86_400 and kivi_bytes(chunk, 2) == 161_280 + 86_400
-    for bits in (2, 4):
+    assert kivi_bytes(chunk, KiviSpec(4, 4)) == 322_560 + 86_400
+    assert kivi_bytes(chunk, KiviSpec(2, 2)) == 161_280 + 86_400
+    # 4-bit keys, 2-bit values, a key group spanning the 56 slots, values in groups of 32 channels
+    assert kivi_bytes(chunk, KiviSpec(4, 2, 64, 32)) == 161_280 + 80_640 + 4 * (30 * 3 * (64 * 1 + 56 * 2))
+    for bits in (1, 2, 3, 4, 8):
         codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
         packed = pack_codes(codes, bits)
         assert packed.dtype == torch.uint8 and packed.numel() == -(-1001 * bits // 8)
         assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+        if 8 % bits == 0:  # the byte layout int4 / int2 entries were stored with before 3-bit codes came
+            per = 8 // bits
+            padded = torch.nn.functional.pad(codes, (0, -1001 % per)).view(-1, per)
+            assert torch.equal(packed, (padded << torch.arange(0, 8, bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8))
+
+
+def test_kivi_clip_search_never_loses_to_min_max_and_wins_on_heavy_tails():
+    """``clip``: each group keeps the range of least squared error, so per group it is at most
+    min / max quantization's error, and on heavy-tailed values (one far value per group) clearly less."""
+    from training.memory.kivi import KiviSpec, dequantize_kv, quantize_kv
+
+    torch.manual_seed(1)
+    memory = torch.distributions.StudentT(2.0).sample((3, 2, 2, 56, 64))  # heavy tails
+    shape = tuple(memory.shape)
+    errors = {}
+    for clip in (False, True):
+        spec = KiviSpec(3, 2, 64, 64, clip=clip)
+        restored = dequantize_kv(*quantize_kv(memory, spec), shape, spec)
+        errors[clip] = (restored - memory) ** 2
+    keys_min_max, keys_clip = (errors[c][:, 0].sum(2) for c in (False, True))  # per channel (a key group)
+    values_min_max, values_clip = (errors[c][:, 1].sum(-1) for c in (False, True))  # per token (a value group)
+    assert (keys_clip <= keys_min_max * (1 + 1e-5) + 1e-6).all()
+    assert (values_clip <= values_min_max * (1 + 1e-5) + 1e-6).all()
+    assert errors[True].sum() < 0.7 * errors[False].sum()
 
 
 def test_kivi_storage_refuses_entries_that_are_not_key_values():
@@ -180,7 +213,8 @@ def test_kivi_storage_refuses_entries_that_are_not_key_values():
 
 
 def test_entries_written_before_the_storage_field_stay_readable(redis_client):
-    """Hashes as the bank wrote them before issue 16 (no ``storage`` field): fp16, and int8 + scale."""
+    """Hashes as the bank wrote them before issue 16 (no ``storage`` field): fp16, and int8 + scale;
+    and a KIVI entry with the ``group`` field it held before 2026-12-03."""
     import numpy as np
 
     memory = torch.randn(2, 2, 3, 64)
@@ -194,10 +228,10 @@ def test_entries_written_before_the_storage_field_stay_readable(redis_client):
                                                  "scale": scale.numpy().tobytes()})
     redis_client.sadd(f"{base}:ids", "fp16", "int8")
     bank.put("int2", kv_entry(slots=8))
+    redis_client.hset(f"{base}:m:int2", "group", "32")  # as KIVI entries were written before 2026-12-03
     fp16, int8, int2 = bank.get(["fp16", "int8", "int2"])
     assert torch.equal(fp16, memory.half().float())
     assert torch.allclose(int8, memory, atol=float(scale.float().max()) / 2 + 1e-6)
     assert int2.shape == (3, 2, 2, 8, 64)
     assert redis_client.hget(f"{base}:m:int2", "storage") == b"int2"
-    assert redis_client.hget(f"{base}:m:int2", "group") == b"32"
     assert np.frombuffer(redis_client.hget(f"{base}:m:int2", "memory"), np.uint8).size == 3 * 2 * 2 * 8 * 64 * 2 // 8

@@ -38,6 +38,7 @@ from training.eval.metrics import percentile
 from training.eval.resources import peak_rss_mb
 from training.mac.aggregator import select_top_k, stack_memories
 from training.memory import STORAGES, RedisMemoryBank
+from training.memory.base import KIVI_SPECS
 from training.memory.kivi import kivi_bytes
 
 
@@ -53,7 +54,7 @@ def exact_bytes(storage: str, shape: tuple[int, ...]) -> int:
         return 2 * n
     if storage == "int8":
         return n + 2 * n // shape[-1]
-    return kivi_bytes(shape, {"int4": 4, "int2": 2}[storage])
+    return kivi_bytes(shape, KIVI_SPECS[storage])
 
 
 def unit_keys(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -10,8 +10,10 @@ keeps reading what it wrote before):
 * ``int8``: one fp16 scale (absmax / 127) per vector of the last axis, ~52 % of fp16 for MAC's
   64-value slot vectors (squad-seq val F1 21.44 vs 22.55 in fp16, docs/mac.md);
 * ``int4`` / ``int2``: KIVI (``kivi.py``): keys per channel, values per token, groups of 32 with
-  an fp16 scale and zero, codes packed into bytes: 32 % / 19 % of fp16 for a MAC chunk. Only for
-  key/value entries ``[layers, 2, kv_heads, slots, head_dim]``.
+  an fp16 scale and zero, codes packed into bytes: 32 % / 19 % of fp16 for a MAC chunk;
+* ``k4v2`` / ``k3v2``: KIVI with 4- / 3-bit keys and 2-bit values (the keys are what low bits hurt),
+  KIVI_SPECS_PLACEHOLDER
+  Only for key/value entries ``[layers, 2, kv_heads, slots, head_dim]``.
 
 Deleting an entry is exact: the document's memory is gone.
 """
@@ -23,11 +25,16 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
-from training.memory.kivi import GROUP, dequantize_kv, quantize_kv
+from training.memory.kivi import KiviSpec, dequantize_kv, quantize_kv
 
-Storage = Literal["float16", "int8", "int4", "int2"]
+Storage = Literal["float16", "int8", "int4", "int2", "k4v2", "k3v2"]
 STORAGES: tuple[str, ...] = get_args(Storage)
-KIVI_BITS = {"int4": 4, "int2": 2}
+KIVI_SPECS: dict[str, KiviSpec] = {
+    "int4": KiviSpec(4, 4),
+    "int2": KiviSpec(2, 2),
+    "k4v2": KiviSpec(4, 2, 64, 64, clip=True),
+    "k3v2": KiviSpec(3, 2, 64, 64, clip=True),
+}
 
 
 def check_storage(storage: str) -> Storage:
@@ -40,12 +47,11 @@ def check_storage(storage: str) -> Storage:
 @dataclass
 class EncodedEntry:
     """What a bank stores for an entry: its storage, shape, and payload parts (``memory``, and
-    ``scale`` / ``zero`` for the quantized storages); ``group`` for KIVI."""
+    ``scale`` / ``zero`` for the quantized storages)."""
 
     storage: Storage
     shape: tuple[int, ...]
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    group: int | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
@@ -55,12 +61,11 @@ class EncodedEntry:
 PART_DTYPES: dict[str, dict[str, torch.dtype]] = {
     "float16": {"memory": torch.float16},
     "int8": {"memory": torch.int8, "scale": torch.float16},
-    "int4": {"memory": torch.uint8, "scale": torch.float16, "zero": torch.float16},
-    "int2": {"memory": torch.uint8, "scale": torch.float16, "zero": torch.float16},
+    **{kivi: {"memory": torch.uint8, "scale": torch.float16, "zero": torch.float16} for kivi in KIVI_SPECS},
 }
 
 
-def encode_entry(memory: torch.Tensor, storage: Storage = "float16", group: int = GROUP) -> EncodedEntry:
+def encode_entry(memory: torch.Tensor, storage: Storage = "float16") -> EncodedEntry:
     """Quantize an entry for storage (see the module docstring)."""
     memory = memory.detach().to("cpu", torch.float32)
     shape = tuple(memory.shape)
@@ -71,8 +76,8 @@ def encode_entry(memory: torch.Tensor, storage: Storage = "float16", group: int 
         scale = (memory.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=torch.finfo(torch.float16).tiny)
         codes = (memory / scale).round().clamp(-127, 127).to(torch.int8)
         return EncodedEntry(storage, shape, {"memory": codes, "scale": scale.half()})
-    packed, scale, zero = quantize_kv(memory, KIVI_BITS[storage], group)
-    return EncodedEntry(storage, shape, {"memory": packed, "scale": scale, "zero": zero}, group)
+    packed, scale, zero = quantize_kv(memory, KIVI_SPECS[storage])
+    return EncodedEntry(storage, shape, {"memory": packed, "scale": scale, "zero": zero})
 
 
 def decode_entry(entry: EncodedEntry) -> torch.Tensor:
@@ -82,8 +87,7 @@ def decode_entry(entry: EncodedEntry) -> torch.Tensor:
         return parts["memory"].float().reshape(entry.shape)
     if entry.storage == "int8":
         return (parts["memory"].float().reshape(entry.shape) * parts["scale"].float().reshape(*entry.shape[:-1], 1))
-    return dequantize_kv(parts["memory"], parts["scale"], parts["zero"], entry.shape, KIVI_BITS[entry.storage],
-                         entry.group or GROUP)
+    return dequantize_kv(parts["memory"], parts["scale"], parts["zero"], entry.shape, KIVI_SPECS[entry.storage])
 
 
 @runtime_checkable

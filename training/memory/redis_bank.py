@@ -3,10 +3,11 @@
 Key layout, all under one hash tag so multi-key transactions work on Redis Cluster:
 
 * ``{prefix}:{<bank>}:ids``           set of document ids
-* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``storage`` (``float16`` / ``int8`` / ``int4`` / ``int2``),
-  ``shape``, ``memory`` (the payload: fp16, int8, or packed KIVI codes), ``scale`` (int8: fp16, one
-  per last-axis vector; KIVI: fp16, one per group), ``zero`` (KIVI: fp16, one per group), ``group``
-  (KIVI's group size), ``key`` (fp16)
+* ``{prefix}:{<bank>}:m:<doc_id>``    hash: ``storage`` (``float16`` / ``int8`` / a KIVI storage, whose
+  name fixes its bits and groups: ``base.KIVI_SPECS``), ``shape``, ``memory`` (the payload: fp16,
+  int8, or packed KIVI codes), ``scale`` (int8: fp16, one per last-axis vector; KIVI: fp16, one per
+  group), ``zero`` (KIVI: fp16, one per group), ``key`` (fp16); entries written before 2026-12-03
+  also hold ``group`` (always 32, what ``int4`` / ``int2`` still use), which reading ignores
 
 * ``{prefix}:{<bank>}:keys``         hash: document id -> its retrieval key (fp16); the entry hash keeps a copy
 * ``{prefix}:{<bank>}:log``          stream of changes (``op`` put / del / clear, ``id``), capped at ~100,000
@@ -44,7 +45,7 @@ from training.memory.base import PART_DTYPES, EncodedEntry, Storage, check_stora
 
 from training.memory.key_index import KeyIndex
 
-FIELDS = ["storage", "shape", "group", "memory", "scale", "zero"]
+FIELDS = ["storage", "shape", "memory", "scale", "zero"]
 LOG_MAX = 100_000  # changes kept in the log (approximately); a reader further behind reloads the keys
 NUMPY = {torch.float16: np.float16, torch.int8: np.int8, torch.uint8: np.uint8}
 
@@ -64,8 +65,7 @@ def _decode_row(row: list[bytes | None]) -> torch.Tensor | None:
     storage = stored["storage"].decode() if stored["storage"] else ("int8" if stored["scale"] else "float16")
     shape = tuple(int(s) for s in stored["shape"].decode().split(","))
     parts = {name: _from_bytes(stored[name], dtype) for name, dtype in PART_DTYPES[storage].items()}
-    group = int(stored["group"]) if stored["group"] else None
-    return decode_entry(EncodedEntry(storage, shape, parts, group))
+    return decode_entry(EncodedEntry(storage, shape, parts))
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:
@@ -100,8 +100,6 @@ class RedisMemoryBank:
         encoded = encode_entry(memory, self.storage)
         fields = {"storage": encoded.storage, "shape": ",".join(map(str, encoded.shape)),
                   **{name: _to_bytes(part) for name, part in encoded.parts.items()}}
-        if encoded.group is not None:
-            fields["group"] = str(encoded.group)
         if key is not None:
             fields["key"] = _to_bytes(key.detach().reshape(-1).to(torch.float16))
         entry = self._entry_key(doc_id)
