@@ -200,3 +200,20 @@ def test_size_curve_bytes_and_settings_of_each_mac_row():
     assert read_settings("mac_read:int2-s20-k3-rot", run) == MacReadConfig(storage="int2", doc_slots=20, top_k=3,
                                                                             rerotate=True)
     assert read_settings("rag_dense", run) is None
+    assert chunk_bytes(*smollm2, 56, "k3v2") == 244_800 <= 256_000 < chunk_bytes(*smollm2, 56, "k4v2") == 285_120
+    assert read_settings("mac_read:k3v2-k1", run) == MacReadConfig(storage="k3v2", top_k=1)
+
+
+def test_storage_probe_reads_a_kivi_spec_as_the_storage_of_the_same_settings():
+    """``training.mac.storage_probe``: ``k3v2-g64/64-clip`` is the bank's ``k3v2`` bit for bit (so val
+    probes of unnamed specs compare with the shipped storages), and a bad spec fails up front."""
+    from training.mac.storage_probe import store_and_read
+
+    entry = torch.randn(2, 2, 3, 56, 64)
+    (named, named_bytes), (spec, spec_bytes) = store_and_read("k3v2"), store_and_read("k3v2-g64/64-clip")
+    assert torch.equal(named(entry), spec(entry)) and named_bytes(entry.shape) == spec_bytes(entry.shape)
+    unclipped, _ = store_and_read("k3v2-g64/64")
+    assert ((unclipped(entry) - entry) ** 2).sum() > ((spec(entry) - entry) ** 2).sum()
+    assert torch.equal(store_and_read("k2v2")[0](entry), store_and_read("int2")[0](entry))  # groups of 32 by default
+    with pytest.raises(ValueError, match="k<bits>v<bits>"):
+        store_and_read("k3")

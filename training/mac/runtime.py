@@ -49,7 +49,8 @@ class MacReadConfig(BaseModel):
                              "the model's context")
         return self
     storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
-                                                          "bytes), or KIVI int4 / int2 (32 % / 19 %)")
+                                                          "bytes), or KIVI int4 / int2 (32 % / 19 %), k4v2 / k3v2 "
+                                                          "(4- / 3-bit keys, 2-bit values: 22 % / 19 %)")
     doc_slots: int | None = Field(None, ge=1, description="document slots kept per chunk of a new entry, the "
                                                          "highest-scoring heavy hitters (none: the artifact's own)")
 
