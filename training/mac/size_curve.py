@@ -7,6 +7,9 @@ the 768-byte retrieval key per document is not counted). Writes a PNG and prints
 
     python -m training.mac.size_curve docs/results/squad-seq-test-issue16.json \\
         docs/results/realtimeqa-2024-issue16.json --out docs/results/mac-size-curve.png
+
+Several result files of one dataset and artifact make one curve (a setting measured twice: the
+first file's figure).
 """
 
 from __future__ import annotations
@@ -107,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads(path.read_text())
         artifact = result["config"]["methods"]["mac_artifact"]  # a retrained artifact: a curve of its own
         label = f"{result['dataset']} {result['split']}" + (f" ({Path(artifact).name})" if artifact else "")
-        curves[label] = points(result)
+        curve = curves.setdefault(label, [])  # runs of one dataset and artifact make one curve
+        seen = {(p["storage"], p["doc_slots"], p["top_k"], p["rerotate"]) for p in curve}
+        curve += [p for p in points(result) if (p["storage"], p["doc_slots"], p["top_k"], p["rerotate"]) not in seen]
     plot(curves, args.out)
     print("| dataset | method | storage | doc slots | top k | bytes per chunk | F1 | choice acc. |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
