@@ -13,7 +13,7 @@ from training.mac.method import MACMethod
 from training.mac.model import prompt_head, save_mac
 from training.mac.runtime import MacReadConfig, MacRuntime
 from training.mac.prefix import kv_geometry
-from training.memory import InMemoryMemoryBank
+from training.memory import InMemoryMemoryBank, encode_entry
 from training.methods import MethodConfig, MethodContext, build_method
 from training.types import Document, Question
 
@@ -42,11 +42,13 @@ def ctx_and_artifact(tmp_path):
     return MethodContext(base, tok, config), mac.eval()
 
 
-def _entry_bytes(ctx, text):
-    """fp16 slots [layers, 2, kv_heads, slots, head_dim] plus a fp16 retrieval key."""
+def _entry_bytes(ctx, text, storage="float16"):
+    """Slots [layers, 2, kv_heads, slots, head_dim] in ``storage`` (fp16: 2 bytes a value) plus a fp16 retrieval key."""
     layers, kv_heads, head_dim = kv_geometry(ctx.model.config)
     slots = expected_slots(TINY_MAC, ctx.tokenizer, prompt_head(ctx.model, ctx.tokenizer), text)
-    return (layers * 2 * kv_heads * slots * head_dim + 32) * 2
+    if storage == "float16":
+        return (layers * 2 * kv_heads * slots * head_dim + 32) * 2
+    return encode_entry(torch.zeros(layers, 2, kv_heads, slots, head_dim), storage).nbytes() + 32 * 2
 
 
 def _ingested(ctx, mac, settings, docs=DOCS, rag=False):
@@ -70,8 +72,10 @@ def test_harness_runs_mac_methods_from_an_artifact(ctx_and_artifact, name):
     run = run_method(method, EvalSet("tiny", "test", DOCS, QUESTIONS), ProtocolConfig(latency_samples=2),
                      progress=False)
     assert 0 <= run.f1 <= 100 and run.accuracy is not None and len(run.predictions) == 2
-    expected = sum(_entry_bytes(ctx, d.text) for d in DOCS) / len(DOCS)
+    assert ctx.config.mac.storage == "int4"  # the default: KIVI int4
+    expected = sum(_entry_bytes(ctx, d.text, "int4") for d in DOCS) / len(DOCS)
     assert run.memory_bytes_per_doc == pytest.approx(expected)
+    assert expected < 0.5 * sum(_entry_bytes(ctx, d.text) for d in DOCS) / len(DOCS)  # tiny entries: scales weigh more
 
 
 def test_int8_storage_halves_the_bytes_per_document(ctx_and_artifact):

@@ -95,8 +95,9 @@ class Settings(BaseSettings):
                                 "and an evicted entry is answered from its text and rebuilt from SQL")
     mac_rerotate: bool = Field(_MAC.rerotate, description="each memory entry read gets its own positions (its keys "
                                                           "re-rotated; RoPE base models)")
-    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: float16, int8, "
-                                                                   "or KIVI int4 / int2 / k4v2 / k3v2 (docs/mac.md)")
+    mac_storage: Storage = Field(_MAC.storage, description="how new memory entries are stored in Redis: KIVI int4 (the "
+                                                                   "default: 32 % of fp16's bytes), float16, int8, or "
+                                                                   "KIVI int2 / k4v2 / k3v2 (docs/mac.md)")
     mac_doc_slots: int | None = Field(_MAC.doc_slots, ge=1, description="document slots a new memory entry keeps per "
                                                                         "256-token chunk (none: the artifact's own)")
 

@@ -48,9 +48,10 @@ class MacReadConfig(BaseModel):
             raise ValueError("rerotate needs a top_k: every entry of the bank at its own positions would run past "
                              "the model's context")
         return self
-    storage: Storage = Field("float16", description="how new entries are stored: float16, int8 (~52 % of the "
-                                                          "bytes), or KIVI int4 / int2 (32 % / 19 %), k4v2 / k3v2 "
-                                                          "(4- / 3-bit keys, 2-bit values: 22 % / 19 %)")
+    storage: Storage = Field("int4", description="how new entries are stored: KIVI int4 (32 % of fp16's bytes; "
+                                                       "level with float16 on both val streams, so the default), "
+                                                       "float16, int8 (52 %), int2 (19 %), k4v2 / k3v2 (4- / 3-bit "
+                                                       "keys, 2-bit values: 22 % / 19 %)")
     doc_slots: int | None = Field(None, ge=1, description="document slots kept per chunk of a new entry, the "
                                                          "highest-scoring heavy hitters (none: the artifact's own)")
 
