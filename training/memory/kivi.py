@@ -42,6 +42,7 @@ class KiviSpec:
     key_group: int = GROUP
     value_group: int = GROUP
     clip: bool = False  # each group's range chosen for the least squared error, not its min / max
+
     def __post_init__(self) -> None:
         if not all(1 <= b <= 8 for b in (self.key_bits, self.value_bits)) or min(self.key_group, self.value_group) < 1:
             raise ValueError(f"KIVI storage needs 1-8 bits and positive groups, got {self}")
@@ -76,7 +77,9 @@ def _layouts(shape: tuple[int, ...], spec: KiviSpec) -> list[tuple[int, int, int
 
 
 def quantize_kv(memory: torch.Tensor, spec: KiviSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed codes uint8: keys' then values', scales fp16, zeros fp16)`` of an entry."""
+    """``(packed codes uint8: keys' then values', scales fp16, zeros fp16)`` of an entry. (Keys and
+    values are packed one after the other; for ``int4`` / ``int2`` entries whose key codes fill whole
+    bytes, as any head dim that is a multiple of 4 makes them, that is the layout they always had.)"""
     if memory.dim() != 5:
         raise ValueError(f"KIVI storage needs key/value entries [layers, 2, kv_heads, slots, head_dim], got {tuple(memory.shape)}")
     memory = memory.detach().to("cpu", torch.float32)
