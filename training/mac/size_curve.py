@@ -68,6 +68,11 @@ def points(result: dict) -> list[dict]:
     return out
 
 
+def _setting(point: dict) -> tuple:
+    """What makes two points the same setting (two runs measuring it: one point)."""
+    return point["storage"], point["doc_slots"], point["top_k"], point["rerotate"]
+
+
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -111,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         artifact = result["config"]["methods"]["mac_artifact"]  # a retrained artifact: a curve of its own
         label = f"{result['dataset']} {result['split']}" + (f" ({Path(artifact).name})" if artifact else "")
         curve = curves.setdefault(label, [])  # runs of one dataset and artifact make one curve
-        seen = {(p["storage"], p["doc_slots"], p["top_k"], p["rerotate"]) for p in curve}
-        curve += [p for p in points(result) if (p["storage"], p["doc_slots"], p["top_k"], p["rerotate"]) not in seen]
+        seen = {_setting(p) for p in curve}
+        curve += [p for p in points(result) if _setting(p) not in seen]
     plot(curves, args.out)
     print("| dataset | method | storage | doc slots | top k | bytes per chunk | F1 | choice acc. |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

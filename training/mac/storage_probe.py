@@ -90,10 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         layers, _, kv_heads, _, head_dim = next(iter(entries.values())).shape
         chunk = (layers, 2, kv_heads, kept + mac.config.memory_tokens, head_dim)  # one full chunk
         for spec, (read_back, nbytes) in codecs.items():
+            stored = {doc_id: read_back(entry) for doc_id, entry in entries.items()}  # once per document
             nll: list[float] = []
             with torch.no_grad():
                 for batch, (ids, mask, labels) in zip(tqdm(batches, desc=spec), tokens):
-                    memory, memory_mask = stack_memories([[read_back(entries[q.doc_ids[0]])] for q in batch], base.device)
+                    memory, memory_mask = stack_memories([[stored[q.doc_ids[0]]] for q in batch], base.device)
                     nll += answer_nll(base, memory, ids, mask, labels, head=head, memory_mask=memory_mask,
                                       start=start).tolist()
             rows[f"{spec} s{kept}"] = {
