@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,6 +31,10 @@ SEGMENT_QUESTION = "?"
 # SmolLM2, 29 for the tests' byte-level tokenizer (16 before issue 19's delimiters: questions now start
 # 16 positions later, see docs/BENCHMARKS.md "Prompt injection")
 SEGMENT_OVERHEAD = 32
+
+# which document tokens an entry keeps: "attention" = H2O heavy hitters (``heavy_hitter_scores``),
+# "reconstruction" = KVzip (``reconstruction_scores``; one more forward pass per chunk)
+SlotScores = Literal["attention", "reconstruction"]
 
 
 @contextmanager
@@ -76,6 +81,28 @@ def heavy_hitter_scores(attentions: tuple[torch.Tensor, ...], offset: int, lengt
     return scores
 
 
+RECONSTRUCTION_PROMPT = "\n\nRepeat the previous context exactly:\n"
+
+
+def reconstruction_scores(
+    base: PreTrainedModel, cache: DynamicCache, prompt: list[int], segment: list[int], offset: int, kv_heads: int,
+) -> list[torch.Tensor]:
+    """Per layer ``[kv_heads, length]``: KVzip's question-agnostic importance (Kim et al. 2025,
+    arXiv 2505.23416). After the document, the model is told to repeat it and re-reads it
+    (teacher-forced); a document token's score is the most attention any of those queries, of
+    any query head of the KV head, pays it. A token the model needs to reconstruct the document
+    is one a question about it is likely to need; H2O's mean attention favours tokens every
+    later token glances at (punctuation, the first words). The cache is cropped back after."""
+    length, end = len(segment), offset + len(segment)
+    queries = prompt + segment
+    with torch.no_grad(), eager_attention(base):
+        out = base.base_model(input_ids=torch.tensor([queries], device=base.device), past_key_values=cache,
+                              use_cache=True, output_attentions=True,
+                              position_ids=torch.arange(end, end + len(queries), device=base.device)[None])
+    cache.crop(-len(queries))
+    return [att[0, :, :, offset:end].float().amax(1).view(kv_heads, -1, length).amax(1) for att in out.attentions]
+
+
 class Amortizer(nn.Module):
     def __init__(self, config: MACConfig, hidden: int) -> None:
         super().__init__()
@@ -91,12 +118,13 @@ class Amortizer(nn.Module):
         self.memory_tokens.copy_(table[rows.to(table.device)].float())
 
     def encode_chunk(self, base: PreTrainedModel, head: PromptHead | None, segment: list[int],
-                     doc_slots: int | None = None) -> torch.Tensor:
+                     doc_slots: int | None = None, reconstruction_prompt: list[int] | None = None) -> torch.Tensor:
         """``[layers, 2, kv_heads, slots, head_dim]`` for one chunk's segment tokens.
 
         Two passes over one cache: the document without autograd (its slots depend on nothing
         trainable), then the memory tokens after it, so training back-propagates through the
-        memory tokens' positions only."""
+        memory tokens' positions only. With ``reconstruction_prompt`` the document slots are chosen
+        by ``reconstruction_scores`` (one more pass) instead of H2O's."""
         start = len(head) if head is not None else 0
         device, length = base.device, len(segment)
         cache = DynamicCache([(k.clone(), v.clone()) for k, v in head.kv], config=base.config) if head else None
@@ -106,7 +134,8 @@ class Amortizer(nn.Module):
                                   position_ids=torch.arange(start, start + length, device=device)[None])
         cache = out.past_key_values
         kv_heads = cache.layers[0].keys.shape[1]
-        scores = heavy_hitter_scores(out.attentions, start, length, kv_heads)
+        scores = (heavy_hitter_scores(out.attentions, start, length, kv_heads) if reconstruction_prompt is None
+                  else reconstruction_scores(base, cache, reconstruction_prompt, segment, start, kv_heads))
         n_tokens = self.memory_tokens.shape[0]
         if n_tokens:
             tokens = self.memory_tokens.to(base.get_input_embeddings().weight.dtype).unsqueeze(0)
@@ -124,11 +153,14 @@ class Amortizer(nn.Module):
 
     def forward(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str,
-        doc_slots: int | None = None,
+        doc_slots: int | None = None, slot_scores: SlotScores = "attention",
     ) -> torch.Tensor:
         """The memory entry of one document: its chunks' slots side by side (``doc_slots`` document
-        slots per chunk, else the config's: fewer slots make smaller entries from the same weights)."""
+        slots per chunk, else the config's: fewer slots make smaller entries from the same weights;
+        ``slot_scores`` picks them, see ``SlotScores``)."""
         limit = self.config.chunk_tokens + SEGMENT_OVERHEAD  # MAC.start puts questions after this
-        chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit], doc_slots)
+        prompt = (tokenizer(RECONSTRUCTION_PROMPT, add_special_tokens=False)["input_ids"]
+                  if slot_scores == "reconstruction" else None)
+        chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit], doc_slots, prompt)
                   for chunk in chunk_texts(tokenizer, text, self.config)]
         return torch.cat(chunks, dim=3)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from training.artifacts import Manifest, load_artifact, read_manifest, save_artifact
-from training.mac.amortizer import SEGMENT_OVERHEAD, Amortizer
+from training.mac.amortizer import SEGMENT_OVERHEAD, Amortizer, SlotScores
 from training.mac.config import MACConfig
 from training.mac.prefix import PrefixKV, PromptHead, encode_head, prefixed_forward
 from training.models import ModelSettings, embed_texts, load_encoder
@@ -56,12 +56,14 @@ class MAC(nn.Module):
 
     def memorize(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, texts: list[str],
-        doc_slots: int | None = None,
+        doc_slots: int | None = None, slot_scores: SlotScores = "attention",
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Memory entries ``(slots [layers, 2, kv_heads, n, head_dim], key [dim])`` of documents,
-        one base-model forward pass per chunk, no gradient step (``doc_slots``: see ``Amortizer``)."""
+        one base-model forward pass per chunk, no gradient step (``doc_slots``, ``slot_scores``: see
+        ``Amortizer``)."""
         keys = self.keys(texts)
-        return [(self.amortizer(base, tokenizer, head, text, doc_slots), key) for text, key in zip(texts, keys)]
+        return [(self.amortizer(base, tokenizer, head, text, doc_slots, slot_scores), key)
+                for text, key in zip(texts, keys)]
 
     def start(self, head: PromptHead | None) -> int:
         """Position of a question's first token: after the head and any chunk's slots."""

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-documents", type=int, default=None)
     p.add_argument("--storages", required=True, help="comma-separated storages / KIVI specs (see above)")
     p.add_argument("--doc-slots", default="", help="comma-separated document slots per chunk (default: the artifact's)")
+    p.add_argument("--slot-scores", default="attention",
+                   help="comma-separated slot choices: attention (H2O), reconstruction (KVzip); see Amortizer")
     p.add_argument("--mac-artifact", default=None)
     p.add_argument("--qa-tuning", default="artifacts/qa-format/smollm2-135m-instruct")
     p.add_argument("--batch-size", type=int, default=8)
@@ -82,10 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     tokens = [qa_batch(tokenizer, [q.question for q in b], [q.answers[0] for q in b], device=base.device, head=head)
               for b in batches]
     rows: dict[str, dict] = {}
-    for slots in [int(s) for s in args.doc_slots.split(",") if s.strip()] or [None]:
+    settings = [(slots, scores) for scores in args.slot_scores.split(",")
+                for slots in [int(s) for s in args.doc_slots.split(",") if s.strip()] or [None]]
+    for slots, scores in settings:
         with torch.no_grad():
-            entries = {d.id: mac.memorize(base, tokenizer, head, [d.text], slots)[0][0].cpu().float()
-                       for d in tqdm(evalset.documents, desc=f"write (slots {slots or 'artifact'})")}
+            entries = {d.id: mac.memorize(base, tokenizer, head, [d.text], slots, scores)[0][0].cpu().float()
+                       for d in tqdm(evalset.documents, desc=f"write (slots {slots or 'artifact'}, {scores})")}
         kept = slots or mac.config.doc_slots
         layers, _, kv_heads, _, head_dim = next(iter(entries.values())).shape
         chunk = (layers, 2, kv_heads, kept + mac.config.memory_tokens, head_dim)  # one full chunk
@@ -97,16 +101,18 @@ def main(argv: list[str] | None = None) -> None:
                     memory, memory_mask = stack_memories([[stored[q.doc_ids[0]]] for q in batch], base.device)
                     nll += answer_nll(base, memory, ids, mask, labels, head=head, memory_mask=memory_mask,
                                       start=start).tolist()
-            rows[f"{spec} s{kept}"] = {
-                "storage": spec, "doc_slots": kept,
+            rows[f"{spec} s{kept} {scores}"] = {
+                "storage": spec, "doc_slots": kept, "slot_scores": scores,
                 "bytes_per_chunk": nbytes(chunk), "nll": statistics.mean(nll), "nlls": nll}
     reference = next(iter(rows.values()))["nlls"]
-    print(f"| storage | doc slots | bytes / chunk | answer NLL | vs {next(iter(rows))} |\n|---|---:|---:|---:|---:|")
+    print(f"| storage | doc slots | slot scores | bytes / chunk | answer NLL | vs {next(iter(rows))} |\n"
+          "|---|---:|---|---:|---:|---:|")
     for name, row in rows.items():
         diff = [a - b for a, b in zip(row["nlls"], reference)]
         row["paired_diff"] = statistics.mean(diff)
         row["paired_se"] = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
-        print(f"| `{row['storage']}` | {row['doc_slots']} | {row['bytes_per_chunk']:,} | {row['nll']:.4f} | "
+        print(f"| `{row['storage']}` | {row['doc_slots']} | {row['slot_scores']} | {row['bytes_per_chunk']:,} | "
+              f"{row['nll']:.4f} | "
               f"{row['paired_diff']:+.4f} +- {row['paired_se']:.4f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"dataset": args.dataset, "split": args.split, "n_documents":
