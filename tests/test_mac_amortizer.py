@@ -10,7 +10,13 @@ import torch
 
 from tests.mac_helpers import TINY_MAC, expected_slots, tiny_mac
 from training.mac.aggregator import stack_memories
-from training.mac.amortizer import chunk_texts, eager_attention, heavy_hitter_scores, segment_ids
+from training.mac.amortizer import (
+    RECONSTRUCTION_PROMPT,
+    chunk_texts,
+    eager_attention,
+    heavy_hitter_scores,
+    segment_ids,
+)
 from training.mac.model import answer_nll, prompt_head, qa_batch
 from training.mac.prefix import kv_geometry
 from training.models import tiny_causal_lm
@@ -148,6 +154,39 @@ def test_entry_keeps_the_heavy_hitters_and_the_memory_tokens(kind):
         tokens = with_tokens.past_key_values.layers[layer]
         torch.testing.assert_close(entry[layer, 0, :, 5:], tokens.keys[0, :, offset + length :], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(entry[layer, 1, :, 5:], tokens.values[0, :, offset + length :], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reconstruction_scores_keep_the_tokens_a_repeat_of_the_document_attends_to(kind):
+    """``slot_scores="reconstruction"`` (KVzip): per layer and KV head, the document tokens that
+    received the most attention (max over the KV head's query heads and over queries) while the
+    model re-read the document after the repeat instruction; the memory tokens never see that
+    re-reading (the cache is cropped back before them)."""
+    cfg = TINY_MAC.model_copy(update={"doc_slots": 5, "memory_tokens": 3})
+    mac, base, tok = tiny_mac(kind, cfg)
+    head = prompt_head(base, tok)
+    segment = segment_ids(tok, head, DOC)
+    offset, length = len(head), len(segment)
+    prompt = tok(RECONSTRUCTION_PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        (entry, _), = mac.memorize(base, tok, head, [DOC], slot_scores="reconstruction")
+        (by_attention, _), = mac.memorize(base, tok, head, [DOC])
+    layers, kv_heads, _ = kv_geometry(base.config)
+    assert entry.shape == (layers, 2, kv_heads, 5 + 3, base.config.hidden_size // base.config.num_attention_heads)
+
+    full = _full_run(base, list(head.ids) + segment + prompt + segment)
+    group = base.config.num_attention_heads // kv_heads
+    for layer in range(layers):
+        att = full.attentions[layer][0]  # [heads, q, kv]
+        keys = full.past_key_values.layers[layer].keys[0, :, offset:]
+        values = full.past_key_values.layers[layer].values[0, :, offset:]
+        for kv in range(kv_heads):
+            received = att[kv * group : (kv + 1) * group, offset + length :, offset : offset + length]
+            chosen = received.amax((0, 1)).topk(5).indices.sort().values
+            torch.testing.assert_close(entry[layer, 0, kv, :5], keys[kv, chosen], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(entry[layer, 1, kv, :5], values[kv, chosen], atol=1e-5, rtol=1e-4)
+    # the memory tokens' slots are the same whichever document slots were kept
+    torch.testing.assert_close(entry[..., 5:, :], by_attention[..., 5:, :], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
