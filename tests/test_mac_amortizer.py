@@ -158,7 +158,7 @@ def test_entry_keeps_the_heavy_hitters_and_the_memory_tokens(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_reconstruction_scores_keep_the_tokens_a_repeat_of_the_document_attends_to(kind):
-    """``slot_scores="reconstruction"`` (KVzip): per layer and KV head, the document tokens that
+    """``slot_scores="kvzip"``: per layer and KV head, the document tokens that
     received the most attention (max over the KV head's query heads and over queries) while the
     model re-read the document after the repeat instruction; the memory tokens never see that
     re-reading (the cache is cropped back before them)."""
@@ -169,7 +169,7 @@ def test_reconstruction_scores_keep_the_tokens_a_repeat_of_the_document_attends_
     offset, length = len(head), len(segment)
     prompt = tok(RECONSTRUCTION_PROMPT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        (entry, _), = mac.memorize(base, tok, head, [DOC], slot_scores="reconstruction")
+        (entry, _), = mac.memorize(base, tok, head, [DOC], slot_scores="kvzip")
         (by_attention, _), = mac.memorize(base, tok, head, [DOC])
     layers, kv_heads, _ = kv_geometry(base.config)
     assert entry.shape == (layers, 2, kv_heads, 5 + 3, base.config.hidden_size // base.config.num_attention_heads)
@@ -250,3 +250,19 @@ def test_memorize_is_per_document_and_keys_are_unit_vectors():
         torch.testing.assert_close(key, key1, atol=1e-6, rtol=1e-5)
         assert key.shape == (32,) and key.norm().item() == pytest.approx(1.0, abs=1e-5)
     assert not torch.allclose(together[0][1], together[1][1])
+
+
+def test_the_runtime_writes_entries_with_its_slot_scores():
+    """``MacReadConfig.slot_scores`` (the service's ``FRESHLM_MAC_SLOT_SCORES``) reaches the write."""
+    from training.mac.runtime import MacReadConfig, MacRuntime
+    from training.memory import InMemoryMemoryBank
+
+    mac, base, tok = tiny_mac(config=TINY_MAC.model_copy(update={"doc_slots": 5}))
+    head = prompt_head(base, tok)
+    with torch.no_grad():
+        expected = {scores: mac.memorize(base, tok, head, [DOC], slot_scores=scores)[0][0] for scores in ("h2o", "kvzip")}
+    assert not torch.allclose(expected["h2o"], expected["kvzip"])
+    for scores, entry in expected.items():
+        runtime = MacRuntime(mac, base, tok, InMemoryMemoryBank("float16"), MacReadConfig(slot_scores=scores))
+        runtime.memorize(["d"], [DOC])
+        torch.testing.assert_close(runtime.bank.get(["d"])[0].float(), entry.half().float())

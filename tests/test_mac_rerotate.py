@@ -104,6 +104,9 @@ def test_mac_read_settings_parse_and_refuse_unknown_parts():
     assert parse_read_settings("kall", base).top_k is None
     assert parse_read_settings("int2-s20-k3-rot", base) == MacReadConfig(storage="int2", doc_slots=20, top_k=3,
                                                                         rerotate=True)
+    assert parse_read_settings("k4v2-s40-kvzip", base) == MacReadConfig(storage="k4v2", doc_slots=40,
+                                                                        slot_scores="kvzip")
+    assert parse_read_settings("h2o", MacReadConfig(slot_scores="kvzip")).slot_scores == "h2o"
     with pytest.raises(ValueError, match="unknown setting"):
         parse_read_settings("int3", base)
     with pytest.raises(ValueError, match="rerotate needs a top_k"):

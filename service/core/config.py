@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.scheduler import SchedulerConfig
 from training.artifacts import shipped_artifact
+from training.mac.amortizer import SlotScores
 from training.mac.runtime import MacReadConfig
 from training.memory import Storage
 from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER, ModelSettings
@@ -100,6 +101,9 @@ class Settings(BaseSettings):
                                                                    "KIVI int2 / k4v2 / k3v2 (docs/mac.md)")
     mac_doc_slots: int | None = Field(_MAC.doc_slots, ge=1, description="document slots a new memory entry keeps per "
                                                                         "256-token chunk (none: the artifact's own)")
+    mac_slot_scores: SlotScores = Field(_MAC.slot_scores, description="how a new memory entry's document slots are "
+                                                                      "chosen: h2o (heavy hitters) or kvzip (context "
+                                                                      "reconstruction, one more forward pass)")
 
     # adapter updates (training.updates.UpdateConfig; a meta-trained init brings its own rank, optimizer and lr)
     adapter_optimizer: Literal["adam", "sgd"] = _UPDATE.optimizer
@@ -219,7 +223,8 @@ class Settings(BaseSettings):
 
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
-                             rerotate=self.mac_rerotate, doc_slots=self.mac_doc_slots)
+                             rerotate=self.mac_rerotate, doc_slots=self.mac_doc_slots,
+                             slot_scores=self.mac_slot_scores)
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,

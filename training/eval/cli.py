@@ -23,11 +23,13 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from training.data import EvalSet, load_jsonl_dataset, load_news_stream, load_realtimeqa, load_squad_seq
 from training.eval.harness import ProtocolConfig, run_method
+from training.mac.amortizer import SlotScores
 from training.mac.runtime import MacReadConfig
 from training.memory import STORAGES
 from training.methods import MethodConfig, MethodContext, build_method, method_info
@@ -140,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="MAC: how the bank stores entries (float16, int8, KIVI int4 / int2)")
     p.add_argument("--mac-doc-slots", type=int, default=MacReadConfig().doc_slots,
                    help="MAC: document slots an entry keeps per chunk (default: the artifact's own)")
+    p.add_argument("--mac-slot-scores", choices=get_args(SlotScores), default=MacReadConfig().slot_scores,
+                   help="MAC: how an entry's document slots are chosen (h2o heavy hitters, kvzip reconstruction)")
     p.add_argument("--mac-write-cache", help="mac_read methods: directory that keeps written entries across runs "
                                              "(a run cut short resumes without writing them again)")
     p.add_argument("--mac-rerotate", action="store_true",
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact, mac_write_cache=args.mac_write_cache,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
                                                    storage=args.mac_storage, rerotate=args.mac_rerotate,
-                                                   doc_slots=args.mac_doc_slots),
+                                                   doc_slots=args.mac_doc_slots, slot_scores=args.mac_slot_scores),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,

@@ -32,9 +32,9 @@ SEGMENT_QUESTION = "?"
 # 16 positions later, see docs/BENCHMARKS.md "Prompt injection")
 SEGMENT_OVERHEAD = 32
 
-# which document tokens an entry keeps: "attention" = H2O heavy hitters (``heavy_hitter_scores``),
-# "reconstruction" = KVzip (``reconstruction_scores``; one more forward pass per chunk)
-SlotScores = Literal["attention", "reconstruction"]
+# which document tokens an entry keeps: "h2o" = heavy hitters (Zhang et al. 2023) (``heavy_hitter_scores``),
+# "kvzip" = context reconstruction (``reconstruction_scores``; one more forward pass per chunk)
+SlotScores = Literal["h2o", "kvzip"]
 
 
 @contextmanager
@@ -153,14 +153,14 @@ class Amortizer(nn.Module):
 
     def forward(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, text: str,
-        doc_slots: int | None = None, slot_scores: SlotScores = "attention",
+        doc_slots: int | None = None, slot_scores: SlotScores = "h2o",
     ) -> torch.Tensor:
         """The memory entry of one document: its chunks' slots side by side (``doc_slots`` document
         slots per chunk, else the config's: fewer slots make smaller entries from the same weights;
         ``slot_scores`` picks them, see ``SlotScores``)."""
         limit = self.config.chunk_tokens + SEGMENT_OVERHEAD  # MAC.start puts questions after this
         prompt = (tokenizer(RECONSTRUCTION_PROMPT, add_special_tokens=False)["input_ids"]
-                  if slot_scores == "reconstruction" else None)
+                  if slot_scores == "kvzip" else None)
         chunks = [self.encode_chunk(base, head, segment_ids(tokenizer, head, chunk)[:limit], doc_slots, prompt)
                   for chunk in chunk_texts(tokenizer, text, self.config)]
         return torch.cat(chunks, dim=3)

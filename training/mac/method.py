@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from training.artifacts import configured_artifact
+from training.mac.amortizer import SlotScores
 from training.mac.runtime import MacReadConfig, MacRuntime, load_mac_runtime
 from training.memory import STORAGES, InMemoryMemoryBank
 from training.methods.protocol import MethodContext
@@ -88,26 +90,29 @@ class MACMethod:
 
 
 def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
-    """``float16|int8|int4|int2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
-    ``s<N>`` (document slots kept per chunk), joined by ``-`` (the harness splits its method list
-    on commas), over ``base``."""
+    """``float16|int8|int4|int2|k4v2|k3v2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
+    ``s<N>`` (document slots kept per chunk), ``h2o`` / ``kvzip`` (how they are scored), joined by
+    ``-`` (the harness splits its method list on commas), over ``base``."""
     update: dict = {}
     for part in filter(None, (p.strip() for p in spec.split("-"))):
         if part in STORAGES:
             update["storage"] = part
         elif part in ("rot", "norot"):
             update["rerotate"] = part == "rot"
+        elif part in get_args(SlotScores):
+            update["slot_scores"] = part
         elif part == "kall":
             update["top_k"] = None
         elif part[:1] in ("k", "s") and part[1:].isdigit() and int(part[1:]) >= 1:
             update["top_k" if part[0] == "k" else "doc_slots"] = int(part[1:])
         else:
             raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, "
-                             f"norot, s<N>)")
+                             f"norot, s<N>, {', '.join(get_args(SlotScores))})")
     return MacReadConfig.model_validate(base.model_dump() | update)
 
 
-_WRITTEN: dict[tuple[str, int | None, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (artifact, slots, text) -> fp32 entry, key
+# (artifact, slots, slot scores, text) -> fp32 entry, key
+_WRITTEN: dict[tuple[str, int | None, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class SharedIngestMAC(MACMethod):
@@ -122,7 +127,7 @@ class SharedIngestMAC(MACMethod):
 
     def ingest(self, document: Document) -> None:
         runtime = self.runtime
-        name = (self.artifact, runtime.config.doc_slots, document.text)
+        name = (self.artifact, runtime.config.doc_slots, runtime.config.slot_scores, document.text)
         written = _WRITTEN.get(name)
         cache = self._cache_file(document.text)
         if written is None and cache is not None and cache.exists():
@@ -130,7 +135,7 @@ class SharedIngestMAC(MACMethod):
         if written is None:
             with runtime.model_lock:
                 ((memory, key),) = runtime.mac.memorize(runtime.base, runtime.tokenizer, runtime.head, [document.text],
-                                                        runtime.config.doc_slots)
+                                                        runtime.config.doc_slots, runtime.config.slot_scores)
             written = _WRITTEN[name] = (memory.detach().cpu(), key.detach().cpu())
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +149,10 @@ class SharedIngestMAC(MACMethod):
         if root is None:
             return None
         manifest = (Path(self.artifact) / "manifest.json").read_bytes()
-        slots = b"" if self.runtime.config.doc_slots is None else f"slots={self.runtime.config.doc_slots}".encode()
-        return Path(root) / f"{hashlib.sha256(manifest + slots + text.encode()).hexdigest()[:32]}.pt"
+        config = self.runtime.config
+        slots = b"" if config.doc_slots is None else f"slots={config.doc_slots}".encode()
+        scores = b"" if config.slot_scores == "h2o" else f"scores={config.slot_scores}".encode()  # old names stay valid
+        return Path(root) / f"{hashlib.sha256(manifest + slots + scores + text.encode()).hexdigest()[:32]}.pt"
 
 
 @register_method("mac_read", family=True)

@@ -56,7 +56,7 @@ class MAC(nn.Module):
 
     def memorize(
         self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: PromptHead | None, texts: list[str],
-        doc_slots: int | None = None, slot_scores: SlotScores = "attention",
+        doc_slots: int | None = None, slot_scores: SlotScores = "h2o",
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Memory entries ``(slots [layers, 2, kv_heads, n, head_dim], key [dim])`` of documents,
         one base-model forward pass per chunk, no gradient step (``doc_slots``, ``slot_scores``: see

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.mac.aggregator import batch_keys, entry_ids, read_entries, stack_memories
+from training.mac.amortizer import SlotScores
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
 from training.generation import StepHook
 from training.mac.prefix import PrefixKV, PromptHead, greedy_generate
@@ -53,7 +54,10 @@ class MacReadConfig(BaseModel):
                                                        "float16, int8 (52 %), int2 (19 %), k4v2 / k3v2 (4- / 3-bit "
                                                        "keys, 2-bit values: 22 % / 19 %)")
     doc_slots: int | None = Field(None, ge=1, description="document slots kept per chunk of a new entry, the "
-                                                         "highest-scoring heavy hitters (none: the artifact's own)")
+                                                         "highest-scoring ones (none: the artifact's own)")
+    slot_scores: SlotScores = Field("h2o", description="how a new entry's document slots are scored: h2o (attention "
+                                                       "received from the document) or kvzip (attention received "
+                                                       "while the model repeats the document; one more pass)")
 
 
 def bank_name(artifact: Path) -> str:
@@ -92,7 +96,8 @@ class MacRuntime:
     def memorize(self, doc_ids: list[str], texts: list[str]) -> None:
         """One base-model forward pass per document chunk; each entry replaces any earlier one (idempotent)."""
         with self.model_lock:
-            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts, self.config.doc_slots)
+            entries = self.mac.memorize(self.base, self.tokenizer, self.head, texts, self.config.doc_slots,
+                                       self.config.slot_scores)
         for doc_id, (memory, key) in zip(doc_ids, entries):
             self.bank.put(doc_id, memory, key)
 

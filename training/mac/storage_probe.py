@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-documents", type=int, default=None)
     p.add_argument("--storages", required=True, help="comma-separated storages / KIVI specs (see above)")
     p.add_argument("--doc-slots", default="", help="comma-separated document slots per chunk (default: the artifact's)")
-    p.add_argument("--slot-scores", default="attention",
-                   help="comma-separated slot choices: attention (H2O), reconstruction (KVzip); see Amortizer")
+    p.add_argument("--slot-scores", default="h2o",
+                   help="comma-separated slot choices: h2o (heavy hitters), kvzip (context reconstruction); see Amortizer")
     p.add_argument("--mac-artifact", default=None)
     p.add_argument("--qa-tuning", default="artifacts/qa-format/smollm2-135m-instruct")
     p.add_argument("--batch-size", type=int, default=8)
