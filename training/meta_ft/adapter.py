@@ -131,6 +131,22 @@ def read_meta_init(path: str | Path, base_config) -> tuple[MetaAdapterConfig, di
     return MetaAdapterConfig.model_validate(manifest.config["adapter"]), tensors
 
 
+def load_init(model: nn.Module, meta: Params, variant: Variant, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a saved init's tensors into the meta-parameters ``attach`` made (in place): to warm-start
+    meta-training, or to answer with it (``lora``)."""
+    if variant == "lora":
+        dtype = next(iter(meta.values())).dtype
+        result = set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in tensors.items()})
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter tensors do not fit the model: {result.unexpected_keys[:3]}")
+        return
+    if set(tensors) != set(meta):
+        raise ValueError("init tensors do not fit the adapter")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            meta[name].copy_(tensor.to(meta[name].dtype))
+
+
 def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Module, Params, MetaAdapterConfig]:
     """Attach a saved init to ``model``: returns (model to run, the online parameters, config).
 
@@ -141,10 +157,7 @@ def load_meta_adapter(path: str | Path, model: PreTrainedModel) -> tuple[nn.Modu
     config, tensors = read_meta_init(path, model.config)
     if config.variant == "lora":
         peft, params = attach(model, config)
-        dtype = next(model.parameters()).dtype
-        result = set_peft_model_state_dict(peft, {k: v.to(dtype) for k, v in tensors.items()})
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{path}: adapter tensors do not fit the model: {result.unexpected_keys[:3]}")
+        load_init(peft, params, config.variant, tensors)
         return peft, params, config
     model.requires_grad_(False)
     named = dict(model.named_parameters())

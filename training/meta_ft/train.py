@@ -45,7 +45,8 @@ from training.inner_loop import (
 )
 from training.meta_examples import Paragraph, held_out_streams, paragraph_examples, stream_example
 from training.meta_loop import MetaParameters, OuterLoopConfig, append_metrics, run_outer_loop
-from training.meta_ft.adapter import MetaAdapterConfig, attach, inner_params, save_meta_adapter
+from training.meta_ft.adapter import (MetaAdapterConfig, attach, inner_params, load_init, read_meta_init,
+                                     save_meta_adapter)
 from training.models import DEFAULT_BASE_MODEL, ModelSettings, load_causal_lm
 from training.qa_tuning import apply_qa_tuning
 from training.recipe_args import parse_config
@@ -66,6 +67,9 @@ class MetaFTTrainConfig(BaseModel):
     dtype: str = "float32"
     split_seed: int = 0
     adapter: MetaAdapterConfig = Field(default_factory=MetaAdapterConfig)
+    init: Path | None = Field(None, description="warm start from a meta_ft artifact: its adapter, tensors and lr "
+                                                "(replace --adapter), e.g. the one-document init trained on "
+                                                "for streams")
     learn_lr: bool = Field(True, description="meta-learn log(inner lr) with the init (saved as adapter.inner_lr)")
     lr_outer_lr: float = Field(1e-2, description="outer Adam lr of the log-lr (it moves by about this per update)")
     target: Literal["gold", "teacher"] = "teacher"
@@ -214,7 +218,13 @@ def train(config: MetaFTTrainConfig) -> dict[str, float]:
         base = apply_qa_tuning(base, config.qa_tuning.expanduser())
     base_config = base.config
     base.requires_grad_(False)
+    warm = None
+    if config.init is not None:
+        adapter, warm = read_meta_init(config.init, base_config)
+        config = config.model_copy(update={"adapter": adapter})
     model, meta = attach(enable_double_backward(base), config.adapter, seed=config.seed)
+    if warm is not None:
+        load_init(model, meta, config.adapter.variant, warm)
     variant = config.adapter.variant
     log_lr = torch.tensor(math.log(config.adapter.inner_lr), device=model.device, requires_grad=config.learn_lr)
     trainable = list(meta.values()) + ([log_lr] if config.learn_lr else [])
