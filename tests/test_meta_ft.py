@@ -138,8 +138,8 @@ def test_recipe_trains_saves_and_resumes_and_the_learned_lr_is_used_online(tmp_p
 
 
 def test_meta_training_warm_starts_from_a_saved_init_and_its_lr(tmp_path):
-    """``--init``: a stream run continues from an artifact (a one-document init), its tensors and lr:
-    with no update, its validation is the artifact's own."""
+    """``--init``: a stream run continues from an artifact's tensors (a one-document init) with the
+    adapter it was trained as: with no update and its lr, its validation is the artifact's own."""
     squad = write_tiny_squad(tmp_path / "squad.json")
     base_dir = write_tiny_base_model(tmp_path / "base")
     common = ["--squad", str(squad), "--base-model", str(base_dir), "--device", "cpu", "--target", "gold",
@@ -148,16 +148,20 @@ def test_meta_training_warm_starts_from_a_saved_init_and_its_lr(tmp_path):
     main(common + ["--out", str(tmp_path / "first"), "--stream-documents", "2", "--max-updates", "2",
                    "--adapter", '{"variant": "lora", "optimizer": "sgd", "rank": 2, "top_layers": 1, "inner_lr": 0.3}'])
     first = json.loads((tmp_path / "first" / "manifest.json").read_text())
+    adapter = json.dumps(first["config"]["adapter"])
     main(common + ["--out", str(tmp_path / "warm"), "--stream-documents", "2", "--max-updates", "0",
-                   "--init", str(tmp_path / "first")])
+                   "--init", str(tmp_path / "first"), "--adapter", adapter])
     warm = json.loads((tmp_path / "warm" / "manifest.json").read_text())
-    assert warm["config"]["adapter"] == first["config"]["adapter"]  # rank, layers and the learned lr
+    assert warm["config"]["adapter"] == first["config"]["adapter"]
     assert warm["metrics"]["val"]["outer_after"] == pytest.approx(first["metrics"]["val"]["outer_after"], rel=1e-5)
     # the same adapter and lr from B = 0 validates differently: the warm run did read the tensors
     main(common + ["--out", str(tmp_path / "cold"), "--stream-documents", "2", "--max-updates", "0",
-                   "--adapter", json.dumps(first["config"]["adapter"])])
+                   "--adapter", adapter])
     cold = json.loads((tmp_path / "cold" / "manifest.json").read_text())
     assert cold["metrics"]["val"]["outer_after"] != pytest.approx(first["metrics"]["val"]["outer_after"], rel=1e-3)
+    with pytest.raises(ValueError, match="was trained as"):  # another rank: refused, not silently cut
+        main(common + ["--out", str(tmp_path / "bad"), "--init", str(tmp_path / "first"), "--max-updates", "0",
+                       "--adapter", '{"variant": "lora", "optimizer": "sgd", "rank": 4, "top_layers": 1}'])
 
 
 @pytest.mark.parametrize("variant", ["lora", "rank1_full"])

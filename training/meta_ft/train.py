@@ -67,9 +67,9 @@ class MetaFTTrainConfig(BaseModel):
     dtype: str = "float32"
     split_seed: int = 0
     adapter: MetaAdapterConfig = Field(default_factory=MetaAdapterConfig)
-    init: Path | None = Field(None, description="warm start from a meta_ft artifact: its adapter, tensors and lr "
-                                                "(replace --adapter), e.g. the one-document init trained on "
-                                                "for streams")
+    init: Path | None = Field(None, description="warm start from a meta_ft artifact's tensors (e.g. the one-document "
+                                                "init, trained on for streams); --adapter must match its variant, "
+                                                "rank and layers, and its inner_lr is where the lr starts")
     learn_lr: bool = Field(True, description="meta-learn log(inner lr) with the init (saved as adapter.inner_lr)")
     lr_outer_lr: float = Field(1e-2, description="outer Adam lr of the log-lr (it moves by about this per update)")
     target: Literal["gold", "teacher"] = "teacher"
@@ -220,8 +220,10 @@ def train(config: MetaFTTrainConfig) -> dict[str, float]:
     base.requires_grad_(False)
     warm = None
     if config.init is not None:
-        adapter, warm = read_meta_init(config.init, base_config)
-        config = config.model_copy(update={"adapter": adapter})
+        saved, warm = read_meta_init(config.init, base_config)
+        if saved.model_dump(exclude={"inner_lr"}) != config.adapter.model_dump(exclude={"inner_lr"}):
+            raise ValueError(f"--init {config.init} was trained as {saved.model_dump(exclude={'inner_lr'})}: "
+                             "give that --adapter (any inner_lr)")
     model, meta = attach(enable_double_backward(base), config.adapter, seed=config.seed)
     if warm is not None:
         load_init(model, meta, config.adapter.variant, warm)
