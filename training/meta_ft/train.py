@@ -221,9 +221,9 @@ def train(config: MetaFTTrainConfig) -> dict[str, float]:
     warm = None
     if config.init is not None:
         saved, warm = read_meta_init(config.init, base_config)
-        if saved.model_dump(exclude={"inner_lr"}) != config.adapter.model_dump(exclude={"inner_lr"}):
-            raise ValueError(f"--init {config.init} was trained as {saved.model_dump(exclude={'inner_lr'})}: "
-                             "give that --adapter (any inner_lr)")
+        trained_as = saved.model_dump(exclude={"inner_lr"})
+        if trained_as != config.adapter.model_dump(exclude={"inner_lr"}):
+            raise ValueError(f"--init {config.init} was trained as {trained_as}: give that --adapter (any inner_lr)")
     model, meta = attach(enable_double_backward(base), config.adapter, seed=config.seed)
     if warm is not None:
         load_init(model, meta, config.adapter.variant, warm)
