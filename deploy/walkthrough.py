@@ -1,15 +1,17 @@
 """The README walkthrough, run for real: start ``freshlm-serve`` on its embedded defaults in a fresh
 data directory, post the demo news, ask every demo question and print each answer with whether it
 contains a gold answer, then ``/readyz`` and the first question through each deployed component. The README's walkthrough is pasted from this output, so
-it shows what the defaults answer today.
+it shows what the defaults answer today. With ``--strategies`` every question is asked through each
+of them in turn instead (answers right and client-side ask p50 per strategy, from one server).
 
-    python deploy/walkthrough.py [--env FRESHLM_STRATEGY=rag ...]
+    python deploy/walkthrough.py [--env FRESHLM_STRATEGY=rag ...] [--strategies adapter,mac,rag]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ from load_run import ROOT, free_port, start_server, stop_server, wait_ready
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--env", action="append", default=[], help="FRESHLM_X=value for the server (repeatable)")
+    parser.add_argument("--strategies", default=None,
+                        help="comma-separated: ask every question through each in turn and compare them")
     args = parser.parse_args()
     news = json.loads((ROOT / "examples" / "demo_news.json").read_text())
     questions = json.loads((ROOT / "examples" / "demo_questions.json").read_text())
@@ -34,6 +38,9 @@ def main() -> None:
             ids = [d["id"] for d in news["documents"]]
             while any(client.get(f"/documents/{i}").json()["status"] == "pending" for i in ids):
                 time.sleep(0.5)
+            if args.strategies:
+                compare(client, questions, args.strategies.split(","))
+                return
             right = 0
             for item in questions:
                 reply = client.post("/ask", json={"question": item["question"]}).json()
@@ -52,6 +59,27 @@ def main() -> None:
                                                            "strategy": strategy}).json()))
     finally:
         stop_server(server)
+
+
+def compare(client: httpx.Client, questions: list[dict], strategies: list[str]) -> None:
+    """Each question through each strategy in turn (so load drifts alike for all): one line per
+    answer, then per strategy the answers right and the client-side ask p50 / max in seconds."""
+    seconds: dict[str, list[float]] = {s: [] for s in strategies}
+    right = dict.fromkeys(strategies, 0)
+    for item in questions:
+        for strategy in strategies:
+            start = time.perf_counter()
+            reply = client.post("/ask", json={"question": item["question"], "strategy": strategy})
+            seconds[strategy].append(time.perf_counter() - start)
+            reply.raise_for_status()
+            body = reply.json()
+            ok = any(a.lower() in body["answer"].lower() for a in item["answers"])
+            right[strategy] += ok
+            print(json.dumps({"question": item["question"], "strategy": strategy, "answer": body["answer"], "right": ok,
+                              "used": body["strategy"], "memory_documents": body["memory_documents"],
+                              "update_documents": body.get("update_documents", [])}))
+    print(json.dumps({s: {"right": right[s], "of": len(questions), "ask_p50_s": round(statistics.median(seconds[s]), 3),
+                          "ask_max_s": round(max(seconds[s]), 3)} for s in strategies}))
 
 
 if __name__ == "__main__":

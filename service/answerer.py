@@ -9,6 +9,10 @@ and the request's deadline.
   components; one that is not deployed is a 400. The answer reports what was actually used: a
   retrieval that found nothing is not reported as ``rag``.
 
+With the update bank (``FRESHLM_UPDATE_BANK``) the ``adapter`` component is the question's
+update-bank entries applied for this request (no adapter version; the answer lists the entries in
+``update_documents``); it is not read together with MAC memory (a 400; ``auto`` keeps MAC).
+
 Generation is ``training.pipeline.generate``, the call the harness's ``pipeline:<strategy>`` and
 ``auto`` methods measure, run by the ask scheduler (``service.scheduler``): concurrent questions
 decode together in one batch, each row on its own pinned adapter version and its own memory
@@ -38,6 +42,7 @@ from training.mac.runtime import MacRuntime
 from training.pipeline import (PipelineConfig, PromptTooLong, fit_passages, parse_strategy, plain_prompt_ids,
                                prompt_budget, strategy_name)
 from training.retrieval import Passage
+from training.update_bank.runtime import UpdateBankRuntime
 
 _POLL_SECONDS = 0.25  # how often a waiting request looks for its client and its deadline
 _DEADLINE_GRACE_SECONDS = 1.0  # the scheduler answers a deadline itself; this is the backstop
@@ -51,6 +56,7 @@ class Answer:
     adapter_version: str | None
     memory_documents: list[str] = field(default_factory=list)
     memory_fallback: list[str] = field(default_factory=list)  # entries gone (evicted): answered from their text
+    update_documents: list[str] = field(default_factory=list)  # update-bank entries applied
     timings: dict[str, float] = field(default_factory=dict)
     completion_tokens: int = 0
 
@@ -69,6 +75,7 @@ class Prepared:
     version: str | None
     max_new_tokens: int
     retrieve_seconds: float
+    bank: UpdateBankRuntime | None = None
 
 
 @dataclass
@@ -91,10 +98,11 @@ class Answerer:
         index: CorpusIndex,
         scheduler: Scheduler,
         mac_for: Callable[[str], MacRuntime | None] = lambda tenant: None,
+        bank_for: Callable[[str], UpdateBankRuntime | None] = lambda tenant: None,
     ) -> None:
         self.model, self.tokenizer, self.sessions = model, tokenizer, sessions
         self.adapters, self.config, self.index, self.mac_for = adapters, config, index, mac_for
-        self.scheduler = scheduler
+        self.bank_for, self.scheduler = bank_for, scheduler
 
     def question_tokens(self, question: str) -> int:
         return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
@@ -103,6 +111,9 @@ class Answerer:
         out = {"rag"}
         if self.mac_for(tenant) is not None:
             out.add("mac")
+        if self.bank_for(tenant) is not None:
+            out.add("adapter")
+            return out
         with self.sessions() as session:
             if store.active_version(session, tenant) is not None:
                 out.add("adapter")
@@ -138,20 +149,30 @@ class Answerer:
         if mac is not None and wanted is None and len(mac.bank) == 0:
             use.discard("mac")
             mac = None
-        if "adapter" not in use:
+        bank = self.bank_for(tenant) if "adapter" in use else None
+        if bank is not None and mac is not None:
+            if wanted is not None:
+                raise BadRequest(f"strategy {strategy!r}: the update bank is not read together with MAC memory; "
+                                 "ask for 'adapter' or 'mac' (each may add '+rag')")
+            use.discard("adapter")  # auto: MAC, the better of the two on every benchmark
+            bank = None
+        if bank is not None and wanted is None and len(bank.bank) == 0:
+            use.discard("adapter")
+            bank = None
+        if "adapter" not in use or bank is not None:
             version = None
         texts = [p.text for p in passages] if passages else None
         budget = prompt_budget(self.model, max_new_tokens, self.config.max_prompt_tokens, mac)
         prompt_ids = None
         try:  # here, not in the scheduler's thread: the model waits for nothing but the model
-            if mac is None:
+            if mac is None and bank is None:
                 prompt_ids = plain_prompt_ids(self.tokenizer, question, texts, budget)
             else:
                 texts = fit_passages(self.tokenizer, question, texts, budget)
         except PromptTooLong as exc:
             raise TooLarge(str(exc)) from None
         return Prepared(tenant, question, use, passages, texts, prompt_ids, mac, version, max_new_tokens,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, bank)
 
     def submit(self, prepared: Prepared, deadline: float) -> Submitted:
         """Queue the question for the model (``QueueFull``, a 503, if the queue is full)."""
@@ -159,7 +180,7 @@ class Answerer:
         events: asyncio.Queue = asyncio.Queue()
         job = AskJob(prepared.tenant, prepared.question, prepared.texts, prepared.mac, prepared.version,
                      prepared.max_new_tokens, deadline, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                     prepared.prompt_ids)
+                     prepared.prompt_ids, bank=prepared.bank)
         self.scheduler.submit(job)
         return Submitted(prepared, job, events)
 
@@ -190,10 +211,12 @@ class Answerer:
                     use = set(prepared.use)
                     if prepared.mac is not None and not memory_ids and not fallback_ids:
                         use.discard("mac")
+                    if prepared.bank is not None and not job.update_ids:
+                        use.discard("adapter")
                     timings = {"retrieve_seconds": prepared.retrieve_seconds, **job.timings(),
                                "batch_size": float(job.batch_size)}
                     yield "done", Answer(text, strategy_name(use), prepared.passages, prepared.version, memory_ids,
-                                         fallback_ids, timings, len(job.tokens))
+                                         fallback_ids, job.update_ids, timings, len(job.tokens))
                     return
         finally:
             if job._state != "done":

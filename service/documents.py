@@ -209,6 +209,13 @@ def count_with_memory(session: Session) -> dict[str, int]:
     return {tenant: int(n) for tenant, n in rows}
 
 
+def count_ingested(session: Session) -> dict[str, int]:
+    """Per tenant, the ingested documents."""
+    rows = session.execute(select(DocumentRecord.tenant_id, func.count()).where(
+        DocumentRecord.status == "ingested").group_by(DocumentRecord.tenant_id))
+    return {tenant: int(n) for tenant, n in rows}
+
+
 def mark_memory_written(session: Session, tenant: str, ids: list[str]) -> None:
     session.execute(update(DocumentRecord).where(DocumentRecord.tenant_id == tenant, DocumentRecord.id.in_(ids))
                     .values(memory_written=True).execution_options(synchronize_session=False))

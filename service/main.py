@@ -42,6 +42,8 @@ def _state_reader(rt: Runtime):
             out = {"queue_depth": documents.queue_depth(session), "documents": documents.status_counts(session),
                    "adapter_versions": {t: store.active_version(session, t) for t in ids}}
         out["memory_bank_entries"] = {t: len(rt.mac_for(t).bank) for t in ids} if rt.mac is not None else None
+        out["update_bank_entries"] = ({t: len(rt.bank_for(t).bank) for t in ids}
+                                      if rt.update_bank is not None else None)
         out["artifacts"] = {kind: {**p, "loaded": rt.mac_id if kind == "mac" else None}
                             for kind, p in registry.pointers(rt.db.engine).items()}
         return out
@@ -82,7 +84,7 @@ async def lifespan(app: FastAPI):
         scheduler.start()
         state.scheduler = scheduler
         state.answerer = Answerer(rt.model, rt.tokenizer, rt.db.read, live, settings.pipeline_config(), state.index,
-                                  scheduler, rt.mac_for)
+                                  scheduler, rt.mac_for, rt.bank_for)
         rt.mac_lock = live.lock  # the embedded worker writes memory with this model: not during an ask
         if rt.mac is not None:
             rt.mac.model_lock = live.lock

@@ -70,7 +70,7 @@ class Metrics:
 
     def add_state_collector(self, read: Callable[[], dict]) -> None:
         """``read()`` -> {"queue_depth", "documents": {status: n}, "memory_bank_entries": {tenant: n} or None,
-        "adapter_versions": {tenant: version or None}}."""
+        "update_bank_entries": {tenant: n} or None, "adapter_versions": {tenant: version or None}}."""
         self.registry.register(_StateCollector(read))
 
 
@@ -111,11 +111,13 @@ class _StateCollector:
         for status, n in sorted(state["documents"].items()):
             docs.add_metric([status], n)
         yield docs
-        if state.get("memory_bank_entries") is not None:
-            bank = GaugeMetricFamily("freshlm_memory_bank_entries", "Entries in the MAC memory bank", labels=["tenant"])
-            for tenant, n in sorted(state["memory_bank_entries"].items()):
-                bank.add_metric([tenant], n)
-            yield bank
+        for key, help_text in (("memory_bank_entries", "Entries in the MAC memory bank"),
+                               ("update_bank_entries", "Entries in the update bank (one update per document)")):
+            if state.get(key) is not None:
+                bank = GaugeMetricFamily(f"freshlm_{key}", help_text, labels=["tenant"])
+                for tenant, n in sorted(state[key].items()):
+                    bank.add_metric([tenant], n)
+                yield bank
         artifacts = state.get("artifacts") or {}
         if artifacts:
             info = InfoMetricFamily("freshlm_artifact", "Active and serving artifact per kind (and the one this "

@@ -1,7 +1,7 @@
 """What the API process and the worker both run on, opened once by one context manager: the
 database (migrated), Redis (embedded and supervised by default), the base model with its QA-format
-tuning, and the MAC runtime over the Redis memory bank (vLLM builds its engine first, then the app
-state).
+tuning, the MAC runtime over the Redis memory bank, and with ``FRESHLM_UPDATE_BANK`` the update
+bank (its own private copy of the model, its entries in Redis).
 
 The configured artifacts are registered in the artifact registry at start (the initial versions
 of their kinds); the MAC runtime is the registry's *serving* MAC artifact, so an artifact activated
@@ -10,6 +10,9 @@ at run time (and switched to by the worker) stays in use across restarts.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from training.memory import RedisMemoryBank
 from training.models import load_causal_lm
 from training.retrievers import Embedder, encoder_embedder, load_embedder
 from training.qa_tuning import apply_qa_tuning
+from training.update_bank.runtime import UpdateBankRuntime, build_update_bank
 
 log = logging.getLogger("freshlm")
 
@@ -48,9 +52,11 @@ class Runtime:
     embed: Embedder | None = None  # passages and questions -> vectors (retriever dense / hybrid only)
     mac_id: str | None = None  # the registry id of the MAC artifact ``mac`` runs
     mac_lock: threading.RLock | None = None  # the model lock every MAC runtime of this process writes under
+    update_bank: UpdateBankRuntime | None = None  # over the default tenant's bank; ``bank_for`` gives any tenant's
     errors: dict[str, str] = field(default_factory=dict)  # component -> why it is not available
     registered: dict[str, str] = field(default_factory=dict)  # kind -> id of the configured artifact
     _tenant_macs: dict[str, tuple[MacRuntime, MacRuntime]] = field(default_factory=dict)  # tenant -> (mac, view)
+    _tenant_banks: dict[str, UpdateBankRuntime] = field(default_factory=dict)
 
     def mac_runtime(self, path: str | Path) -> MacRuntime:
         """A MAC runtime for the artifact at ``path``, over its own bank (``bank_name``)."""
@@ -83,6 +89,17 @@ class Runtime:
             view.fallback = self._texts_of(tenant)
             cached = self._tenant_macs[tenant] = (mac, view)
         return cached[1]
+
+    def bank_for(self, tenant: str) -> UpdateBankRuntime | None:
+        """The update bank over ``tenant``'s own entries (None without ``FRESHLM_UPDATE_BANK``)."""
+        bank = self.update_bank
+        if bank is None or tenant == DEFAULT_TENANT:
+            return bank
+        view = self._tenant_banks.get(tenant)
+        if view is None:
+            view = self._tenant_banks[tenant] = bank.with_bank(
+                RedisMemoryBank(self.redis, bank=tenant_bank(bank.bank.bank, tenant), storage=bank.config.storage))
+        return view
 
     def _texts_of(self, tenant: str):
         def texts(ids: list[str]) -> dict[str, str]:
@@ -164,6 +181,34 @@ def load_mac(settings: Settings, rt: Runtime) -> None:
         log.error("MAC artifact %s not loaded: %s", artifact, rt.errors["mac"])
 
 
+def update_bank_name(settings: Settings) -> str:
+    """The bank of an update setting: entries are deltas of one init at one lr and rank, never
+    applied with another (a new setting starts an empty bank, which the worker fills from SQL)."""
+    spec = settings.updater_spec
+    manifest = b"" if spec == "uniform" else (Path(spec) / "manifest.json").read_bytes()
+    setting = json.dumps({"update": settings.update_config().model_dump(mode="json"), "lr": settings.adapter_lr,
+                          "encoder": settings.encoder}, sort_keys=True).encode()
+    return f"updates-{hashlib.sha256(manifest + setting).hexdigest()[:12]}"
+
+
+def load_update_bank(settings: Settings, rt: Runtime) -> None:
+    """The update bank (``FRESHLM_UPDATE_BANK``) on a private copy of the model, keyed by MAC's
+    encoder when it is the configured one (one copy in RAM); on failure ``errors["update_bank"]``."""
+    if not settings.update_bank:
+        return
+    try:
+        encoder = None
+        if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
+            encoder = (rt.mac.mac.encoder, rt.mac.mac.encoder_tokenizer)
+        config = settings.update_bank_config()
+        bank = RedisMemoryBank(rt.redis, bank=update_bank_name(settings), storage=config.storage)
+        rt.update_bank = build_update_bank(copy.deepcopy(rt.model), rt.tokenizer, settings.update_config(), bank,
+                                           config, settings.updater_spec, lr=settings.adapter_lr, encoder=encoder)
+    except Exception as exc:
+        rt.errors["update_bank"] = f"{exc.__class__.__name__}: {exc}"
+        log.error("update bank not loaded: %s", rt.errors["update_bank"])
+
+
 def load_retrieval_encoder(settings: Settings, rt: Runtime) -> Embedder | None:
     """The encoder of dense / hybrid retrieval (none for BM25): MAC's key encoder when the MAC
     artifact names the configured one (one copy in RAM), else ``FRESHLM_ENCODER`` loaded once."""
@@ -193,6 +238,7 @@ def open_runtime(settings: Settings, load_model: bool = True) -> Iterator[Runtim
             log.info("loading base model %s", settings.base_model)
             rt.model, rt.tokenizer = load_base_model(settings)
             load_mac(settings, rt)
+            load_update_bank(settings, rt)
             rt.embed = load_retrieval_encoder(settings, rt)
         yield rt
     finally:

@@ -18,7 +18,9 @@ prefill in one forward pass.
 Questions reading MAC memory batch with others of the same tenant and adapter version (each row
 reads its own memory entries, masked per row; the prompt head depends on the version) and run one
 batch at a time: when one is the oldest waiting question, no more plain rows join, and its batch
-runs once they have drained.
+runs once they have drained. Questions applying the update bank (``FRESHLM_UPDATE_BANK``) do the
+same with others of their tenant: ``UpdateBankRuntime.answer``, the harness's call, on the bank's
+own model copy, each row with its entries in its own per-request adapter slot.
 
 The queue is bounded (``max_waiting``): a question that finds it full is refused at once (503 with
 ``Retry-After``), never left waiting without bound. A question whose client went away leaves the
@@ -54,6 +56,7 @@ from training.pipeline import PromptTooLong, generate
 from training.precision import autocast
 from training.prefix_cache import PrefixCache, PrefixCacheConfig
 from training.prompts import extract_answer
+from training.update_bank.runtime import UpdateBankRuntime
 
 
 
@@ -97,7 +100,9 @@ class AskJob:
     max_new_tokens: int
     deadline: float  # time.monotonic()
     emit: Callable[[tuple[str, Any]], None]
-    prompt_ids: torch.Tensor | None = None  # rows without MAC memory: the prompt (``plain_prompt_ids``)
+    prompt_ids: torch.Tensor | None = None  # plain rows: the prompt (``plain_prompt_ids``)
+    bank: UpdateBankRuntime | None = None  # the tenant's update bank, applied per request (no ``version`` then)
+    update_ids: list[str] = field(default_factory=list)  # the update-bank entries the answer applied
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
     first_token: float | None = None
@@ -112,9 +117,16 @@ class AskJob:
 
     def key(self) -> tuple:
         """Questions with equal keys can decode in one batch."""
+        if self.bank is not None:
+            return ("bank", self.tenant)
         if self.mac is None:
             return ("plain",)  # rows of any length limit, tenant and version decode together
         return ("mac", self.tenant, self.version, self.max_new_tokens)
+
+    @property
+    def alone(self) -> bool:
+        """MAC and update-bank rows decode in batches of their own, one at a time."""
+        return self.mac is not None or self.bank is not None
 
     @property
     def cancelled(self) -> bool:
@@ -218,9 +230,9 @@ class Scheduler:
     def _take(self) -> list[AskJob]:
         """The questions to start now. While plain rows decode: every waiting plain question that
         fits beside them (up to ``max_batch`` rows, at most as many adapter versions as stay
-        loaded), unless the oldest waiting question reads MAC memory (then none: the rows drain and
-        its batch runs next). With nothing decoding: the oldest question and up to ``max_batch - 1``
-        more that can decode with it. Askers whose answers just came back usually ask again at
+        loaded), unless the oldest waiting question decodes alone (MAC memory, the update bank; then
+        none: the rows drain and its batch runs next). With nothing decoding: the oldest question and
+        up to ``max_batch - 1`` more that can decode with it. Askers whose answers just came back usually ask again at
         once: a fresh batch waits a moment (``batch_wait_seconds``) for as many questions as the
         last batch answered plus those that waited for it, instead of starting with one and taking
         the others in one prefill each as they arrive."""
@@ -230,7 +242,7 @@ class Scheduler:
             if self._stop.is_set() or not self._waiting:
                 return []
             if self._rows:
-                if self._waiting[0].mac is not None:
+                if self._waiting[0].alone:
                     return []
                 return self._claim(self._waiting[0].key(), self.config.max_batch - len(self._rows),
                                    {job.version for job in self._rows.values() if job.version is not None})
@@ -267,8 +279,8 @@ class Scheduler:
         while not self._stop.is_set():
             batch = self._take()
             try:
-                if batch and batch[0].mac is not None:
-                    self._run_mac(batch)
+                if batch and batch[0].alone:
+                    self._run_alone(batch)
                 elif batch or self._rows:
                     self._advance(batch)
             except Exception as exc:  # one bad batch must not stop the loop
@@ -305,10 +317,11 @@ class Scheduler:
             live.append(job)
         return live
 
-    def _acquire_model(self, jobs: list[AskJob]) -> bool:
-        """The model lock, waiting at most until the earliest of ``jobs``' deadlines."""
+    def _acquire_model(self, jobs: list[AskJob], lock=None) -> bool:
+        """The model lock (``lock``, default the adapters'), waiting at most until the earliest of
+        ``jobs``' deadlines."""
         timeout = max(min(j.deadline for j in jobs) - time.monotonic(), 0) if jobs else None
-        return self.adapters.lock.acquire(timeout=-1 if timeout is None else timeout)
+        return (lock or self.adapters.lock).acquire(timeout=-1 if timeout is None else timeout)
 
     # --- plain rows: continuous batching --------------------------------------------------------
 
@@ -409,43 +422,36 @@ class Scheduler:
             job._state = "done"
             job.emit(("done", result))
 
-    # --- MAC rows: one batch at a time ----------------------------------------------------------
+    # --- MAC and update-bank rows: one batch at a time -------------------------------------------
 
-    def _run_mac(self, batch: list[AskJob]) -> None:
+    def _run_alone(self, batch: list[AskJob]) -> None:
         live = self._admissible(batch)
         if not live:
             return
-        if not self._acquire_model(live):
+        lock = live[0].bank.model_lock if live[0].bank is not None else self.adapters.lock  # the bank's own model
+        if not self._acquire_model(live, lock):
             for job in live:
                 self._fail(job, Unavailable("the model is busy with other questions and this one's deadline passed "
                                             "while it waited; retry later"))
             return
         try:
-            self._decode_mac(live)
+            self._decode_alone(live)
         finally:
-            self.adapters.lock.release()
+            lock.release()
 
-    def _decode_mac(self, batch: list[AskJob]) -> None:
+    def _decode_alone(self, batch: list[AskJob]) -> None:
         started = time.perf_counter()
         for job in batch:
             job.started, job.batch_size = started, len(batch)
             self.observer.queue_time(started - job.enqueued)
-        names = [self.adapters.ensure(job.version) if job.version is not None else None for job in batch]
-        mac = batch[0].mac  # a MAC batch shares tenant and version (``AskJob.key``)
-        model, hooks = self.adapters.base, contextlib.nullcontext()
-        if self.adapters.peft is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
-            hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(
-                adapter_names=[name or "__base__" for name in names])
         rows = {i: job for i, job in enumerate(batch)}
         self._rows.update(rows)
         try:
             def on_step(tokens: dict[int, int | None]) -> set[int]:
                 return self._handle(tokens) | {i for i in tokens if len(rows[i].tokens) >= rows[i].max_new_tokens}
 
-            with hooks, autocast(self.model.device, self.config.bf16):
-                results = generate(model, self.tokenizer, [j.question for j in batch], [j.passages for j in batch],
-                                   max(j.max_new_tokens for j in batch), mac=mac, adapter_active=names[0] is not None,
-                                   max_prompt_tokens=self.max_prompt_tokens, on_step=on_step)
+            generate_rows = self._generate_bank if batch[0].bank is not None else self._generate_mac
+            results = generate_rows(batch, on_step)
         except PromptTooLong as exc:
             for job in batch:
                 self._fail(job, TooLarge(str(exc)))
@@ -457,3 +463,24 @@ class Scheduler:
         self.observer.batch(len(batch), sum(len(j.tokens) for j in batch), finished - started)
         for job, result in zip(batch, results):
             self._complete(job, finished, result)
+
+    def _generate_mac(self, batch: list[AskJob], on_step) -> list[tuple[str, list[str], list[str]]]:
+        names = [self.adapters.ensure(job.version) if job.version is not None else None for job in batch]
+        mac = batch[0].mac  # a MAC batch shares tenant and version (``AskJob.key``)
+        model, hooks = self.adapters.base, contextlib.nullcontext()
+        if self.adapters.peft is not None:  # MAC calls the model directly: the pinned version via PEFT's forward hooks
+            hooks = self.adapters.peft.base_model._enable_peft_forward_hooks(
+                adapter_names=[name or "__base__" for name in names])
+        with hooks, autocast(self.model.device, self.config.bf16):
+            return generate(model, self.tokenizer, [j.question for j in batch], [j.passages for j in batch],
+                            max(j.max_new_tokens for j in batch), mac=mac, adapter_active=names[0] is not None,
+                            max_prompt_tokens=self.max_prompt_tokens, on_step=on_step)
+
+    def _generate_bank(self, batch: list[AskJob], on_step) -> list[tuple[str, list[str], list[str]]]:
+        bank = batch[0].bank  # a bank batch shares the tenant (``AskJob.key``)
+        with autocast(bank.model.device, self.config.bf16):
+            answers = bank.answer([j.question for j in batch], [j.passages for j in batch],
+                                  max(j.max_new_tokens for j in batch), on_step=on_step)
+        for job, (_, ids) in zip(batch, answers):
+            job.update_ids = ids
+        return [(text, [], []) for text, _ in answers]

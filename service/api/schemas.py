@@ -144,6 +144,8 @@ class DocumentDeleted(BaseModel):
     id: str
     status: Literal["deleted"]
     memory_entry_removed: bool
+    update_entry_removed: bool = Field(False, description="its update-bank entry was removed (FRESHLM_UPDATE_BANK): "
+                                                          "no answer applies its update any more")
     absorbed_by_live_adapter: bool = Field(description="the live adapter carries an update made from this document")
     live_adapter_version: str | None
     rebuild_adapter_url: str | None = Field(None, description="path to POST (admin) to rebuild the adapter without it")
@@ -183,6 +185,9 @@ class AskOut(BaseModel):
                                        description="documents whose memory entry was gone (evicted from Redis): "
                                                    "answered from their text, the entry is being rebuilt")
     adapter_version: str | None = Field(description="the adapter version the whole answer ran on")
+    update_documents: list[str] = Field(default_factory=list,
+                                        description="update-bank entries applied for this answer (FRESHLM_UPDATE_BANK): "
+                                                    "the documents whose single update the adapter carried")
     timings: dict[str, float] = Field(description="seconds: retrieve, queue (waiting for a batch), first_token "
                                                   "(arrival to first token), generate; batch_size: questions decoded "
                                                   "together")

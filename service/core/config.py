@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.scheduler import SchedulerConfig
@@ -25,9 +25,10 @@ from training.pipeline import PipelineConfig
 from training.prefix_cache import PrefixCacheConfig
 from training.precision import cpu_bf16_enabled
 from training.retrievers import RetrieverKind
+from training.update_bank.runtime import UpdateBankConfig
 from training.updates import UpdateConfig
 
-_PIPELINE, _MAC, _UPDATE = PipelineConfig(), MacReadConfig(), UpdateConfig()
+_PIPELINE, _MAC, _UPDATE, _BANK = PipelineConfig(), MacReadConfig(), UpdateConfig(), UpdateBankConfig()
 
 
 class Settings(BaseSettings):
@@ -112,6 +113,12 @@ class Settings(BaseSettings):
     adapter_max_tokens: int = Field(_UPDATE.max_tokens, ge=8, description="document tokens one update reads")
     adapter_max_drift: float | None = Field(_UPDATE.max_drift, gt=0,
                                             description="guard: max KL(old || new) on the locality probe (none: no bound)")
+    update_bank: bool = Field(False, description="keep each document's single update as its own entry in a Redis bank "
+                                                 "(the update bank) and apply a question's entries for that request, "
+                                                 "instead of accumulating the updates in a versioned live adapter; "
+                                                 "deleting a document deletes its update exactly. Needs FRESHLM_UPDATER")
+    update_bank_top_k: int = Field(_BANK.top_k, ge=1, le=4, description="update-bank entries a question applies "
+                                                                         "(their deltas add up)")
     adapters_loaded: int = Field(4, ge=1, description="adapter versions kept loaded for answering")
     adapter_keep_versions: int = Field(
         50, ge=2, description="adapter versions whose weights stay on disk (the newest, plus the active and "
@@ -165,6 +172,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strategy(cls, value: str) -> str:
         return PipelineConfig(strategy=value).strategy
+
+    @model_validator(mode="after")
+    def _bank_needs_updater(self) -> "Settings":
+        if self.update_bank and self.updater in (None, "none"):
+            raise ValueError("FRESHLM_UPDATE_BANK needs FRESHLM_UPDATER (uniform, a CaMeLS weighting model or a "
+                             "meta-trained init): the bank keeps that updater's step per document")
+        return self
 
     def _artifact(self, value: str | None, kind: str) -> Path | None:
         if value is None or value == "none":
@@ -225,6 +239,12 @@ class Settings(BaseSettings):
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
                              rerotate=self.mac_rerotate, doc_slots=self.mac_doc_slots,
                              slot_scores=self.mac_slot_scores)
+
+    def update_bank_config(self) -> UpdateBankConfig:
+        """The harness's bank defaults (dense MiniLM keys, int8 entries) with this encoder and top-k;
+        one per-request adapter slot per question a batch decodes."""
+        return UpdateBankConfig(updater=self.updater_spec, encoder=self.encoder, top_k=self.update_bank_top_k,
+                                slots=max(self.max_batch_asks, 1))
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(optimizer=self.adapter_optimizer, lr=self.adapter_lr or _UPDATE.lr,

@@ -12,12 +12,12 @@ from service.core.config import Settings
 from service.core.logging import configure_logging
 from service.runtime import open_runtime
 from service.worker.pipeline import build_worker, rebuild_adapter, run_worker
-from service.worker.reconciler import reconcile_memory
+from service.worker.reconciler import reconcile_memory, reconcile_update_bank
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="freshlm-worker", description="FreshLM ingest worker (settings: FRESHLM_* variables)")
-    parser.add_argument("--rebuild-memory", action="store_true", help="re-derive the memory bank from SQL and exit")
+    parser.add_argument("--rebuild-memory", action="store_true", help="re-derive the memory bank (and the update bank) from SQL and exit")
     parser.add_argument("--rebuild-adapter", action="store_true", help="replay all live documents into a new adapter version and exit")
     parser.add_argument("--tenant", action="append", help="with --rebuild-*: only this tenant (repeatable; default: every tenant)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics")
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     with open_runtime(settings, load_model=needs_model) as rt:
         if "mac" in rt.errors:
             raise SystemExit(f"MAC artifact not loaded: {rt.errors['mac']}")
+        if "update_bank" in rt.errors:
+            raise SystemExit(f"update bank not loaded: {rt.errors['update_bank']}")
         worker = build_worker(rt)
         if args.rebuild_memory or args.rebuild_adapter:
             with rt.db.read() as session:
@@ -35,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.rebuild_memory:
                 zero = {"written": 0, "removed": 0}
                 result = {t: {k: v for k, v in reconcile_memory(rt.db, rt.mac_for(t), t, full=True).items()
-                              if k in zero} if rt.mac else zero for t in chosen}
+                              if k in zero} if rt.mac else dict(zero) for t in chosen}
+                if rt.update_bank is not None:
+                    for t in chosen:
+                        result[t]["update_bank"] = {k: v for k, v in reconcile_update_bank(
+                            rt.db, rt.bank_for(t), t, full=True).items() if k in zero}
             else:
                 result = {t: {"version": rebuild_adapter(worker, t)} for t in chosen}
             print(json.dumps(result))

@@ -7,7 +7,10 @@ updater is configured, each document is a guarded update of its tenant's live ad
 becomes a new version (``service.adapters.publisher``). The document is marked ``ingested`` in the
 same SQL transaction that records and activates its adapter version, so an update is applied
 exactly once even across ``kill -9``; the embedded worker also puts it in the retrieval index
-as that transaction commits (``service.corpus_index``).
+as that transaction commits (``service.corpus_index``). With the update bank
+(``FRESHLM_UPDATE_BANK``) the updater's step on each document is kept as the document's entry in
+the tenant's bank instead (written before the document is marked ingested, replacing any earlier
+entry: a re-run after a crash writes it again, never twice), and no adapter version is made.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
@@ -30,8 +33,9 @@ from service.db import (
     DEFAULT_TENANT, REBUILD_ADAPTER_KEY, REBUILD_MEMORY_KEY, Database, DocumentRecord, set_state, tenants_with_state,
 )
 from service.runtime import Runtime
-from service.worker.reconciler import reconcile_memory, tenants_out_of_sync
+from service.worker.reconciler import reconcile_memory, reconcile_update_bank, tenants_out_of_sync
 from training.mac.runtime import MacRuntime
+from training.update_bank.runtime import UpdateBankRuntime
 
 log = logging.getLogger("freshlm.worker")
 
@@ -50,10 +54,16 @@ class Worker:
     on_ingested: Callable[[float], None] = lambda seconds: None
     on_swap: Callable[[], None] = lambda: None
     switch: BankSwitch | None = None  # moves the memory to a newly activated MAC artifact
+    bank_for: Callable[[str], UpdateBankRuntime | None] = lambda tenant: None
+    bank_checked: dict[str, tuple[int, int]] = field(default_factory=dict)  # tenant -> (entries, documents) reconciled
 
     @property
     def has_mac(self) -> bool:
         return self.mac_for(DEFAULT_TENANT) is not None
+
+    @property
+    def has_bank(self) -> bool:
+        return self.bank_for(DEFAULT_TENANT) is not None
 
     def commit(self, session: Session, doc: DocumentRecord) -> None:
         if self.index is not None:
@@ -63,10 +73,15 @@ class Worker:
 
 
 def build_worker(rt: Runtime) -> Worker:
-    """The worker of a runtime: its MAC runtime, and the configured updater on a private model copy."""
+    """The worker of a runtime: its MAC runtime, and the configured updater on a private model copy
+    (the update bank's, or a versioned live adapter's)."""
     settings = rt.settings
     worker = Worker(settings, rt.db, mac_for=rt.mac_for, switch=BankSwitch(rt, chunk=2 * settings.worker_batch))
-    if settings.updater_spec:
+    if settings.update_bank:
+        if rt.update_bank is None:
+            raise RuntimeError(f"the update bank is not loaded: {rt.errors.get('update_bank')}")
+        worker.bank_for = rt.bank_for
+    elif settings.updater_spec:
         worker.publisher = build_publisher(settings.updater_spec, rt.model, rt.tokenizer, settings.update_config(),
                                            rt.db, settings.adapters_dir, lr=settings.adapter_lr)
     return worker
@@ -76,10 +91,10 @@ def process_claim(worker: Worker, claim: documents.Claim) -> int:
     docs = sorted(claim.documents, key=lambda d: d.tenant_id)  # stable: each tenant's order is kept
     start = time.perf_counter()
     for tenant, group in itertools.groupby(docs, key=lambda d: d.tenant_id):
-        mac = worker.mac_for(tenant)
-        if mac is not None:
-            group = list(group)
-            mac.memorize([d.id for d in group], [d.text for d in group])
+        group = list(group)
+        for runtime in (worker.mac_for(tenant), worker.bank_for(tenant)):
+            if runtime is not None:
+                runtime.memorize([d.id for d in group], [d.text for d in group])
     shared = (time.perf_counter() - start) / max(len(docs), 1)
     publisher = worker.publisher
     done = 0
@@ -106,12 +121,13 @@ def process_claim(worker: Worker, claim: documents.Claim) -> int:
             done += 1
         except StaleClaim:
             log.info("document %s of tenant %s was deleted or reclaimed while being ingested", doc.id, doc.tenant_id)
-            mac = worker.mac_for(doc.tenant_id)
-            if mac is not None:
+            runtimes = [r for r in (worker.mac_for(doc.tenant_id), worker.bank_for(doc.tenant_id)) if r is not None]
+            if runtimes:
                 with worker.db.read() as session:
                     row = documents.get(session, doc.tenant_id, doc.id)
                     if row is None or row.status == "deleted":
-                        mac.delete(doc.id)
+                        for runtime in runtimes:
+                            runtime.delete(doc.id)
         except SwapConflict:
             log.info("active adapter changed during the update from %s; it goes back to the queue", doc.id)
             publisher.live = None
@@ -149,6 +165,20 @@ def _bank_missing(worker: Worker) -> Callable[[str], int]:
     return count
 
 
+def reconcile_update_banks(worker: Worker, full: set[str]) -> None:
+    """Rebuild the update banks of ``full``; fill any tenant's bank that holds fewer entries than it
+    has ingested documents (Redis restarted empty), once per (entries, documents): a document
+    whose step the guard rejects has no entry, and is not stepped again at every pass."""
+    with worker.db.read() as session:
+        counts = documents.count_ingested(session)
+    for tenant in sorted(full | set(counts)):
+        bank = worker.bank_for(tenant)
+        state = (len(bank.bank), counts.get(tenant, 0))
+        if tenant in full or (state[0] < state[1] and worker.bank_checked.get(tenant) != state):
+            reconcile_update_bank(worker.db, bank, tenant, full=tenant in full)
+            worker.bank_checked[tenant] = (len(bank.bank), counts.get(tenant, 0))
+
+
 def run_once(worker: Worker) -> int:
     """One pass: a step of a MAC artifact switch, requested rebuilds, then one claimed batch.
     Returns the documents ingested."""
@@ -157,12 +187,15 @@ def run_once(worker: Worker) -> int:
             worker.switch.step()
         except Exception:  # a switch that cannot proceed must not stop ingestion
             log.exception("MAC artifact switch step failed; retrying next pass")
-    if worker.has_mac:
+    if worker.has_mac or worker.has_bank:
         with worker.db.read() as session:
             full = set(tenants_with_state(session, REBUILD_MEMORY_KEY))
-        out_of_sync = tenants_out_of_sync(worker.db, _bank_size(worker), _bank_missing(worker))
+        if worker.has_bank:
+            reconcile_update_banks(worker, full)
+        out_of_sync = tenants_out_of_sync(worker.db, _bank_size(worker), _bank_missing(worker)) if worker.has_mac else []
         for tenant in sorted(full | set(out_of_sync)):
-            reconcile_memory(worker.db, worker.mac_for(tenant), tenant, full=tenant in full)
+            if worker.has_mac:
+                reconcile_memory(worker.db, worker.mac_for(tenant), tenant, full=tenant in full)
             if tenant in full:
                 with worker.db.write.begin() as session:
                     set_state(session, tenant, REBUILD_MEMORY_KEY, None)
@@ -187,8 +220,8 @@ def run_worker(worker: Worker, stop: threading.Event) -> None:
     released = documents.release_claims(worker.db.write, worker.settings.worker_id)
     if released:
         log.info("released %d documents this worker had claimed before it stopped", released)
-    log.info("ingest worker %s started (mac: %s, updater: %s)", worker.settings.worker_id,
-             worker.has_mac, worker.settings.updater_spec or "none")
+    log.info("ingest worker %s started (mac: %s, updater: %s%s)", worker.settings.worker_id,
+             worker.has_mac, worker.settings.updater_spec or "none", ", into the update bank" if worker.has_bank else "")
     while not stop.is_set():
         try:
             if run_once(worker) == 0:

@@ -1,7 +1,8 @@
 """A tenant's memory bank against SQL: SQL says which documents have an entry; Redis may have lost
 some (restarted empty, evicted: a question that chose a gone entry lists it in the bank's
 ``missing`` set) or still hold a deleted document's. Reconciling re-memorizes what
-is missing and drops what should be gone; ``full`` re-derives every entry (``POST /memory/rebuild``)."""
+is missing and drops what should be gone; ``full`` re-derives every entry (``POST /memory/rebuild``).
+The update bank (``reconcile_update_bank``) is held to every ingested document the same way."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 from service import documents
 from service.db import Database
 from training.mac.runtime import MacRuntime
+from training.update_bank.runtime import UpdateBankRuntime
 
 log = logging.getLogger("freshlm.worker")
 
@@ -47,6 +49,32 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
     if missing or removed:
         log.info("memory bank of tenant %s reconciled: %d entries written, %d removed", tenant, len(missing), removed)
     return {"written": len(missing), "removed": removed, "wanted": len(wanted), "remaining": len(remaining)}
+
+
+def reconcile_update_bank(db: Database, bank: UpdateBankRuntime, tenant: str, full: bool = False,
+                          chunk: int = 16) -> dict[str, int]:
+    """``bank`` is the tenant's update bank: one step per ingested document without an entry (every
+    one with ``full``), and the entries of deleted documents dropped. A step the guard rejected
+    stores nothing, so such a document is stepped again at the next reconciliation."""
+    with db.read() as session:
+        wanted = {d.id for d in documents.ingested(session, tenant)}
+    present = set(bank.bank.ids())
+    missing = sorted(wanted if full else wanted - present)
+    written = 0
+    for start in range(0, len(missing), chunk):
+        with db.read() as session:
+            rows = documents.ingested(session, tenant, missing[start : start + chunk])
+        written += bank.memorize([r.id for r in rows], [r.text for r in rows])
+    removed = 0
+    extra = present - wanted
+    if extra:
+        with db.read() as session:
+            alive = documents.not_deleted(session, tenant, sorted(extra))
+        removed = sum(bank.delete(doc_id) for doc_id in sorted(extra - alive))
+    if missing or removed:
+        log.info("update bank of tenant %s reconciled: %d of %d entries written, %d removed", tenant, written,
+                 len(missing), removed)
+    return {"written": written, "removed": removed, "wanted": len(wanted)}
 
 
 def tenants_out_of_sync(db: Database, bank_size, bank_missing=lambda tenant: 0) -> list[str]:

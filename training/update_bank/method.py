@@ -15,11 +15,8 @@ from training.memory import InMemoryMemoryBank
 from training.methods.online_ft import update_config
 from training.methods.protocol import MethodContext
 from training.methods.registry import register_method
-from training.models import load_encoder
 from training.types import Document, Question
-from training.update_bank.runtime import UpdateBankRuntime
-from training.updaters import load_updater
-from training.updates import LoraUpdater
+from training.update_bank.runtime import build_update_bank
 
 
 class UpdateBankMethod:
@@ -30,11 +27,8 @@ class UpdateBankMethod:
         config = ctx.config.update_bank
         updater = config.updater or str(configured_artifact(
             "meta-ft", ctx.config.meta_ft_artifact, "FRESHLM_META_FT_ARTIFACT", ctx.config.base_model))
-        spec = load_updater(updater, ctx.model, ctx.tokenizer, update_config(ctx.config), lr=ctx.config.meta_ft_lr)
-        encoder, encoder_tokenizer = load_encoder(config.encoder)
-        self.runtime = UpdateBankRuntime(
-            LoraUpdater(ctx.model, ctx.tokenizer, spec.token_weights, spec.config, initial=spec.initial),
-            encoder.to(ctx.model.device), encoder_tokenizer, InMemoryMemoryBank(config.storage), config)
+        self.runtime = build_update_bank(ctx.model, ctx.tokenizer, update_config(ctx.config),
+                                         InMemoryMemoryBank(config.storage), config, updater, lr=ctx.config.meta_ft_lr)
         self.entries = 0  # entries stored (the bank is cleared on close, before the harness reports)
 
     @property
@@ -68,5 +62,5 @@ class UpdateBankMethod:
 
 
 @register_method("update_bank", lr_field="meta_ft_lr")
-def build_update_bank(ctx: MethodContext) -> UpdateBankMethod:
+def update_bank_method(ctx: MethodContext) -> UpdateBankMethod:
     return UpdateBankMethod(ctx)

@@ -1,5 +1,5 @@
 """The per-document update bank at run time: one implementation for the harness (``update_bank``)
-and, later, the service.
+and the service (``FRESHLM_UPDATE_BANK``: the worker memorizes, the ask scheduler answers).
 
 Ingest: the online update of ``training.updates`` (a meta-trained init's step, a CaMeLS-weighted
 step, ...) takes ONE step from the init on the document alone; what it moved (the LoRA tensors'
@@ -15,7 +15,8 @@ and the question is generated with ``adapter_names`` = its slot, so a batch mixe
 updates row by row and no global ``set_adapter`` is ever called. Rows without an entry use the init.
 
 ``model_lock`` guards the shared adapter state (the init's adapter during a step, the slots while
-they are written and used): the service would hold it per ask, as it does for MAC.
+they are written and used); ``with_bank`` gives a view over another bank (a tenant's) that shares
+the model, its slots and the lock.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.choice_scoring import choice_logprobs
-from training.generation import generate_answers
+from training.generation import StepHook, generate_answers
 from training.mac.aggregator import batch_keys, entry_ids
 from training.memory.base import MemoryBank
-from training.models import DEFAULT_ENCODER, embed_texts
+from training.models import DEFAULT_ENCODER, embed_texts, load_encoder
 from training.prompts import qa_messages
 from training.retrieval import BM25Index
 from training.retrievers import rrf_fuse
 from training.types import Document
-from training.updates import LoraUpdater
+from training.updaters import load_updater
+from training.updates import LoraUpdater, UpdateConfig
 
 ROW = 64  # values per stored row: int8 storage keeps one scale per row, as for MAC's slot vectors
 INIT = "__init__"  # rows whose question selects no entry
@@ -150,6 +152,15 @@ class UpdateBankRuntime:
             self._lexical.remove([doc_id])
         return self.bank.delete(doc_id)
 
+    def with_bank(self, bank: MemoryBank) -> "UpdateBankRuntime":
+        """The same runtime over another bank (a tenant's): model, init, slots and lock shared.
+        Hybrid keys hold a BM25 index of one bank's documents in process, so they have no views."""
+        if self._lexical is not None:
+            raise ValueError("an update bank with hybrid keys cannot be viewed over another bank")
+        view = copy.copy(self)  # not ``replace``: that would run __post_init__ and add slots again
+        view.bank = bank
+        return view
+
     def rebuild(self, doc_ids: list[str], texts: list[str]) -> int:
         """The bank from the documents alone (after a restore, or for a new init)."""
         self.bank.clear()
@@ -177,17 +188,21 @@ class UpdateBankRuntime:
         return out
 
     def answer(self, questions: list[str], passages: list[list[str] | None] | None = None,
-               max_new_tokens: int = 24) -> list[tuple[str, list[str]]]:
-        """Short answers, each generated with its question's entries applied, and the ids read."""
+               max_new_tokens: int = 24, deadline: float | None = None,
+               on_step: StepHook | None = None) -> list[tuple[str, list[str]]]:
+        """Short answers, each generated with its question's entries applied, and the ids read.
+        ``deadline``, ``on_step`` (indices = positions in ``questions``): as ``generate_answers``."""
         passages = passages or [None] * len(questions)
         ids = self.read(questions)
         out: list[tuple[str, list[str]]] = []
         for start in range(0, len(questions), self.config.slots):
             chunk = range(start, min(start + self.config.slots, len(questions)))
+            hook = None if on_step is None else _offset(on_step, start)
             with self.model_lock:
                 names = self._load([ids[i] for i in chunk])
                 texts = generate_answers(self.model, self.tokenizer, [qa_messages(questions[i], passages[i]) for i in chunk],
-                                         max_new_tokens, batch_size=len(chunk), adapter_names=names)
+                                         max_new_tokens, batch_size=len(chunk), deadline=deadline, on_step=hook,
+                                         adapter_names=names)
             out += [(text, ids[i]) for text, i in zip(texts, chunk)]
         return out
 
@@ -255,6 +270,25 @@ class UpdateBankRuntime:
             value = torch.cat(parts, dim=0 if rows else 1)
             param.zero_()
             (param[: value.shape[0]] if rows else param[:, : value.shape[1]]).copy_(value)
+
+
+def build_update_bank(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, update: UpdateConfig, bank: MemoryBank,
+    config: UpdateBankConfig, updater: str, lr: float | None = None,
+    encoder: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+) -> UpdateBankRuntime:
+    """The bank of an updater setting (``training.updaters``: ``uniform``, a CaMeLS or a meta-trained
+    init artifact, ``lr`` overriding its own) on ``model`` (wrapped in place), keyed by
+    ``config.encoder`` (or an ``encoder`` already loaded): what the harness and the service build."""
+    spec = load_updater(updater, model, tokenizer, update, lr=lr)
+    encoder_model, encoder_tokenizer = encoder if encoder is not None else load_encoder(config.encoder)
+    return UpdateBankRuntime(LoraUpdater(model, tokenizer, spec.token_weights, spec.config, initial=spec.initial),
+                             encoder_model.to(model.device), encoder_tokenizer, bank, config)
+
+
+def _offset(hook: StepHook, start: int) -> StepHook:
+    """``hook`` of a whole call seen from one chunk of it, whose first prompt is ``start``."""
+    return lambda tokens: {i - start for i in hook({i + start: t for i, t in tokens.items()})}
 
 
 def _live_name(state_key: str, adapter: str) -> str:

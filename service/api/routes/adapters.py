@@ -36,6 +36,9 @@ def rebuild_adapter(principal: AdminDep, session: WriteSessionDep, settings: Set
     active. 400 when no updater is configured (nothing would run)."""
     if settings.updater_spec is None:
         raise BadRequest("no updater is configured (FRESHLM_UPDATER): there is no adapter to rebuild")
+    if settings.update_bank:
+        raise BadRequest("the update bank (FRESHLM_UPDATE_BANK) keeps one entry per document, no adapter: "
+                         "POST /memory/rebuild rewrites its entries")
     set_state(session, principal.tenant, REBUILD_ADAPTER_KEY, "requested")
     session.commit()
     return Accepted(detail="the worker will rebuild the adapter from the live documents; watch GET /adapters")

@@ -33,6 +33,7 @@ def ask_out(result: Answer) -> AskOut:
         memory_documents=result.memory_documents,
         memory_fallback=result.memory_fallback,
         adapter_version=result.adapter_version,
+        update_documents=result.update_documents,
         timings=result.timings,
     )
 

@@ -108,9 +108,9 @@ def get_document(doc_id: str, tenant: TenantDep, session: SessionDep):
 @router.delete("/{doc_id}", response_model=DocumentDeleted, responses=errors(403, 404))
 def delete_document(doc_id: str, principal: AdminDep, session: WriteSessionDep, runtime: RuntimeDep, request: Request):
     """Delete a document (admin): its text is erased (from the database files too), its memory
-    entry removed at once, and it leaves retrieval. An adapter update cannot be subtracted: the
-    response says whether the live adapter absorbed it, and ``POST /adapters/rebuild`` replays
-    the adapter without it."""
+    entry and update-bank entry removed at once, and it leaves retrieval. An update absorbed by the
+    live adapter cannot be subtracted: the response says whether it was, and ``POST
+    /adapters/rebuild`` replays the adapter without it."""
     tenant = principal.tenant
     record = repository.get(session, tenant, doc_id)
     if record is None:
@@ -121,8 +121,9 @@ def delete_document(doc_id: str, principal: AdminDep, session: WriteSessionDep, 
     session.commit()
     erase_deleted_text(runtime.db)
     request.app.state.index.remove(tenant, doc_id)
-    mac = runtime.mac_for(tenant)
+    mac, bank = runtime.mac_for(tenant), runtime.bank_for(tenant)
     removed = mac.delete(doc_id) if mac is not None else False
     return DocumentDeleted(id=doc_id, status="deleted", memory_entry_removed=removed,
+                           update_entry_removed=bank.delete(doc_id) if bank is not None else False,
                            absorbed_by_live_adapter=absorbed, live_adapter_version=live,
                            rebuild_adapter_url=_path(request, "rebuild_adapter") if absorbed else None)

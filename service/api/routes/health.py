@@ -98,6 +98,8 @@ def readyz(request: Request) -> JSONResponse:
         checks["updater"] = "not configured: documents do not update the adapter"
     else:
         checks["updater"] = "ok" if "updater" not in rt.errors else f"error: {rt.errors['updater']}"
+    if settings.update_bank:
+        checks["update_bank"] = "ok" if rt.update_bank is not None else f"error: {rt.errors.get('update_bank')}"
     if settings.embedded_worker:
         thread = getattr(state, "worker_thread", None)
         alive = thread is not None and thread.is_alive()
@@ -142,7 +144,8 @@ def configuration(settings, rt) -> dict:
     return {"base_model": settings.base_model, "qa_tuning": name(settings.qa_tuning_path),
             "mac_artifact": name(settings.mac_artifact_path) if rt.mac is not None else None,
             "mac_storage": settings.mac_storage if rt.mac is not None else None,
-            "updater": settings.updater_spec, "default_strategy": settings.strategy,
+            "updater": settings.updater_spec, "update_bank": settings.update_bank_config().model_dump(mode="json")
+            if rt.update_bank is not None else None, "default_strategy": settings.strategy,
             "serving": {"max_batch_asks": settings.max_batch_asks, "max_waiting_asks": settings.max_waiting_asks,
                         "batch_wait_seconds": settings.batch_wait_seconds, "cpu_bf16": settings.cpu_bf16,
                         "cpu_bf16_flags": list(cpu_bf16_flags()),
