@@ -102,6 +102,11 @@ class Settings(BaseSettings):
                                                                    "KIVI int2 / k4v2 / k3v2 (docs/mac.md)")
     mac_doc_slots: int | None = Field(_MAC.doc_slots, ge=1, description="document slots a new memory entry keeps per "
                                                                         "256-token chunk (none: the artifact's own)")
+    mac_combine: Literal["joint", "separate"] = Field(
+        _MAC.combine, description="how a question reads its FRESHLM_MAC_TOP_K entries: joint (side by side, one "
+                                  "answer) or separate (each alone, one candidate per entry decoded in one batch; the "
+                                  "most confident, weighted by key similarity, wins; its answer arrives whole, not "
+                                  "token by token)")
     mac_slot_scores: SlotScores = Field(_MAC.slot_scores, description="how a new memory entry's document slots are "
                                                                       "chosen: h2o (heavy hitters) or kvzip (context "
                                                                       "reconstruction, one more forward pass)")
@@ -238,7 +243,7 @@ class Settings(BaseSettings):
     def mac_read_config(self) -> MacReadConfig:
         return MacReadConfig(top_k=self.mac_top_k, group_size=self.mac_group_size, storage=self.mac_storage,
                              rerotate=self.mac_rerotate, doc_slots=self.mac_doc_slots,
-                             slot_scores=self.mac_slot_scores)
+                             slot_scores=self.mac_slot_scores, combine=self.mac_combine)
 
     def update_bank_config(self) -> UpdateBankConfig:
         """The harness's bank defaults (dense MiniLM keys, int8 entries) with this encoder and top-k;

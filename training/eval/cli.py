@@ -148,6 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                              "(a run cut short resumes without writing them again)")
     p.add_argument("--mac-rerotate", action="store_true",
                    help="MAC: each entry read gets its own positions (keys re-rotated, RoPE models)")
+    p.add_argument("--mac-combine", choices=("joint", "separate"), default=MacReadConfig().combine,
+                   help="MAC: the top k entries read side by side, or each alone with the most confident "
+                        "answer (mean token log-prob + key cosine x the config's weight) kept")
     p.add_argument("--camels-artifact", help="CaMeLS weighting model directory (method camels_ft)")
     p.add_argument("--meta-ft-artifact", help="meta-trained init directory (methods meta_ft, meta_ft_4, meta_ft_16)")
     p.add_argument("--meta-ft-docs-per-step", type=int, default=1, help="meta_ft: documents per SGD step")
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  ft_lora_top_layers=args.ft_lora_top_layers, mac_artifact=args.mac_artifact, mac_write_cache=args.mac_write_cache,
                                  mac=MacReadConfig(top_k=args.mac_top_k or None, group_size=args.mac_group_size,
                                                    storage=args.mac_storage, rerotate=args.mac_rerotate,
-                                                   doc_slots=args.mac_doc_slots, slot_scores=args.mac_slot_scores),
+                                                   doc_slots=args.mac_doc_slots, slot_scores=args.mac_slot_scores,
+                                                   combine=args.mac_combine),
                                  camels_artifact=args.camels_artifact, meta_ft_artifact=args.meta_ft_artifact,
                                  meta_ft_docs_per_step=args.meta_ft_docs_per_step,
                                  update_bank=UpdateBankConfig(updater=args.update_bank_updater,

@@ -57,6 +57,14 @@ def entry_ids(bank, query_key: torch.Tensor, top_k: int | None, bank_keys=None) 
     return bank.ids()
 
 
+def entry_scores(bank, query_key: torch.Tensor, ids: Sequence[str]) -> list[float]:
+    """Cosine of ``query_key`` with each of ``ids``' keys (L2-normalised; 0 for an id without a
+    key), from the bank's stored keys of those ids alone."""
+    keys = bank.exact_keys(list(ids))
+    query = query_key.detach().float().cpu()
+    return [float(torch.tensor(k, dtype=torch.float32) @ query) if k is not None else 0.0 for k in keys]
+
+
 def batch_keys(bank, top_k: int | None):
     """What ``entry_ids`` needs for a batch of questions: ``None`` when the bank has an in-process
     key index (each question asks it), else every key read once for the batch."""

@@ -91,14 +91,17 @@ class MACMethod:
 
 def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
     """``float16|int8|int4|int2|k4v2|k3v2``, ``k<N>`` (top k; ``kall``: every entry), ``rot`` / ``norot``,
-    ``s<N>`` (document slots kept per chunk), ``h2o`` / ``kvzip`` (how they are scored), joined by
-    ``-`` (the harness splits its method list on commas), over ``base``."""
+    ``sep`` / ``joint`` (the top k read each alone or side by side), ``s<N>`` (document slots kept per
+    chunk), ``h2o`` / ``kvzip`` (how they are scored), joined by ``-`` (the harness splits its method
+    list on commas), over ``base``."""
     update: dict = {}
     for part in filter(None, (p.strip() for p in spec.split("-"))):
         if part in STORAGES:
             update["storage"] = part
         elif part in ("rot", "norot"):
             update["rerotate"] = part == "rot"
+        elif part in ("sep", "joint"):
+            update["combine"] = "separate" if part == "sep" else "joint"
         elif part in get_args(SlotScores):
             update["slot_scores"] = part
         elif part == "kall":
@@ -107,7 +110,7 @@ def parse_read_settings(spec: str, base: MacReadConfig) -> MacReadConfig:
             update["top_k" if part[0] == "k" else "doc_slots"] = int(part[1:])
         else:
             raise ValueError(f"mac_read:{spec}: unknown setting {part!r} (a storage {STORAGES}, k<N>, kall, rot, "
-                             f"norot, s<N>, {', '.join(get_args(SlotScores))})")
+                             f"norot, sep, joint, s<N>, {', '.join(get_args(SlotScores))})")
     return MacReadConfig.model_validate(base.model_dump() | update)
 
 

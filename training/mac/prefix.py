@@ -136,12 +136,15 @@ def greedy_generate(
     start: int | None = None,
     deadline: float | None = None,
     on_step: StepHook | None = None,
+    token_logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded batch after ``[head, memory]`` (``generate`` would restart
     positions at the cache length, which is wrong for absolute-position models and for memory
     slots that keep their own positions). ``prompts`` continue ``head`` when one is given.
     ``deadline`` (a ``time.monotonic()`` value) ends decoding there: ``GenerationTimeout``.
-    ``on_step``: see ``training.generation.StepHook`` (rows keyed by prompt index)."""
+    ``on_step``: see ``training.generation.StepHook`` (rows keyed by prompt index).
+    ``token_logprobs``: one list per prompt, filled with the log-probability of each token the row
+    chose (its stop token included: a finished answer is part of what the model predicts)."""
     device = model.device
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -159,6 +162,10 @@ def greedy_generate(
     stop = torch.tensor(sorted(stop_ids), device=device)
     for _ in range(max_new_tokens):
         next_ids = out.logits[:, -1].argmax(-1)
+        if token_logprobs is not None:
+            chosen = out.logits[:, -1].float().log_softmax(-1).gather(1, next_ids[:, None])[:, 0].tolist()
+            for row in (~done).nonzero().flatten().tolist():
+                token_logprobs[row].append(chosen[row])
         for row in (~done).nonzero().flatten().tolist():
             if not torch.isin(next_ids[row], stop):
                 generated[row].append(int(next_ids[row]))

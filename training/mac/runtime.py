@@ -16,12 +16,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.mac.aggregator import batch_keys, entry_ids, read_entries, stack_memories
+from training.mac.aggregator import batch_keys, entry_ids, entry_scores, read_entries, stack_memories
 from training.mac.amortizer import SlotScores
 from training.mac.model import MAC, answer_nll, load_mac, prompt_head, qa_batch, stop_token_ids, strip_head
 from training.generation import StepHook
@@ -43,11 +44,21 @@ class MacReadConfig(BaseModel):
     rerotate: bool = Field(False, description="give each entry read its own positions by re-rotating its keys "
                                               "(RoPE models; the best entry next to the question)")
 
+    combine: Literal["joint", "separate"] = Field(
+        "joint", description="how a question reads its top_k entries: 'joint' (side by side before one answer; "
+                             "with rerotate each at its own positions) or 'separate' (each alone, one candidate "
+                             "answer per entry decoded as rows of one batch; the candidate with the highest mean "
+                             "token log-probability + separate_key_weight x its entry's key cosine wins)")
+    separate_key_weight: float = Field(5.0, ge=0, description="'separate': weight of the key cosine against the "
+                                                             "answer's mean token log-probability (chosen on val)")
+
     @model_validator(mode="after")
     def _bounded_positions(self) -> "MacReadConfig":
         if self.rerotate and self.top_k is None:
             raise ValueError("rerotate needs a top_k: every entry of the bank at its own positions would run past "
                              "the model's context")
+        if self.combine == "separate" and self.top_k is None:
+            raise ValueError("combine='separate' needs a top_k: one decoded row per entry read")
         return self
     storage: Storage = Field("int4", description="how new entries are stored: KIVI int4 (32 % of fp16's bytes; "
                                                        "level with float16 on both val streams, so the default), "
@@ -120,10 +131,10 @@ class MacRuntime:
     # --- reading ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def read_memory(self, questions: list[str], device: torch.device | str
-                    ) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
-        """Each question's entries (top-k by key, or all; best first), side by side with the slot
-        mask, the ids read, and the ids chosen whose entry was gone (evicted: marked for rebuild)."""
+    def read_entries(self, questions: list[str]
+                     ) -> tuple[list[list[torch.Tensor]], list[list[str]], list[list[str]], torch.Tensor]:
+        """Each question's entries (top-k by key, or all; best first), their ids, the ids chosen
+        whose entry was gone (evicted: marked for rebuild), and the questions' keys."""
         keys = self.mac.keys(questions)
         top_k = self.config.top_k
         bank_keys = batch_keys(self.bank, top_k)
@@ -137,6 +148,14 @@ class MacRuntime:
         gone_ids = sorted({i for row in missing for i in row})
         if gone_ids and hasattr(self.bank, "mark_missing"):
             self.bank.mark_missing(gone_ids)
+        return entries, ids, missing, keys
+
+    @torch.no_grad()
+    def read_memory(self, questions: list[str], device: torch.device | str
+                    ) -> tuple[PrefixKV | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
+        """Each question's entries (``read_entries``) side by side with the slot mask, the ids
+        read, and the ids chosen whose entry was gone."""
+        entries, ids, missing, _ = self.read_entries(questions)
         if self.rotary is not None:  # ids are best first: the best entry gets the span next to the question
             span = self.mac.start(None)
             entries = [[shift_entry(e, offset, self.rotary) for e, offset in zip(row, read_offsets(len(row), span))]
@@ -186,6 +205,8 @@ class MacRuntime:
         adapter is active), pass ``None`` and the head is computed by ``model`` as it is (entries
         were written after the head, so it comes first).
         ``deadline``, ``on_step``: as in ``greedy_generate``."""
+        if self.config.combine == "separate":
+            return self._answer_separately(model, questions, passages, max_new_tokens, head, deadline, on_step)
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         memory, mask, ids, missing = self.read_memory(questions, model.device)
@@ -200,11 +221,67 @@ class MacRuntime:
         return list(zip(texts, ids, [row if self.fallback is not None else [] for row in missing]))
 
     @torch.no_grad()
+    def separate_candidates(
+        self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
+        max_new_tokens: int = 24, head: PromptHead | None | str = "cached", deadline: float | None = None,
+        on_step: StepHook | None = None,
+    ) -> tuple[list[list["Candidate"]], list[list[str]]]:
+        """Each question's candidates, one per entry read (best key first), each entry alone at its
+        written positions (a question without an entry: one candidate without memory), decoded as
+        rows of one batch; and the ids chosen whose entry was gone. Rows stream nothing (which
+        answer wins is known at the end); ``on_step`` still stops a question's rows (client gone,
+        deadline)."""
+        head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
+        passages = passages or [None] * len(questions)
+        entries, ids, missing, keys = self.read_entries(questions)
+        fallback = self._fallback_passages(missing)
+        passages = [(texts + (p or [])) or None for texts, p in zip(fallback, passages)]
+        rows = [(q, j) for q in range(len(questions)) for j in range(max(len(entries[q]), 1))]
+        memory, mask = stack_memories([[entries[q][j]] if entries[q] else [] for q, j in rows], model.device)
+        prompts = [strip_head(prompt_ids(self.tokenizer, questions[q], passages[q]), head) for q, _ in rows]
+
+        def row_hook(tokens: dict[int, int | None]) -> set[int]:
+            stopped = on_step({q: None for q in {rows[r][0] for r in tokens}})  # no tokens: nothing streams
+            return {r for r in tokens if rows[r][0] in stopped}
+
+        logprobs: list[list[float]] = [[] for _ in rows]
+        outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
+                                  stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
+                                  head=head, memory_mask=mask, deadline=deadline,
+                                  on_step=row_hook if on_step is not None else None,
+                                  start=self.question_start(head, 1), token_logprobs=logprobs)
+        cosines = [entry_scores(self.bank, keys[q], ids[q]) for q in range(len(questions))]
+        candidates: list[list[Candidate]] = [[] for _ in questions]
+        for r, (q, j) in enumerate(rows):
+            candidates[q].append(Candidate(
+                extract_answer(self.tokenizer.decode(outputs[r], skip_special_tokens=True)),
+                ids[q][j] if ids[q] else None, sum(logprobs[r]) / max(len(logprobs[r]), 1),
+                cosines[q][j] if ids[q] else 0.0))
+        return candidates, missing
+
+    def _answer_separately(
+        self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None,
+        max_new_tokens: int, head: PromptHead | None | str, deadline: float | None, on_step: StepHook | None,
+    ) -> list[tuple[str, list[str], list[str]]]:
+        """``combine='separate'``: each question's best candidate (``Candidate.score``); the ids
+        read are its entry's."""
+        candidates, missing = self.separate_candidates(model, questions, passages, max_new_tokens, head, deadline,
+                                                       on_step)
+        out = []
+        for row, gone in zip(candidates, missing):
+            best = max(row, key=lambda c: c.score(self.config.separate_key_weight))
+            out.append((best.answer, [best.doc_id] if best.doc_id is not None else [],
+                        gone if self.fallback is not None else []))
+        return out
+
+    @torch.no_grad()
     def choice_scores(self, model: PreTrainedModel, question: str, choices: list[str],
                       passages: list[str] | None = None, head: PromptHead | None | str = "cached") -> list[float]:
         """Mean per-token log-probability of each choice (as ``choice_logprobs``) after the memory
         (``head`` as in ``answer``)."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
+        if self.config.combine == "separate":
+            return self._choice_scores_separately(model, question, choices, passages, head)
         memory, mask, ids, missing = self.read_memory([question], model.device)
         passages = (self._fallback_passages(missing)[0] + (passages or [])) or None
         n = len(choices)
@@ -216,6 +293,37 @@ class MacRuntime:
                                                device=model.device, head=head)
         return (-answer_nll(model, memory, tokens, tokens_mask, labels, head=head, memory_mask=mask,
                             start=start)).tolist()
+
+    def _choice_scores_separately(self, model: PreTrainedModel, question: str, choices: list[str],
+                                  passages: list[str] | None, head: PromptHead | None) -> list[float]:
+        """``combine='separate'``: each choice's mean log-probability after each entry alone, plus
+        ``separate_key_weight`` x that entry's key cosine; a choice scores its best entry's value."""
+        entries, ids, missing, keys = self.read_entries([question])
+        passages = (self._fallback_passages(missing)[0] + (passages or [])) or None
+        n = len(choices)
+        tokens, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
+                                               device=model.device, head=head)
+        best = None
+        for entry, score in zip(entries[0] or [None], entry_scores(self.bank, keys[0], ids[0]) or [0.0]):
+            memory, mask = stack_memories([[entry] if entry is not None else [] for _ in choices], model.device)
+            values = -answer_nll(model, memory, tokens, tokens_mask, labels, head=head, memory_mask=mask,
+                                 start=self.question_start(head, 1)) + self.config.separate_key_weight * score
+            best = values if best is None else torch.maximum(best, values)
+        return best.tolist()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An answer read from one entry alone (``combine='separate'``)."""
+
+    answer: str
+    doc_id: str | None  # the entry read (None: the question had none)
+    mean_logprob: float  # of the answer's tokens and its stop token: how sure the model is with that entry
+    key_cosine: float  # the entry's key against the question's: how likely the entry is the question's
+
+    def score(self, key_weight: float) -> float:
+        """RAG-Sequence's choice (Lewis et al. 2020) with the retrieval score as the prior."""
+        return self.mean_logprob + key_weight * self.key_cosine
 
 
 _LOADED: dict[tuple[str, str], MAC] = {}

@@ -31,9 +31,10 @@ class InMemoryMemoryBank:
 
     def search(self, query_key: torch.Tensor, k: int) -> list[str]:
         """Ids of the k entries whose keys are closest to ``query_key`` (cosine), best first."""
-        return self.index.search(query_key.detach().cpu().float().numpy(), k, self._exact_keys)
+        return self.index.search(query_key.detach().cpu().float().numpy(), k, self.exact_keys)
 
-    def _exact_keys(self, doc_ids: list[str]) -> list:
+    def exact_keys(self, doc_ids: list[str]) -> list:
+        """The keys of ``doc_ids`` (None for an id without one)."""
         return [key.numpy() if (key := self._keys.get(i)) is not None else None for i in doc_ids]
 
     def delete(self, doc_id: str) -> bool:

@@ -141,9 +141,9 @@ class RedisMemoryBank:
     def search(self, query_key: torch.Tensor, k: int) -> list[str]:
         """Ids of the k entries whose keys are closest to ``query_key`` (cosine), best first."""
         self.sync_index()
-        return self.index.search(query_key.detach().cpu().float().numpy(), k, self._exact_keys)
+        return self.index.search(query_key.detach().cpu().float().numpy(), k, self.exact_keys)
 
-    def _exact_keys(self, doc_ids: list[str]) -> list[np.ndarray | None]:
+    def exact_keys(self, doc_ids: list[str]) -> list[np.ndarray | None]:
         """The stored (fp16) keys of ``doc_ids``: the index rescores its candidates with them."""
         return [np.frombuffer(p, np.float16) if p is not None else None
                 for p in self.client.hmget(self._keys_key, doc_ids)]
