@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_serving import sse_events
 from tests.test_serves_what_it_benchmarks import DOCS, MAX_NEW_TOKENS, QUESTIONS, harness_answers, service_answers
 from training.mac.aggregator import entry_scores
 from training.mac.model import stop_token_ids, strip_head
@@ -14,6 +15,7 @@ from training.mac.runtime import MacReadConfig, load_mac_runtime
 from training.memory import InMemoryMemoryBank
 from training.methods import MethodConfig
 from training.models import ModelSettings, load_causal_lm
+from training.prompts import extract_answer
 from training.token_batches import prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,3 +101,10 @@ def test_separate_reading_answers_equal_through_the_harness_and_the_service(make
     served = service_answers(client, "mac")
     assert all(s["strategy"] == "mac" and len(s["memory_documents"]) == 1 for s in served)
     assert [s["answer"] for s in served] == expected
+    body = {"question": QUESTIONS[0].question, "strategy": "mac", "max_new_tokens": MAX_NEW_TOKENS, "stream": True}
+    with client.stream("POST", "/ask", json=body) as response:
+        events = sse_events(response)
+    assert events[0][0] == "token" and events[-1][0] == "done"  # the chosen answer's tokens, then the answer
+    streamed = extract_answer("".join(e["text"] for k, e in events[:-1]))
+    assert events[-1][1]["answer"] == expected[0] and streamed  # a stream holds whole characters only:
+    assert expected[0].rstrip("\ufffd") == streamed.rstrip("\ufffd")  # the tiny model's last byte may be cut

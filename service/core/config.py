@@ -105,8 +105,8 @@ class Settings(BaseSettings):
     mac_combine: Literal["joint", "separate"] = Field(
         _MAC.combine, description="how a question reads its FRESHLM_MAC_TOP_K entries: joint (side by side, one "
                                   "answer) or separate (each alone, one candidate per entry decoded in one batch; the "
-                                  "most confident, weighted by key similarity, wins; its answer arrives whole, not "
-                                  "token by token)")
+                                  "most confident, weighted by key similarity, wins; a stream gets its tokens at once, "
+                                  "when it is chosen)")
     mac_slot_scores: SlotScores = Field(_MAC.slot_scores, description="how a new memory entry's document slots are "
                                                                       "chosen: h2o (heavy hitters) or kvzip (context "
                                                                       "reconstruction, one more forward pass)")

@@ -228,9 +228,9 @@ class MacRuntime:
     ) -> tuple[list[list["Candidate"]], list[list[str]]]:
         """Each question's candidates, one per entry read (best key first), each entry alone at its
         written positions (a question without an entry: one candidate without memory), decoded as
-        rows of one batch; and the ids chosen whose entry was gone. Rows stream nothing (which
-        answer wins is known at the end); ``on_step`` still stops a question's rows (client gone,
-        deadline)."""
+        rows of one batch; and the ids chosen whose entry was gone. ``on_step`` sees no tokens
+        while they decode (which answer wins is known at the end) but still stops a question's
+        rows (client gone, deadline)."""
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         entries, ids, missing, keys = self.read_entries(questions)
@@ -256,7 +256,7 @@ class MacRuntime:
             candidates[q].append(Candidate(
                 extract_answer(self.tokenizer.decode(outputs[r], skip_special_tokens=True)),
                 ids[q][j] if ids[q] else None, sum(logprobs[r]) / max(len(logprobs[r]), 1),
-                cosines[q][j] if ids[q] else 0.0))
+                cosines[q][j] if ids[q] else 0.0, tuple(outputs[r])))
         return candidates, missing
 
     def _answer_separately(
@@ -264,15 +264,16 @@ class MacRuntime:
         max_new_tokens: int, head: PromptHead | None | str, deadline: float | None, on_step: StepHook | None,
     ) -> list[tuple[str, list[str], list[str]]]:
         """``combine='separate'``: each question's best candidate (``Candidate.score``); the ids
-        read are its entry's."""
+        read are its entry's. ``on_step`` then sees the winners' tokens, step by step (a stream
+        gets each answer at once, when it is chosen)."""
         candidates, missing = self.separate_candidates(model, questions, passages, max_new_tokens, head, deadline,
                                                        on_step)
-        out = []
-        for row, gone in zip(candidates, missing):
-            best = max(row, key=lambda c: c.score(self.config.separate_key_weight))
-            out.append((best.answer, [best.doc_id] if best.doc_id is not None else [],
-                        gone if self.fallback is not None else []))
-        return out
+        best = [max(row, key=lambda c: c.score(self.config.separate_key_weight)) for row in candidates]
+        if on_step is not None:
+            for step in range(max((len(c.token_ids) for c in best), default=0)):
+                on_step({q: c.token_ids[step] for q, c in enumerate(best) if step < len(c.token_ids)})
+        return [(c.answer, [c.doc_id] if c.doc_id is not None else [], gone if self.fallback is not None else [])
+                for c, gone in zip(best, missing)]
 
     @torch.no_grad()
     def choice_scores(self, model: PreTrainedModel, question: str, choices: list[str],
@@ -320,6 +321,7 @@ class Candidate:
     doc_id: str | None  # the entry read (None: the question had none)
     mean_logprob: float  # of the answer's tokens and its stop token: how sure the model is with that entry
     key_cosine: float  # the entry's key against the question's: how likely the entry is the question's
+    token_ids: tuple[int, ...] = ()  # the answer as generated (before ``extract_answer``)
 
     def score(self, key_weight: float) -> float:
         """RAG-Sequence's choice (Lewis et al. 2020) with the retrieval score as the prior."""
