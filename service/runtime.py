@@ -1,7 +1,8 @@
 """What the API process and the worker both run on, opened once by one context manager: the
 database (migrated), Redis (embedded and supervised by default), the base model with its QA-format
 tuning, the MAC runtime over the Redis memory bank, and with ``FRESHLM_UPDATE_BANK`` the update
-bank (its own private copy of the model, its entries in Redis).
+bank (its own private copy of the model, its entries in Redis) (vLLM builds its engine first, then
+the app state).
 
 The configured artifacts are registered in the artifact registry at start (the initial versions
 of their kinds); the MAC runtime is the registry's *serving* MAC artifact, so an artifact activated
