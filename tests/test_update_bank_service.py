@@ -122,3 +122,28 @@ def test_smollm2_update_bank_answers_equal_through_the_harness_and_the_service(m
     served = service_answers(make_client(updater=str(init), update_bank=True), "adapter")
     assert [s["update_documents"] for s in served] == [list(q.doc_ids) for q in QUESTIONS]  # each its own document
     assert [s["answer"] for s in served] == expected
+
+
+def test_each_tenant_applies_only_its_own_update_bank(make_server, tiny_model_dir, tiny_encoder_dir):
+    from service.runtime import tenant_bank
+    from tests.test_tenants import A_DOCS, B_DOCS, CANARY, OPERATOR, _ingested, _key
+
+    server = make_server(**_bank_settings(tiny_model_dir, tiny_encoder_dir), admin_api_keys=["operator-key"])
+    client = server.client
+    for tenant in ("acme", "beta"):
+        assert client.post("/tenants", json={"id": tenant}, headers=OPERATOR).status_code == 201
+    a, b = _key(client, "acme", "admin"), _key(client, "beta", "admin")
+    assert client.post("/documents", json={"documents": A_DOCS}, headers=a).status_code == 202
+    assert client.post("/documents", json={"documents": B_DOCS}, headers=b).status_code == 202
+    _ingested(client, a, ["shared-id", "a-only"])
+    _ingested(client, b, ["shared-id", "b-2"])
+    runtime = server.app.state.runtime
+    banks = {t: runtime.bank_for(t).bank for t in ("acme", "beta")}
+    assert banks["beta"].bank == tenant_bank(runtime.update_bank.bank.bank, "beta") != banks["acme"].bank
+    assert set(banks["acme"].ids()) == {"shared-id", "a-only"} and set(banks["beta"].ids()) == {"shared-id", "b-2"}
+    assert not torch.equal(banks["acme"].get(["shared-id"])[0], banks["beta"].get(["shared-id"])[0])  # own texts
+
+    asked = client.post("/ask", json={"question": f"What did {CANARY} approve?", "strategy": "adapter"}, headers=b)
+    assert asked.status_code == 200 and set(asked.json()["update_documents"]) <= {"shared-id", "b-2"}
+    assert client.delete("/documents/shared-id", headers=b).json()["update_entry_removed"]
+    assert set(banks["acme"].ids()) == {"shared-id", "a-only"} and set(banks["beta"].ids()) == {"b-2"}
