@@ -17,17 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from training.artifacts import configured_artifact
-from training.eval.cli import load_dataset
 from training.eval.metrics import squad_scores
 from training.mac.runtime import MacReadConfig, load_mac_runtime
-from training.mac.train import load_models
+from training.mac.val_probe import add_val_stream_arguments, load_val_stream
 from training.memory import InMemoryMemoryBank
 from training.memory.base import STORAGES
-from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 
 WEIGHTS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0, 50.0)
 
@@ -45,24 +41,13 @@ def rule_f1(records: list[dict], k: int, weight: float | None) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=("squad-seq", "realtimeqa"))
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True, help="a validation split: squad-seq val, or a RealTimeQA year not tested")
-    p.add_argument("--max-documents", type=int, default=None)
+    add_val_stream_arguments(p)
     p.add_argument("--top-k", type=int, default=3, help="candidates per question (entries read)")
     p.add_argument("--storage", choices=STORAGES, default=MacReadConfig().storage)
-    p.add_argument("--mac-artifact", default=None)
-    p.add_argument("--qa-tuning", default="artifacts/qa-format/smollm2-135m-instruct")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=4, help="questions per batch (x top-k rows)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    evalset = load_dataset(args.dataset, args.data, args.split, 0).subset(args.max_documents)
-    base, tokenizer, _, _ = load_models(DEFAULT_BASE_MODEL, DEFAULT_ENCODER, args.qa_tuning)
-    artifact = configured_artifact("mac", args.mac_artifact, "FRESHLM_MAC_ARTIFACT", DEFAULT_BASE_MODEL)
+    evalset, base, tokenizer, artifact = load_val_stream(args)
     config = MacReadConfig(top_k=args.top_k, storage=args.storage, combine="separate")
     runtime = load_mac_runtime(artifact, base, tokenizer, InMemoryMemoryBank(args.storage), config)
     for start in tqdm(range(0, len(evalset.documents), 8), desc="write"):

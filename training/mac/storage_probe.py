@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.artifacts import configured_artifact
-from training.eval.cli import load_dataset
 from training.mac.aggregator import stack_memories
 from training.mac.model import answer_nll, qa_batch
 from training.mac.runtime import load_mac_runtime
-from training.mac.train import load_models
+from training.mac.val_probe import add_val_stream_arguments, load_val_stream
 from training.memory import InMemoryMemoryBank, decode_entry, encode_entry
 from training.memory.base import STORAGES
 from training.memory.kivi import GROUP, KiviSpec, dequantize_kv, kivi_bytes, quantize_kv
-from training.models import DEFAULT_BASE_MODEL, DEFAULT_ENCODER
 
 SPEC = re.compile(r"k(\d)v(\d)(?:-g(\d+)/(\d+))?(-clip)?")
 
@@ -55,27 +52,16 @@ def store_and_read(spec: str):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=("squad-seq", "realtimeqa"))
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True, help="a validation split: squad-seq val, or a RealTimeQA year not tested")
-    p.add_argument("--max-documents", type=int, default=None)
+    add_val_stream_arguments(p)
     p.add_argument("--storages", required=True, help="comma-separated storages / KIVI specs (see above)")
     p.add_argument("--doc-slots", default="", help="comma-separated document slots per chunk (default: the artifact's)")
     p.add_argument("--slot-scores", default="h2o",
                    help="comma-separated slot choices: h2o (heavy hitters), kvzip (context reconstruction); see Amortizer")
-    p.add_argument("--mac-artifact", default=None)
-    p.add_argument("--qa-tuning", default="artifacts/qa-format/smollm2-135m-instruct")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     storages = [s.strip() for s in args.storages.split(",") if s.strip()]
     codecs = {spec: store_and_read(spec) for spec in storages}  # bad specs fail before any model loads
-    evalset = load_dataset(args.dataset, args.data, args.split, 0).subset(args.max_documents)
-    base, tokenizer, _, _ = load_models(DEFAULT_BASE_MODEL, DEFAULT_ENCODER, args.qa_tuning)
-    artifact = configured_artifact("mac", args.mac_artifact, "FRESHLM_MAC_ARTIFACT", DEFAULT_BASE_MODEL)
+    evalset, base, tokenizer, artifact = load_val_stream(args)
     runtime = load_mac_runtime(artifact, base, tokenizer, InMemoryMemoryBank())
     mac, head = runtime.mac, runtime.head
     questions = [q for q in evalset.questions if q.doc_ids]
