@@ -192,15 +192,21 @@ def update_bank_name(settings: Settings) -> str:
     return f"updates-{hashlib.sha256(manifest + setting).hexdigest()[:12]}"
 
 
+def mac_encoder(settings: Settings, rt: Runtime) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """MAC's key encoder when the MAC artifact names the configured ``FRESHLM_ENCODER``: the one
+    copy in RAM that retrieval and the update bank key with too."""
+    if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
+        return rt.mac.mac.encoder, rt.mac.mac.encoder_tokenizer
+    return None
+
+
 def load_update_bank(settings: Settings, rt: Runtime) -> None:
     """The update bank (``FRESHLM_UPDATE_BANK``) on a private copy of the model, keyed by MAC's
-    encoder when it is the configured one (one copy in RAM); on failure ``errors["update_bank"]``."""
+    encoder when it is the configured one; on failure ``errors["update_bank"]``."""
     if not settings.update_bank:
         return
     try:
-        encoder = None
-        if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
-            encoder = (rt.mac.mac.encoder, rt.mac.mac.encoder_tokenizer)
+        encoder = mac_encoder(settings, rt)
         config = settings.update_bank_config()
         bank = RedisMemoryBank(rt.redis, bank=update_bank_name(settings), storage=config.storage)
         rt.update_bank = build_update_bank(copy.deepcopy(rt.model), rt.tokenizer, settings.update_config(), bank,
@@ -212,12 +218,12 @@ def load_update_bank(settings: Settings, rt: Runtime) -> None:
 
 def load_retrieval_encoder(settings: Settings, rt: Runtime) -> Embedder | None:
     """The encoder of dense / hybrid retrieval (none for BM25): MAC's key encoder when the MAC
-    artifact names the configured one (one copy in RAM), else ``FRESHLM_ENCODER`` loaded once."""
+    artifact names the configured one (``mac_encoder``), else ``FRESHLM_ENCODER`` loaded once."""
     if settings.retriever == "bm25":
         return None
-    if rt.mac is not None and read_manifest(settings.mac_artifact_path).config.get("encoder") == settings.encoder:
-        mac = rt.mac.mac
-        return encoder_embedder(mac.encoder, mac.encoder_tokenizer, mac.config.key_tokens)
+    shared = mac_encoder(settings, rt)
+    if shared is not None:
+        return encoder_embedder(*shared, rt.mac.mac.config.key_tokens)
     return load_embedder(settings.encoder, settings.device)
 
 

@@ -169,19 +169,19 @@ class MacRuntime:
         memory, mask, ids, _ = self.read_memory(questions, device)
         return memory, mask, ids
 
-    def _fallback_passages(self, missing: list[list[str]]) -> list[list[str]]:
-        """The texts of entries that were gone (``fallback``: ids -> texts, e.g. from SQL), each cut
-        to one chunk of tokens, to be read as passages instead."""
+    def _with_fallback(self, missing: list[list[str]], passages: list[list[str] | None]) -> list[list[str] | None]:
+        """Each question's passages after the texts of its entries that were gone (``fallback``:
+        ids -> texts, e.g. from SQL), each cut to one chunk of tokens, read as passages instead."""
         wanted = sorted({i for row in missing for i in row})
         if not wanted or self.fallback is None:
-            return [[] for _ in missing]
+            return [p or None for p in passages]
         texts = self.fallback(wanted)
         limit = self.mac.config.chunk_tokens
 
         def cut(text: str) -> str:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
-        return [[cut(texts[i]) for i in row if texts.get(i)] for row in missing]
+        return [([cut(texts[i]) for i in row if texts.get(i)] + (p or [])) or None for row, p in zip(missing, passages)]
 
     def answer(
         self, model: PreTrainedModel, questions: list[str], passages: list[list[str] | None] | None = None,
@@ -210,8 +210,7 @@ class MacRuntime:
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         memory, mask, ids, missing = self.read_memory(questions, model.device)
-        fallback = self._fallback_passages(missing)
-        passages = [(texts + (p or [])) or None for texts, p in zip(fallback, passages)]
+        passages = self._with_fallback(missing, passages)
         prompts = [strip_head(prompt_ids(self.tokenizer, q, p), head) for q, p in zip(questions, passages)]
         outputs = greedy_generate(model, prompts, memory, pad_id=self.tokenizer.pad_token_id,
                                   stop_ids=stop_token_ids(self.tokenizer), max_new_tokens=max_new_tokens,
@@ -234,8 +233,7 @@ class MacRuntime:
         head = self.head if head == "cached" else prompt_head(model, self.tokenizer)
         passages = passages or [None] * len(questions)
         entries, ids, missing, keys = self.read_entries(questions)
-        fallback = self._fallback_passages(missing)
-        passages = [(texts + (p or [])) or None for texts, p in zip(fallback, passages)]
+        passages = self._with_fallback(missing, passages)
         rows = [(q, j) for q in range(len(questions)) for j in range(max(len(entries[q]), 1))]
         memory, mask = stack_memories([[entries[q][j]] if entries[q] else [] for q, j in rows], model.device)
         prompts = [strip_head(prompt_ids(self.tokenizer, questions[q], passages[q]), head) for q, _ in rows]
@@ -284,7 +282,7 @@ class MacRuntime:
         if self.config.combine == "separate":
             return self._choice_scores_separately(model, question, choices, passages, head)
         memory, mask, ids, missing = self.read_memory([question], model.device)
-        passages = (self._fallback_passages(missing)[0] + (passages or [])) or None
+        (passages,) = self._with_fallback(missing, [passages])
         n = len(choices)
         if memory is not None:
             memory = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in memory]
@@ -300,7 +298,7 @@ class MacRuntime:
         """``combine='separate'``: each choice's mean log-probability after each entry alone, plus
         ``separate_key_weight`` x that entry's key cosine; a choice scores its best entry's value."""
         entries, ids, missing, keys = self.read_entries([question])
-        passages = (self._fallback_passages(missing)[0] + (passages or [])) or None
+        (passages,) = self._with_fallback(missing, [passages])
         n = len(choices)
         tokens, tokens_mask, labels = qa_batch(self.tokenizer, [question] * n, choices, [passages] * n,
                                                device=model.device, head=head)
