@@ -37,18 +37,22 @@ def reconcile_memory(db: Database, mac: MacRuntime, tenant: str, full: bool = Fa
         mac.memorize([r.id for r in rows], [r.text for r in rows])
         with db.write.begin() as session:
             documents.mark_memory_written(session, tenant, [r.id for r in rows])
-    removed = 0
-    extra = present - wanted
-    if extra:
-        with db.read() as session:
-            alive = documents.not_deleted(session, tenant, sorted(extra))
-        for doc_id in sorted(extra - alive):
-            removed += mac.delete(doc_id)
+    removed = remove_deleted(db, tenant, present - wanted, mac.delete)
     for doc_id in sorted(gone - wanted):  # chosen, then deleted: nothing to rebuild
         mac.delete(doc_id)
     if missing or removed:
         log.info("memory bank of tenant %s reconciled: %d entries written, %d removed", tenant, len(missing), removed)
     return {"written": len(missing), "removed": removed, "wanted": len(wanted), "remaining": len(remaining)}
+
+
+def remove_deleted(db: Database, tenant: str, extra: set[str], delete) -> int:
+    """Delete (``delete(doc_id) -> bool``) the entries among ``extra`` (in a bank, not wanted) whose
+    document was deleted, not those still being ingested; returns how many were removed."""
+    if not extra:
+        return 0
+    with db.read() as session:
+        alive = documents.not_deleted(session, tenant, sorted(extra))
+    return sum(delete(doc_id) for doc_id in sorted(extra - alive))
 
 
 def reconcile_update_bank(db: Database, bank: UpdateBankRuntime, tenant: str, full: bool = False,
@@ -65,12 +69,7 @@ def reconcile_update_bank(db: Database, bank: UpdateBankRuntime, tenant: str, fu
         with db.read() as session:
             rows = documents.ingested(session, tenant, missing[start : start + chunk])
         written += bank.memorize([r.id for r in rows], [r.text for r in rows])
-    removed = 0
-    extra = present - wanted
-    if extra:
-        with db.read() as session:
-            alive = documents.not_deleted(session, tenant, sorted(extra))
-        removed = sum(bank.delete(doc_id) for doc_id in sorted(extra - alive))
+    removed = remove_deleted(db, tenant, present - wanted, bank.delete)
     if missing or removed:
         log.info("update bank of tenant %s reconciled: %d of %d entries written, %d removed", tenant, written,
                  len(missing), removed)
