@@ -232,10 +232,10 @@ class Scheduler:
         fits beside them (up to ``max_batch`` rows, at most as many adapter versions as stay
         loaded), unless the oldest waiting question decodes alone (MAC memory, the update bank; then
         none: the rows drain and its batch runs next). With nothing decoding: the oldest question and
-        up to ``max_batch - 1`` more that can decode with it. Askers whose answers just came back usually ask again at
-        once: a fresh batch waits a moment (``batch_wait_seconds``) for as many questions as the
-        last batch answered plus those that waited for it, instead of starting with one and taking
-        the others in one prefill each as they arrive."""
+        up to ``max_batch - 1`` more that can decode with it. Askers whose answers just came back
+        usually ask again at once: a fresh batch waits a moment (``batch_wait_seconds``) for as many
+        questions as the last batch answered plus those that waited for it, instead of starting
+        with one and taking the others in one prefill each as they arrive."""
         with self._cond:
             while not self._waiting and not self._rows and not self._stop.is_set():
                 self._cond.wait(timeout=0.5)
